@@ -1,0 +1,1 @@
+"""IR + checker Facts -> kernel plan -> Triton source text -> cached module."""

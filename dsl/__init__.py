@@ -1,0 +1,1 @@
+"""The rule / selector DSL, its IR and the sympy checker (no triton here)."""

@@ -1,0 +1,1 @@
+"""Hand-written Triton building blocks and the sparse attention kernels."""

@@ -1,0 +1,1 @@
+"""unifattn: linear and sparse attention from short rules."""
