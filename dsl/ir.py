@@ -1,0 +1,222 @@
+"""The rule IR: a DAG of frozen nodes with symbolic shapes.
+
+Shapes are tuples of dimension names: () a scalar, ("K",) a vector,
+("K", "V") a matrix. Every node remembers the rule source line that made it
+(`line`, not part of equality), so errors and generated code point back at
+the rule. The same IR drives the reference interpreter (torch), the checker
+(sympy) and the Triton printer (codegen).
+
+Ops
+    input(name) param(name) state const(value)
+    add sub mul div neg pow(const exponent)          element-wise, scalars broadcast
+    exp log sqrt sigmoid softplus logsigmoid relu    element-wise
+    l2norm(x) = x / sqrt(sum(x^2) + 1e-6)            vector
+    sum(x)                                           vector -> scalar
+    diag(x)   outer(a, b)   matmul(a, b)   transpose(a)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+L2NORM_EPS = 1e-6
+
+UNARY = ("neg", "exp", "log", "sqrt", "sigmoid", "softplus", "logsigmoid", "relu")
+BINARY = ("add", "sub", "mul", "div")
+LEAVES = ("input", "param", "state", "const")
+
+
+@dataclass(frozen=True)
+class Node:
+    op: str
+    args: tuple["Node", ...] = ()
+    shape: tuple[str, ...] = ()
+    name: str | None = None          # input / param name
+    value: float | None = None       # const value, pow exponent
+    line: int = field(default=0, compare=False, hash=False)
+
+    def __repr__(self) -> str:
+        return to_text(self)
+
+    @property
+    def is_scalar(self) -> bool:
+        return self.shape == ()
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One assignment of the rule body: `target = <expr>` at `line`."""
+    target: str
+    node: Node
+    line: int
+    source: str
+
+
+def walk(roots) -> list[Node]:
+    """Nodes reachable from roots, children before parents, each once."""
+    seen: dict[int, Node] = {}
+    order: list[Node] = []
+    stack = [(r, False) for r in reversed(list(roots))]
+    while stack:
+        n, expanded = stack.pop()
+        if expanded:
+            if id(n) not in seen:
+                seen[id(n)] = n
+                order.append(n)
+            continue
+        if id(n) in seen:
+            continue
+        stack.append((n, True))
+        for a in reversed(n.args):
+            if id(a) not in seen:
+                stack.append((a, False))
+    return order
+
+
+def leaves(node: Node, op: str) -> set[str]:
+    """Names of the leaves of kind op ('input' or 'param') under node."""
+    return {n.name for n in walk([node]) if n.op == op}
+
+
+def depends_on_state(node: Node) -> bool:
+    return any(n.op == "state" for n in walk([node]))
+
+
+def to_text(node: Node) -> str:
+    """Canonical one-line text of an expression (used for hashing and messages)."""
+    if node.op in ("input", "param"):
+        return node.name
+    if node.op == "state":
+        return "S"
+    if node.op == "const":
+        return repr(float(node.value))
+    if node.op == "pow":
+        return f"pow({to_text(node.args[0])}, {float(node.value)!r})"
+    sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}
+    if node.op in sym:
+        return f"({to_text(node.args[0])} {sym[node.op]} {to_text(node.args[1])})"
+    if node.op == "transpose":
+        return f"{to_text(node.args[0])}.T"
+    return f"{node.op}({', '.join(to_text(a) for a in node.args)})"
+
+
+# ---------------------------------------------------------------- constructors
+# Small algebraic simplifications keep derived expressions (facts, derivatives)
+# readable: x*1 -> x, x+0 -> x, 0*x -> 0, --x -> x, log(exp(x)) -> x.
+
+def const(value: float, line: int = 0) -> Node:
+    return Node("const", value=float(value), line=line)
+
+
+def is_const(n: Node, value: float | None = None) -> bool:
+    return n.op == "const" and (value is None or n.value == value)
+
+
+def broadcast(a: Node, b: Node) -> tuple[str, ...] | None:
+    if a.shape == b.shape or b.shape == ():
+        return a.shape
+    if a.shape == ():
+        return b.shape
+    return None
+
+
+def binary(op: str, a: Node, b: Node, line: int = 0) -> Node:
+    shape = broadcast(a, b)
+    assert shape is not None, (op, a.shape, b.shape)
+    if is_const(a) and is_const(b) and a.shape == b.shape == ():
+        x, y = a.value, b.value
+        if op == "add":
+            return const(x + y, line)
+        if op == "sub":
+            return const(x - y, line)
+        if op == "mul":
+            return const(x * y, line)
+        if op == "div" and y != 0:
+            return const(x / y, line)
+    if op == "add":
+        if is_const(a, 0.0) and b.shape == shape:
+            return b
+        if is_const(b, 0.0) and a.shape == shape:
+            return a
+    if op == "sub":
+        if is_const(b, 0.0) and a.shape == shape:
+            return a
+        if is_const(a, 0.0) and b.shape == shape:
+            return unary("neg", b, line)
+    if op == "mul":
+        if is_const(a, 1.0) and b.shape == shape:
+            return b
+        if is_const(b, 1.0) and a.shape == shape:
+            return a
+        if (is_const(a, 0.0) or is_const(b, 0.0)) and shape == ():
+            return const(0.0, line)
+        if is_const(a, -1.0) and b.shape == shape:
+            return unary("neg", b, line)
+    if op == "div" and is_const(b, 1.0):
+        return a
+    return Node(op, (a, b), shape, line=line)
+
+
+def unary(op: str, a: Node, line: int = 0) -> Node:
+    if op == "neg":
+        if a.op == "neg":
+            return a.args[0]
+        if is_const(a):
+            return const(-a.value, line)
+    if op == "log" and a.op == "exp":
+        return a.args[0]
+    if op == "exp" and a.op == "log":
+        return a.args[0]
+    return Node(op, (a,), a.shape, line=line)
+
+
+def power(a: Node, exponent: float, line: int = 0) -> Node:
+    if exponent == 1:
+        return a
+    return Node("pow", (a,), a.shape, value=float(exponent), line=line)
+
+
+def matmul_shape(a: tuple, b: tuple) -> tuple | None:
+    if len(a) == 2 and len(b) == 2 and a[1] == b[0]:
+        return (a[0], b[1])
+    if len(a) == 2 and len(b) == 1 and a[1] == b[0]:
+        return (a[0],)
+    if len(a) == 1 and len(b) == 2 and a[0] == b[0]:
+        return (b[1],)
+    if len(a) == 1 and len(b) == 1 and a[0] == b[0]:
+        return ()
+    return None
+
+
+def matmul(a: Node, b: Node, line: int = 0) -> Node:
+    shape = matmul_shape(a.shape, b.shape)
+    assert shape is not None, (a.shape, b.shape)
+    return Node("matmul", (a, b), shape, line=line)
+
+
+def transpose(a: Node, line: int = 0) -> Node:
+    if a.op == "transpose":
+        return a.args[0]
+    if len(a.shape) < 2:
+        return a
+    return Node("transpose", (a,), tuple(reversed(a.shape)), line=line)
+
+
+def outer(a: Node, b: Node, line: int = 0) -> Node:
+    return Node("outer", (a, b), (a.shape[0], b.shape[0]), line=line)
+
+
+def diag(a: Node, line: int = 0) -> Node:
+    return Node("diag", (a,), (a.shape[0], a.shape[0]), line=line)
+
+
+def vsum(a: Node, line: int = 0) -> Node:
+    return Node("sum", (a,), (), line=line)
+
+
+def l2norm(a: Node, line: int = 0) -> Node:
+    return Node("l2norm", (a,), a.shape, line=line)
+
+
+def dot(a: Node, b: Node, line: int = 0) -> Node:
+    """a . b for two vectors of the same dimension."""
+    return matmul(a, b, line)

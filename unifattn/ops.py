@@ -1,0 +1,68 @@
+"""Functional ops: linear attention from a rule (reference, chunk, recurrent forms).
+
+    o, S_T = linear_attention(rule, q, k, v, g=g, beta=beta, initial_state=S0,
+                              output_final_state=True, cu_seqlens=None, form="chunk")
+
+Layout: q, k [B, T, H, K]; v [B, T, HV, V] (HV a multiple of H, value head i
+reads q/k head i // (HV // H)); extra per-token inputs [B, T, H or HV, ...],
+per-head params [HV, ...]; state [N, HV, K, V] float32; output [B, T, HV, V]
+in v's dtype. o_t = scale * readout_t, scale defaulting to K ** -0.5 (for the
+read-out S^T q this is the usual "scale multiplies q").
+"""
+from __future__ import annotations
+
+import torch
+
+from unifattn import validate
+from unifattn.dsl.rule import Rule
+
+FORMS = ("reference", "chunk", "recurrent")
+
+
+def _expand_heads(x: torch.Tensor, H: int, HV: int) -> torch.Tensor:
+    return x.repeat_interleave(HV // H, dim=2) if x.shape[2] == H and H != HV else x
+
+
+def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, form="reference", **inputs):
+    """Run rule r over the sequences in q, k, v. Returns (o, final_state or None)."""
+    if not isinstance(r, Rule):
+        validate.fail("rule", "a rule declared with @unifattn.dsl.rule (e.g. unifattn.rules.kda)",
+                      type(r).__name__, "pass the rule object first", TypeError)
+    if form not in FORMS:
+        validate.fail("form", f"one of {FORMS}", repr(form), "pick form='chunk' for training, 'recurrent' for decoding")
+    d = validate.linear_inputs(r, q, k, v, inputs, initial_state, cu_seqlens, scale)
+    scale = d.K ** -0.5 if scale is None else float(scale)
+    validate.finite({"q": q, "k": k, "v": v, "initial_state": initial_state, **inputs})
+    if form == "reference":
+        return _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens)
+    from unifattn import compiled  # codegen path: imported lazily, it pulls in triton
+    return compiled.run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens):
+    from unifattn.reference import run_reference
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kinds = {s.name: s.kind for s in r.inputs}
+    full = {"q": q, "k": k, "v": v, **inputs}
+    env = {}
+    for name, x in full.items():
+        x = x.to(cdt)
+        env[name] = x if kinds[name] == "param" else _expand_heads(x, d.H, d.HV)
+    if initial_state is None:
+        S0 = torch.zeros(d.N, d.HV, d.K, d.V, dtype=cdt, device=q.device)
+    else:
+        S0 = initial_state.to(cdt)
+    if cu_seqlens is None:
+        o, S = run_reference(r, env, S0)
+    else:
+        c = cu_seqlens.tolist()
+        os_, Ss = [], []
+        for i in range(d.N):
+            sl = {n: (x if kinds[n] == "param" else x[:, c[i]:c[i + 1]]) for n, x in env.items()}
+            o_i, S_i = run_reference(r, sl, S0[i:i + 1])
+            os_.append(o_i)
+            Ss.append(S_i)
+        o, S = torch.cat(os_, 1), torch.cat(Ss, 0)
+    o = (o * scale).to(v.dtype)
+    return o, (S if output_final_state else None)
