@@ -1,0 +1,356 @@
+"""The checker: prove or refute what codegen needs to know about a rule.
+
+1. Structure (linearize.py): S' = A S + B with A = D + sum u w^T on the key
+   side, B = c k v^T, o = S'^T q. This proposes a transition class and the
+   expressions of its gate, key, value, beta.
+2. Proof (sympy, K=3, V=2 with symbolic entries): S' is affine in S, the
+   Jacobian acts on the key side only (same A for every value column), and the
+   class template rebuilt from the proposed expressions equals the rule's A, B
+   and read-out. Equalities are proved by expansion, or else checked at random
+   points with 40-digit arithmetic (the verdict says which).
+3. The chunk form of the class equals the recurrence on C=3 symbolic tokens
+   (once per class, exact rational arithmetic).
+4. Bounds (log-gate <= 0 from the parameterization, eigenvalues of delta
+   transitions) and element-wise derivatives of every preprocessing expression.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from . import ir, symbolic
+from .errors import RuleError
+from .linearize import KOp, LinMat, LinVec, NotLinear, as_outer, linearize
+from .rule import InputSpec, Rule
+
+CLASSES = ("identity", "scalar", "diagonal", "delta", "scalar_delta", "diagonal_delta", "dplr", "recurrent_only")
+CHUNK_CLASSES = ("identity", "scalar", "diagonal", "delta", "scalar_delta", "diagonal_delta")
+GATE_OF = {"identity": "none", "scalar": "scalar", "diagonal": "diagonal", "delta": "none",
+           "scalar_delta": "scalar", "diagonal_delta": "diagonal"}
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the checker established about a rule; codegen reads only this and the IR."""
+    rule: str
+    transition: str
+    forms: tuple[str, ...]                    # kernel forms the rule supports
+    reason: str                               # why chunk is unavailable ('' when it is)
+    reason_line: int                          # the rule line behind `reason`
+    inputs: tuple[InputSpec, ...]
+    query: ir.Node | None = None              # K-vector read by o = S^T query
+    key: ir.Node | None = None                # write key (B = key value^T)
+    value: ir.Node | None = None              # write value (beta folded in for non-delta classes)
+    log_gate: ir.Node | None = None           # scalar or K-vector log decay; None = no decay
+    beta: ir.Node | None = None               # delta strength (delta classes)
+    lowrank: tuple[ir.Node, ir.Node] | None = None   # dplr: A = Diag(exp(log_gate)) + a b^T
+    bounds: dict = field(default_factory=dict)
+    runtime_checks: tuple[tuple[str, str, str], ...] = ()  # (input, '<= 0' | 'in (0, 1]', why)
+    derivatives: dict = field(default_factory=dict)   # fact -> input -> IR of d fact / d input (element-wise)
+    proofs: tuple[str, ...] = ()
+
+    @property
+    def gate(self) -> str:
+        return GATE_OF.get(self.transition, "none")
+
+    @property
+    def delta(self) -> bool:
+        return self.transition in ("delta", "scalar_delta", "diagonal_delta")
+
+
+_CACHE: dict[int, Facts] = {}
+
+
+def check(r: Rule) -> Facts:
+    if id(r) not in _CACHE:
+        _CACHE[id(r)] = _check(r)
+    return _CACHE[id(r)]
+
+
+def _check(r: Rule) -> Facts:
+    rng = random.Random(0)
+    K, V = r.state_dims
+    dims = {K: 3, V: 2}
+    env = symbolic.instance_env(r.inputs, dims)
+    S = sp.Matrix(3, 2, lambda i, j: sp.Symbol(f"S{i}{j}", real=True))
+    env["S"] = S
+    memo: dict = {}
+    S_new = symbolic.evaluate(r.new_state, env, memo)
+    o = symbolic.evaluate(r.output, env, memo)
+    proofs = []
+
+    # -- (2a) affine with a key-side, column-shared transition (sympy, independent of linearize)
+    s_syms = list(S)
+    affine = all(sp.diff(e, a, b) == 0 or symbolic.is_zero(sp.diff(e, a, b), None, rng) is not None
+                 for e in S_new for a in s_syms for b in s_syms)
+    shared = False
+    if affine:
+        J = {(i, j, kk, l): sp.diff(S_new[i, j], S[kk, l]) for i in range(3) for j in range(2)
+             for kk in range(3) for l in range(2)}
+        off = [J[i, j, kk, l] for (i, j, kk, l) in J if j != l]
+        same = [J[i, 0, kk, 0] - J[i, 1, kk, 1] for i in range(3) for kk in range(3)]
+        shared = symbolic.all_zero(off + same, rng) is not None
+        proofs.append(f"S' affine in S: {'yes' if affine else 'no'}; transition shared by value columns: "
+                      f"{'yes' if shared else 'no'} (sympy, K=3, V=2)")
+
+    # -- (1) structure
+    try:
+        lin = linearize(r.new_state, _state_leaf(r))
+        if not isinstance(lin, LinMat):
+            raise NotLinear(r.new_state, "the new state is not a [K, V] matrix affine in S")
+        out = linearize(r.output, r.new_state)
+        if not isinstance(out, LinVec) or out.r is None or out.b is not None:
+            raise NotLinear(r.output, f"the read-out {ir.to_text(r.output)} is not S^T q for a state-free q")
+    except NotLinear as e:
+        if not affine:
+            proofs.append("S' affine in S: no (sympy, K=3, V=2)")
+        if affine and shared:
+            why = f"affine, but {e.why}"
+        elif not affine:
+            why = f"not affine in the state: {e.why}"
+        else:
+            why = f"the transition mixes value columns: {e.why}"
+        return _recurrent_only(r, why, e.node.line or r.line, proofs)
+    if not (affine and shared):  # pragma: no cover - linearize and sympy disagree: a checker bug
+        raise AssertionError(f"{r.name}: structural form found but sympy says affine={affine} shared={shared}")
+
+    A, B = lin.A, lin.B
+    rb = as_outer(B)
+    if rb is None:
+        return _recurrent_only(r, f"the write B = {ir.to_text(B) if B is not None else '0'} is not a rank-one "
+                                  "k v^T term", r.new_state.line, proofs)
+    c, kb, vb = rb
+    cls, facts = _classify(A, c, kb, vb, env, rng)
+    if cls is None:
+        return _recurrent_only(r, facts, r.new_state.line, proofs)
+    facts["query"] = out.r
+
+    # -- (2b) the class template rebuilt from the facts equals the rule (A, B, read-out)
+    A_rule = sp.Matrix(3, 3, lambda i, kk: sp.diff(S_new[i, 0], S[kk, 0]))
+    B_rule = S_new.subs({s: 0 for s in s_syms})
+    A_t, B_t = _template(cls, facts, env)
+    q_eff = symbolic.evaluate(out.r, env)
+    o_t = S_new.T * q_eff
+    v = symbolic.all_zero(list(A_rule - A_t) + list(B_rule - B_t) + list(o - o_t), rng)
+    if v is None:  # pragma: no cover - structural algebra is exact; a mismatch is a checker bug
+        raise AssertionError(f"{r.name}: class template {cls} does not match the rule")
+    proofs.append(f"rule == {cls} template (A, B, read-out): {v}")
+    forms = ("chunk", "recurrent") if cls in CHUNK_CLASSES else ("recurrent",)
+    if cls in CHUNK_CLASSES:
+        proofs.append(f"chunk form of '{cls}' == recurrence on 3 symbolic tokens: {chunk_identity(cls)}")
+    bounds, runtime = _bounds(cls, facts, r)
+    f = Facts(r.name, cls, forms, "" if "chunk" in forms else f"no chunk template for '{cls}' yet", 0, r.inputs,
+              bounds=bounds, runtime_checks=runtime, proofs=tuple(proofs), **facts)
+    return _with_derivatives(f, r)
+
+
+def _state_leaf(r: Rule) -> ir.Node:
+    for n in ir.walk([r.new_state, r.output]):
+        if n.op == "state":
+            return n
+    return ir.Node("state", shape=r.state_dims)
+
+
+def _recurrent_only(r, why, line, proofs) -> Facts:
+    return Facts(r.name, "recurrent_only", ("recurrent",), why, line, r.inputs, proofs=tuple(proofs),
+                 bounds={"note": "recurrent_only: no chunk-form bounds"})
+
+
+def _log(d: ir.Node) -> ir.Node:
+    return ir.unary("log", d)
+
+
+def _classify(A: KOp, c, kb, vb, env, rng):
+    """Class and fact expressions from the canonical A = D + sum u w^T and B = c kb vb^T."""
+    value = ir.binary("mul", c, vb)
+    if not A.lowrank:
+        if A.kind == "zero":
+            return None, "the transition is zero (the state is overwritten each step)"
+        if A.kind == "one":
+            return "identity", dict(key=kb, value=value)
+        gate = _log(A.d)
+        return ("scalar" if A.kind == "scalar" else "diagonal"), dict(key=kb, value=value, log_gate=gate)
+    if len(A.lowrank) > 1:
+        A = _merge_lowrank(A, env, rng)
+    if len(A.lowrank) > 1:
+        return None, f"the transition has {len(A.lowrank)} low-rank terms; templates take one"
+    (u, w), = A.lowrank
+    U, W = symbolic.evaluate(u, env), symbolic.evaluate(w, env)
+    Kb, C = symbolic.evaluate(kb, env), symbolic.evaluate(c, env)
+    uw = U * W.T
+    if A.kind == "one":
+        cand, cls = -C * Kb * Kb.T, "delta"
+    elif A.kind == "scalar":
+        cand, cls = -symbolic.evaluate(A.d, env) * C * Kb * Kb.T, "scalar_delta"
+    elif A.kind == "diag":
+        Dd = symbolic.evaluate(A.d, env)
+        cand, cls = -C * Kb * sp.Matrix([Kb[i] * Dd[i] for i in range(len(Kb))]).T, "diagonal_delta"
+    else:
+        cand, cls = None, None
+    if cand is not None and symbolic.all_zero(list(uw - cand), rng) is not None:
+        facts = dict(key=kb, value=vb, beta=c)
+        if A.kind != "one":
+            facts["log_gate"] = _log(A.d)
+        return cls, facts
+    gate = None if A.kind in ("one", "zero") else _log(A.d)
+    if A.kind == "zero":
+        return None, "the transition is pure low rank (no diagonal part)"
+    return "dplr", dict(key=kb, value=value, log_gate=gate, lowrank=(u, w))
+
+
+def _merge_lowrank(A: KOp, env, rng) -> KOp:
+    """Merge terms sharing a left vector: u w1^T + u w2^T = u (w1 + w2)^T."""
+    terms = list(A.lowrank)
+    merged = [terms[0]]
+    for u, w in terms[1:]:
+        U = symbolic.evaluate(u, env)
+        for i, (u0, w0) in enumerate(merged):
+            if symbolic.all_zero(list(U - symbolic.evaluate(u0, env)), rng) is not None:
+                merged[i] = (u0, ir.binary("add", w0, w))
+                break
+        else:
+            merged.append((u, w))
+    return KOp(A.kind, A.d, tuple(merged))
+
+
+def _template(cls, f, env):
+    """A and B of the class template, evaluated on the instance."""
+    k = symbolic.evaluate(f["key"], env)
+    v = symbolic.evaluate(f["value"], env)
+    n = k.shape[0]
+    I = sp.eye(n)
+    if f.get("log_gate") is not None:
+        g = symbolic.evaluate(f["log_gate"], env)
+        D = sp.diag(*[sp.exp(x) for x in g]) if isinstance(g, sp.MatrixBase) else sp.exp(g) * I
+    else:
+        D = I
+    if cls in ("delta", "scalar_delta", "diagonal_delta"):
+        b = symbolic.evaluate(f["beta"], env)
+        return (I - b * k * k.T) * D, b * k * v.T
+    if cls == "dplr":
+        a_, b_ = (symbolic.evaluate(x, env) for x in f["lowrank"])
+        return D + a_ * b_.T, k * v.T
+    return D, k * v.T
+
+
+# ------------------------------------------------------------------ chunk identity (per class, exact)
+_CHUNK_PROOF: dict[str, str] = {}
+
+
+def chunk_identity(cls: str) -> str:
+    """Prove the chunk form of ALGORITHMS.md §2 equals the recurrence, C=3 tokens, K=2, V=1."""
+    if cls in _CHUNK_PROOF:
+        return _CHUNK_PROOF[cls]
+    C, K = 3, 2
+    gate, delta = GATE_OF[cls], cls.endswith("delta")
+    q = sp.Matrix(C, K, lambda t, i: sp.Symbol(f"q{t}{i}"))
+    k = sp.Matrix(C, K, lambda t, i: sp.Symbol(f"k{t}{i}"))
+    v = sp.Matrix(C, 1, lambda t, i: sp.Symbol(f"v{t}"))
+    beta = [sp.Symbol(f"b{t}") if delta else 1 for t in range(C)]
+    if gate == "none":
+        a = sp.ones(C, K)
+    elif gate == "scalar":
+        a = sp.Matrix(C, K, lambda t, i: sp.Symbol(f"a{t}", positive=True))
+    else:
+        a = sp.Matrix(C, K, lambda t, i: sp.Symbol(f"a{t}{i}", positive=True))
+    H0 = sp.Matrix(K, 1, lambda i, j: sp.Symbol(f"h{i}"))
+    # recurrence
+    H, O_rec = H0, []
+    for t in range(C):
+        kt = k[t, :].T
+        At = sp.diag(*a[t, :])
+        if delta:
+            At = (sp.eye(K) - beta[t] * kt * kt.T) * At
+        H = At * H + beta[t] * kt * v[t, :]
+        O_rec.append((H.T * q[t, :].T)[0])
+    # chunk form (KDA-style, per-channel Gamma; scalar / no gate are special cases)
+    G = sp.Matrix(C, K, lambda t, i: sp.Mul(*[a[s, i] for s in range(t + 1)]))   # gamma_t = prod alpha
+    Qg = sp.Matrix(C, K, lambda t, i: q[t, i] * G[t, i])
+    Kg = sp.Matrix(C, K, lambda t, i: k[t, i] * G[t, i])
+    Ki = sp.Matrix(C, K, lambda t, i: k[t, i] / G[t, i])
+    Kend = sp.Matrix(C, K, lambda t, i: k[t, i] * G[C - 1, i] / G[t, i])
+    if delta:
+        bd = sp.diag(*beta)
+        Akk = sp.Matrix(C, C, lambda i, j: (bd * Kg * Ki.T)[i, j] if i > j else 0)
+        M = (sp.eye(C) + Akk).inv() * bd
+        W, U = M * Kg, M * v
+        Vn = U - W * H0
+    else:
+        Vn = v
+    Aqk = sp.Matrix(C, C, lambda i, j: (Qg * Ki.T)[i, j] if i >= j else 0)
+    O_chunk = Qg * H0 + Aqk * Vn
+    H_chunk = sp.diag(*G[C - 1, :]) * H0 + Kend.T * Vn
+    diffs = [O_rec[t] - O_chunk[t] for t in range(C)] + list(H - H_chunk)
+    ok = all(sp.simplify(sp.together(d)) == 0 for d in diffs)
+    _CHUNK_PROOF[cls] = "proved" if ok else "FAILED"
+    return _CHUNK_PROOF[cls]
+
+
+# ------------------------------------------------------------------ bounds
+def _bounds(cls, f, r: Rule):
+    bounds, runtime = {}, []
+    raw = {s.name: s for s in r.inputs}
+    g = f.get("log_gate")
+    if g is not None:
+        expr = symbolic.elementwise(g)
+        ok = expr is not None and (expr.is_nonpositive is True)
+        if ok:
+            bounds["log_gate <= 0"] = "proved from the parameterization"
+        elif g.op in ("input", "param"):
+            bounds["log_gate <= 0"] = f"not implied: input '{g.name}' is used as a log-gate (checked at call time)"
+            runtime.append((g.name, "<= 0", "it is a log-gate: exp of it must be a decay in (0, 1]"))
+        elif g.op == "log" and g.args[0].op in ("input", "param"):
+            name = g.args[0].name
+            bounds["log_gate <= 0"] = f"not implied: '{name}' is used as a decay (checked at call time)"
+            runtime.append((name, "in (0, 1]", "it is a decay factor"))
+        else:
+            bounds["log_gate <= 0"] = "not proved: the chunk kernels need decays in (0, 1]"
+    if cls.endswith("delta"):
+        beta = f["beta"]
+        key = f["key"]
+        unit = key.op == "l2norm"
+        e = symbolic.elementwise(beta)
+        rng_b = None
+        if e is not None:
+            sub = {s: sp.AccumBounds(-sp.oo, sp.oo) for s in e.free_symbols}
+            try:
+                rng_b = sp.simplify(e.subs(sub).rewrite(sp.exp))
+            except Exception:  # noqa: BLE001 - interval arithmetic is best effort
+                rng_b = None
+        bstr = str(rng_b) if isinstance(rng_b, sp.AccumBounds) else "unbounded"
+        if unit and isinstance(rng_b, sp.AccumBounds) and rng_b.min.is_finite and rng_b.max.is_finite:
+            lo = 1 - rng_b.max
+            bounds["eig(I - beta k k^T)"] = f"in [{sp.nsimplify(lo)}, 1] (|k| < 1 by l2norm, beta in {bstr})"
+        else:
+            why = "k is not normalized" if not unit else f"beta in {bstr}"
+            bounds["eig(I - beta k k^T)"] = f"1 and 1 - beta |k|^2; not bounded: {why}; keep beta |k|^2 in [0, 2]"
+        del raw
+    return bounds, tuple(runtime)
+
+
+def _with_derivatives(f: Facts, r: Rule) -> Facts:
+    shapes = {s.name: (s.kind, s.shape) for s in r.inputs}
+    ders = {}
+    for name in ("log_gate", "beta", "key", "value", "query"):
+        node = getattr(f, name)
+        if node is None:
+            continue
+        e = symbolic.elementwise(node)
+        if e is None:
+            ders[name] = "not element-wise (l2norm / reductions): differentiated by kernels' building blocks"
+            continue
+        ders[name] = {s.name: symbolic.to_ir(sp.diff(e, s), shapes) for s in sorted(e.free_symbols, key=str)}
+    return Facts(**{**f.__dict__, "derivatives": ders})
+
+
+def require_chunk(r: Rule, facts: Facts):
+    """Raise a RuleError pointing at the rule line that keeps it from the chunk form."""
+    if "chunk" in facts.forms:
+        return
+    line = facts.reason_line or r.line
+    raise RuleError(r.name, f"{r.file}:{line}", f"a rule whose update is one of {CHUNK_CLASSES} for form='chunk'",
+                    f"class '{facts.transition}': {facts.reason}",
+                    "use form='recurrent' (every rule has it), or rewrite the update as S = A S + k v^T "
+                    "with A diagonal and/or a delta-rule term")
