@@ -9,7 +9,7 @@ from .rule import (Param, Rule, Scalar, Sym, Vec, diag, exp, l2norm, log, logsig
 
 def check(r):
     """Check a rule symbolically and return its Facts (cached on the rule)."""
-    from .check import check as _check
+    from .checker import check as _check
     return _check(r)
 
 

@@ -1,0 +1,66 @@
+"""Run generated kernels: the bridge from ops.linear_attention to codegen's modules."""
+from __future__ import annotations
+
+import torch
+
+from unifattn import codegen, validate
+from unifattn.dsl import check
+from unifattn.dsl.checker import require_chunk
+from unifattn.kernels.utils import empty, interpreting
+
+
+def _contig(x):
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens,
+        inplace_state=False):
+    facts = check(r)
+    if form == "chunk":
+        require_chunk(r, facts)
+    full = {"q": q, "k": k, "v": v, **inputs}
+    if any(torch.is_tensor(x) and x.requires_grad for x in list(full.values()) + [initial_state]) \
+            and torch.is_grad_enabled():
+        validate.fail(f"linear_attention(form={form!r})", "inputs that do not require grad (the generated "
+                      "backward is not there yet)", "a tensor with requires_grad=True",
+                      "use form='reference' to train through the rule, or call under torch.no_grad()", RuntimeError)
+    for name, cond, why in facts.runtime_checks:
+        x = full[name]
+        if cond == "<= 0":
+            validate.nonpositive(name, x, why)
+        elif cond == "in (0, 1]" and x.numel() and bool(((x <= 0) | (x > 1)).any()):
+            validate.fail(name, f"values in (0, 1] ({why})", f"range [{float(x.min()):.4g}, {float(x.max()):.4g}]",
+                          f"parameterize {name} as sigmoid(...) or exp(-softplus(...))")
+    if form == "recurrent":
+        return _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_seqlens, inplace_state)
+    from unifattn.codegen.chunk import run_chunk
+    return run_chunk(codegen.module(r, "chunk"), r, facts, full, d, scale, initial_state, output_final_state,
+                     cu_seqlens)
+
+
+def _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_seqlens, inplace_state):
+    from unifattn.codegen.recurrent import splittable_v
+    import triton
+    mod = codegen.module(r, "recurrent")
+    dev = full["q"].device
+    tensors = {n: _contig(x) for n, x in full.items()}
+    heads = {s.name: tensors[s.name].shape[2] for s in r.inputs if s.kind == "token"}
+    o = empty((d.B, d.T, d.HV, d.V), full["v"].dtype, dev)
+    h0 = None if initial_state is None else _contig(initial_state.float())
+    if inplace_state:
+        if initial_state is None or initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
+            validate.fail("inplace_state", "a contiguous float32 initial_state to update in place",
+                          "none" if initial_state is None else str(initial_state.dtype),
+                          "pass initial_state=torch.zeros(N, HV, K, V) (float32, contiguous)")
+        h0 = ht = initial_state
+    else:
+        ht = empty((d.N, d.HV, d.K, d.V), torch.float32, dev) if output_final_state else None
+    BVfull = triton.next_power_of_2(d.V)
+    if splittable_v(r, facts) and not interpreting():
+        BV = min(BVfull, 32 if d.K <= 64 else 16)
+    else:
+        BV = BVfull
+    if d.N * d.HV and d.V:
+        cu = None if cu_seqlens is None else _contig(cu_seqlens.to(torch.int32))
+        mod.launch(tensors, heads, o, h0, ht, cu, scale, d.N, d.T, d.HV, d.K, d.V, BV, 4 if BV * d.K >= 4096 else 2)
+    return o, (ht if (output_final_state or inplace_state) else None)
