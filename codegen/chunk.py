@@ -1,0 +1,191 @@
+"""Emit the chunk form of a rule: a generated preparation kernel + the shared chunk pipeline.
+
+The checker reduced the rule to its class template: o = S^T query, S' = A S +
+key value^T with A built from log_gate and beta (Facts). The chunkwise
+algorithm of each class is written once, in unifattn.kernels.chunk, specialised
+by compile-time flags (GATE none / scalar / diagonal, DELTA). What is specific
+to a rule is the element-wise code that turns the raw inputs into query, key,
+value, log_gate and beta (gate parameterizations, activations, l2norm); that
+code is printed here from the Facts into one `<rule>_chunk_prep` kernel. Facts
+that are raw inputs are passed through with no copy.
+
+The plan (networkx DAG of stages with the bytes between them) gives the launch
+order written into the file's header and run by `forward`.
+"""
+from __future__ import annotations
+
+import networkx as nx
+
+from unifattn.dsl import ir
+from unifattn.dsl.checker import Facts
+from unifattn.dsl.rule import Rule
+
+from .printer import Printer
+from .recurrent import header
+
+TEMPLATE_VERSION = "chunk-1"
+FACTS = ("query", "key", "value", "log_gate", "beta")
+
+
+def plan(facts: Facts, computed: list[str]) -> nx.DiGraph:
+    """Stages of the chunk forward and the tensors between them (bytes per token and head, fp32 = 4)."""
+    g = nx.DiGraph()
+    gate, delta = facts.gate, facts.delta
+    src = "prep" if computed else "inputs"
+    g.add_node(src)
+    stages = []
+    if gate != "none":
+        stages.append(("cumsum", [(src, "g", 4)]))
+    if delta or gate == "diagonal":
+        stages.append(("intra", [(src, "q,k", 4), ("cumsum", "G", 4)] if gate != "none" else [(src, "q,k", 4)]))
+    if delta:
+        stages.append(("wu", [("intra", "Ai", 4), (src, "k,v,beta", 4)]))
+    stages.append(("state", [("wu", "w,u", 4)] if delta else [(src, "k,v", 4)]))
+    stages.append(("output", [("state", "h", 4), (src, "q", 4)] + ([("intra", "Aqk", 4)] if gate == "diagonal"
+                                                                      else [])))
+    for name, deps in stages:
+        g.add_node(name)
+        for d, tensor, nbytes in deps:
+            if d in g:
+                g.add_edge(d, name, tensor=tensor, bytes=nbytes)
+    return g
+
+
+def launch_order(g: nx.DiGraph) -> list[str]:
+    return list(nx.lexicographical_topological_sort(g))
+
+
+def _raw(node: ir.Node | None) -> str | None:
+    return node.name if node is not None and node.op == "input" else None
+
+
+def emit(r: Rule, facts: Facts, digest: str) -> str:
+    K, V = r.state_dims
+    dims = {K: ("o_k", "m_k", "K"), V: ("o_v", "m_v", "V")}
+    computed = [f for f in FACTS if getattr(facts, f) is not None and _raw(getattr(facts, f)) is None]
+    order = launch_order(plan(facts, computed))
+    raw = {f: _raw(getattr(facts, f)) for f in FACTS if _raw(getattr(facts, f)) is not None}
+    text = header(r, facts, "chunk", "fwd", digest, " -> ".join(order))
+    text += "\nimport torch\nimport triton\nimport triton.language as tl\n\n"
+    text += "from unifattn.kernels.chunk import chunk_fwd\nfrom unifattn.kernels.utils import empty\n\n"
+    text += f"GATE = {facts.gate!r}\nDELTA = {facts.delta}\nCOMPUTED = {tuple(computed)!r}\nRAW = {raw!r}\n"
+    if computed:
+        text += "\n\n" + _prep_kernel(r, facts, computed, dims)
+    text += "\n\n" + _forward(r, facts, computed)
+    return text
+
+
+def _prep_kernel(r: Rule, facts: Facts, computed: list[str], dims) -> str:
+    roots = [getattr(facts, f) for f in computed]
+    used = {n.name: n for n in ir.walk(roots) if n.op in ("input", "param")}
+    specs = [s for s in r.inputs if s.name in used]
+    names: dict[int, str] = {}
+    lines = []
+    for s in specs:
+        n = used[s.name]
+        names[id(n)] = f"b_{s.name}"
+        if s.kind == "param":
+            off = "i_hv" if not s.shape else f"i_hv * {dims[s.shape[0]][2]} + {dims[s.shape[0]][0]}"
+            mask = "" if not s.shape else f", mask={dims[s.shape[0]][1]}, other=0.0"
+        else:
+            head = f"(i_t * H_{s.name} + i_hv // (HV // H_{s.name}))"
+            off = head if not s.shape else f"{head} * {dims[s.shape[0]][2]} + {dims[s.shape[0]][0]}"
+            mask = "" if not s.shape else f", mask={dims[s.shape[0]][1]}, other=0.0"
+        lines.append(f"b_{s.name} = tl.load({s.name} + {off}{mask}).to(tl.float32)")
+    # statements of the rule that feed the facts keep their names (b_dt, b_g, ...)
+    pr = Printer(names)
+    wanted = {id(n) for n in ir.walk(roots)}
+    for st in r.statements:
+        if id(st.node) in wanted and id(st.node) not in names and not ir.depends_on_state(st.node):
+            lines.append(f"# line {st.line}: {st.source}")
+            lines.append(f"b_{st.target} = {pr(st.node)}")
+            names[id(st.node)] = f"b_{st.target}"
+    for f in computed:
+        node = getattr(facts, f)
+        expr = pr(node)
+        if node.shape:
+            o_d, m_d, D = dims[node.shape[0]]
+            lines.append(f"# {f}: {ir.to_text(node)}")
+            lines.append(f"tl.store(out_{f} + (i_t * HV + i_hv) * {D} + {o_d}, "
+                         f"({expr}).to(out_{f}.dtype.element_ty), mask={m_d})")
+        else:
+            lines.append(f"# {f}: {ir.to_text(node)}")
+            lines.append(f"tl.store(out_{f} + i_t * HV + i_hv, {expr})")
+    tok = [s for s in specs if s.kind == "token"]
+    args = ", ".join(s.name for s in specs)
+    outs = ", ".join(f"out_{f}" for f in computed)
+    heads = "".join(f"H_{s.name}, " for s in tok)
+    body = "\n".join("    " + ln for ln in lines)
+    return f'''@triton.jit
+def {r.name}_chunk_prep(
+    {args},          # raw inputs: token [B * T, heads, *], params [HV, *]
+    {outs},          # prepared facts [B * T, HV, *]
+    {heads}HV, K, V, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """One program per (token, value head): the rule's element-wise preprocessing."""
+    i_t, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+{body}
+'''
+
+
+def _forward(r: Rule, facts: Facts, computed: list[str]) -> str:
+    roots = [getattr(facts, f) for f in computed]
+    used = {n.name for n in ir.walk(roots) if n.op in ("input", "param")}
+    specs = [s for s in r.inputs if s.name in used]
+    tok = [s for s in specs if s.kind == "token"]
+    shapes = {"query": "K", "key": "K", "value": "V", "log_gate": "K", "beta": None}
+    alloc = []
+    for f in computed:
+        node = getattr(facts, f)
+        if node.shape:
+            d = "K" if node.shape[0] == r.state_dims[0] else "V"
+            dt = "torch.float32" if f in ("log_gate", "beta") else "dtype"
+            alloc.append(f"prep[{f!r}] = empty((B, T, HV, {d}), {dt}, device)")
+        else:
+            alloc.append(f"prep[{f!r}] = empty((B, T, HV), torch.float32, device)")
+    del shapes
+    launch = ""
+    if computed:
+        launch = f'''    if B * T:
+        {r.name}_chunk_prep[(B * T, HV)](
+            {", ".join(f"x[{s.name!r}]" for s in specs)},
+            {", ".join(f"prep[{f!r}]" for f in computed)},
+            {"".join(f"heads[{s.name!r}], " for s in tok)}HV, K, V,
+            BK=triton.next_power_of_2(K), BV=triton.next_power_of_2(V), num_warps=1)
+'''
+    al = "\n".join("    " + a for a in alloc)
+    return f'''def forward(x, heads, B, T, H, HV, K, V, scale, initial_state, output_final_state, cu_seqlens):
+    """Prepare the facts from the raw inputs x, then run the shared chunk pipeline."""
+    device, dtype = x["q"].device, x["q"].dtype
+    prep = {{f: x[name] for f, name in RAW.items()}}
+{al}
+{launch}    q, k = prep["query"], prep["key"]
+    if q.shape[2] != k.shape[2]:          # one side became per value head: bring both to HV
+        q = q.repeat_interleave(HV // q.shape[2], dim=2) if q.shape[2] != HV else q
+        k = k.repeat_interleave(HV // k.shape[2], dim=2) if k.shape[2] != HV else k
+    v = prep["value"]
+    if v.shape[2] != HV:
+        v = v.repeat_interleave(HV // v.shape[2], dim=2)
+    g, beta = prep.get("log_gate"), prep.get("beta")
+    g = _per_value_head(g, HV)
+    beta = _per_value_head(beta, HV)
+    return chunk_fwd(q, k, v.to(dtype), g, beta, gate=GATE, delta=DELTA, scale=scale,
+                     initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+def _per_value_head(x, HV):
+    if x is None:
+        return None
+    x = x.float()
+    return x.repeat_interleave(HV // x.shape[2], dim=2) if x.shape[2] != HV else x
+'''
+
+
+def run_chunk(mod, r: Rule, facts: Facts, full: dict, d, scale, initial_state, output_final_state, cu_seqlens):
+    x = {n: (t if t.is_contiguous() else t.contiguous()) for n, t in full.items()}
+    heads = {s.name: x[s.name].shape[2] for s in r.inputs if s.kind == "token"}
+    return mod.forward(x, heads, d.B, d.T, d.H, d.HV, d.K, d.V, scale, initial_state, output_final_state, cu_seqlens)
