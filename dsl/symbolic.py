@@ -17,6 +17,9 @@ from . import ir
 
 
 class sigmoid(sp.Function):
+    def _eval_rewrite_as_exp(self, x, **kw):
+        return 1 / (1 + sp.exp(-x))
+
     def fdiff(self, argindex=1):
         s = sigmoid(self.args[0])
         return s * (1 - s)
@@ -29,6 +32,9 @@ class sigmoid(sp.Function):
 
 
 class softplus(sp.Function):
+    def _eval_rewrite_as_exp(self, x, **kw):
+        return sp.log(1 + sp.exp(x))
+
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
 
@@ -40,6 +46,9 @@ class softplus(sp.Function):
 
 
 class logsigmoid(sp.Function):
+    def _eval_rewrite_as_exp(self, x, **kw):
+        return -sp.log(1 + sp.exp(-x))
+
     def fdiff(self, argindex=1):
         return 1 - sigmoid(self.args[0])
 
