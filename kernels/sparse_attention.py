@@ -47,6 +47,18 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with fp32 accumulation. UPCAST (set for bf16 under the interpreter only):
+    Triton's interpreter keeps bf16 as raw uint16 and multiplies the bits, so the
+    operands go up to fp32 first; bf16 products are exact in fp32, as on tensor cores."""
+    if UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b, input_precision=PREC)
+    return r
+
+
+@triton.jit
 def _key_tile(p_idx, i_n, t_local, NK, BLOCK: tl.constexpr, BS: tl.constexpr):
     """Positions (relative to the sequence start) and validity of keys i_n .. i_n+BS-1."""
     o_n = i_n + tl.arange(0, BS)
@@ -72,7 +84,7 @@ def sparse_attn_fwd_kernel(
     TOPK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
     BG: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -101,7 +113,7 @@ def sparse_attn_fwd_kernel(
         # [BS, BK] gathered keys, one contiguous row each
         b_k = tl.load(k + o_kv[:, None] * K + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.)
         # [BG, BS]
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * scale
+        b_s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         b_r = tl.exp2(b_m - b_m_new)
@@ -109,7 +121,7 @@ def sparse_attn_fwd_kernel(
         b_l = b_l * b_r + tl.sum(b_p, 1)
         # [BS, BV]
         b_v = tl.load(v + o_kv[:, None] * V + o_v[None, :], mask=m_n[:, None] & m_v[None, :], other=0.)
-        b_acc = b_acc * b_r[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+        b_acc = b_acc * b_r[:, None] + _dot(b_p.to(b_v.dtype), b_v, PREC, UPCAST)
         b_m = b_m_new
 
     # empty rows (l = 0): o = 0 and lse = -inf
@@ -133,7 +145,7 @@ def sparse_attn_bwd_kernel(
     TOPK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
     BG: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // HKV, i_bh % HKV
@@ -173,19 +185,19 @@ def sparse_attn_bwd_kernel(
         # 3.4-3.7 on sm_90 miscompiled dot(trans(ds), q) (ALGORITHMS.md 6b). The
         # extra two [BG x BS] dots are cheap; this kernel is bound by the gathers.
         # [BG, BS] for dq
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * qk_scale
+        b_s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
         b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=PREC)
+        b_dp = _dot(b_do, tl.trans(b_v), PREC, UPCAST)
         b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PREC)
+        b_dq += _dot(b_ds.to(b_k.dtype), b_k, PREC, UPCAST)
         # [BS, BG] for dk, dv
-        b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale
+        b_sT = _dot(b_k, tl.trans(b_q), PREC, UPCAST) * qk_scale
         b_pT = tl.where(m_n[:, None], tl.exp2(b_sT - b_lse[None, :]), 0.)
-        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+        b_dpT = _dot(b_v, tl.trans(b_do), PREC, UPCAST)
         b_dsT = b_pT * (b_dpT - b_delta[None, :])
         # [BS, BV], [BS, BK]: the G heads are summed inside the dot
-        b_dv = tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=PREC)
-        b_dk = tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=PREC) * scale
+        b_dv = _dot(b_pT.to(b_do.dtype), b_do, PREC, UPCAST)
+        b_dk = _dot(b_dsT.to(b_q.dtype), b_q, PREC, UPCAST) * scale
         tl.atomic_add(dv + o_kv[:, None] * V + o_v[None, :], b_dv, mask=m_n[:, None] & m_v[None, :], sem="relaxed")
         tl.atomic_add(dk + o_kv[:, None] * K + o_k[None, :], b_dk, mask=m_n[:, None] & m_k[None, :], sem="relaxed")
 
@@ -207,11 +219,11 @@ class SparseConfig:
 def sparse_config(pass_: str, BK: int, BV: int, BG: int) -> SparseConfig:
     """The launch configuration of one pass ('fwd' or 'bwd') for padded dims BK, BV, BG.
 
-    Under the interpreter the tiles are small (16 keys) so that tests cross tile
-    boundaries with short key lists.
+    Under the interpreter the tile is fixed at 32 keys: its cost is per tile, and
+    32 keeps test lists short while still crossing tile boundaries.
     """
     if interpreting():
-        return SparseConfig(16, 1, 1)
+        return SparseConfig(32, 1, 1)
     wide = max(BK, BV) > 128 or BG > 32
     if pass_ == "fwd":
         return SparseConfig(32 if wide else 64, 4, 2 if wide else 3)
@@ -324,7 +336,8 @@ def _launch_args(q, k, v, indices, block_size):
     BG, BK, BV = max(16, next_pow2(G)), max(16, next_pow2(K)), max(16, next_pow2(V))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"   # fp32 inputs get fp32 dots
     meta = dict(T=T, NK=TOPK * block_size, TOPK=TOPK, HQ=HQ, HKV=HKV, G=G, K=K, V=V,
-                BLOCK=block_size, BG=BG, BK=BK, BV=BV, PREC=prec)
+                BLOCK=block_size, BG=BG, BK=BK, BV=BV, PREC=prec,
+                UPCAST=interpreting() and q.dtype == torch.bfloat16)
     return (B, T, HQ, HKV, K, V), meta
 
 

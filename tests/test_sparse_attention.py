@@ -1,0 +1,291 @@
+"""sparse_attention against a float64 dense masked reference (output, lse, dq, dk, dv).
+
+The reference builds, for each (batch, KV head), the [T, T] mask of selected keys
+from the indices and runs plain softmax attention on it; autograd gives its
+gradients. Kernel calls run inside `poisoned()`, so an unwritten element is NaN.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from unifattn.kernels.sparse_attention import sparse_attention
+from unifattn.kernels.utils import poisoned
+from unifattn.testing.tolerance import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_indices(B, T, HKV, topk, *, block_size=1, fill=1.0, seqlens=None, seed=0):
+    """Random causal int32 lists [B, T, HKV, topk]: distinct entries at random slots, -1 elsewhere.
+
+    fill < 1 leaves some slots -1 even where more keys are available.
+    """
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.full((B, T, HKV, topk), -1, dtype=torch.int32)
+    starts = [0] if seqlens is None else [sum(seqlens[:i]) for i in range(len(seqlens))]
+    ends = [T] if seqlens is None else [s + n for s, n in zip(starts, seqlens)]
+    for b in range(B):
+        for s0, s1 in zip(starts, ends):
+            for t in range(s0, s1):
+                avail = (t - s0) // block_size + 1        # causal keys or key blocks
+                for h in range(HKV):
+                    n = min(avail, topk, max(1, round(fill * topk)))
+                    sel = torch.randperm(avail, generator=g)[:n]
+                    slots = torch.randperm(topk, generator=g)[:n]
+                    idx[b, t, h, slots] = sel.to(torch.int32)
+    return idx
+
+
+def reference(q, k, v, indices, *, block_size=1, scale=None, cu_seqlens=None):
+    """float64 dense masked attention: returns o, lse (natural log, -inf for empty rows)."""
+    B, T, HQ, D = q.shape
+    HKV = k.shape[2]
+    G = HQ // HKV
+    scale = D ** -0.5 if scale is None else scale
+    bos = torch.zeros(T, dtype=torch.long)
+    if cu_seqlens is not None:
+        for s0, s1 in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+            bos[s0:s1] = s0
+    mask = torch.zeros(B, HKV, T, T, dtype=torch.bool)
+    for b, t, h, j in (indices >= 0).nonzero().tolist():
+        e = int(indices[b, t, h, j])
+        for pos in range(e * block_size, (e + 1) * block_size):
+            if pos <= t - bos[t]:
+                mask[b, h, t, bos[t] + pos] = True
+    mask = mask.repeat_interleave(G, 1).to(q.device)              # [B, HQ, T, T]
+    s = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(G, 2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)                                  # [B, HQ, T]
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0., lse)[..., None])   # empty rows: p = 0
+    o = torch.einsum("bhts,bshd->bthd", p, v.repeat_interleave(G, 2))
+    return o, lse.transpose(1, 2)
+
+
+def assert_lse(lse, ref, dtype):
+    empty = torch.isinf(ref)
+    assert torch.equal(torch.isneginf(lse.cpu()), empty.cpu()), "lse: -inf pattern differs from the reference"
+    assert_close(lse.masked_fill(empty, 0), ref.masked_fill(empty, 0), dtype, "lse")
+
+
+def check(B, T, HQ, HKV, D, topk, *, DV=None, dtype=torch.float32, block_size=1, fill=0.8,
+          seqlens=None, lse_grad=False, seed=0, indices=None):
+    torch.manual_seed(seed)
+    DV = DV or D
+    q = torch.randn(B, T, HQ, D, dtype=torch.float64)
+    k = torch.randn(B, T, HKV, D, dtype=torch.float64)
+    v = torch.randn(B, T, HKV, DV, dtype=torch.float64)
+    do = torch.randn(B, T, HQ, DV, dtype=torch.float64)
+    dlse = torch.randn(B, T, HQ, dtype=torch.float64)
+    if indices is None:
+        indices = make_indices(B, T, HKV, topk, block_size=block_size, fill=fill, seqlens=seqlens, seed=seed)
+    cu = None if seqlens is None else torch.tensor([0] + list(torch.tensor(seqlens).cumsum(0)), dtype=torch.int32)
+
+    # reference on the dtype-rounded inputs, in float64
+    ins = [x.to(dtype).to(torch.float64).requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = reference(*ins, indices, block_size=block_size, cu_seqlens=cu)
+    loss = (o_ref * do).sum() + ((lse_ref.masked_fill(torch.isinf(lse_ref), 0) * dlse).sum() if lse_grad else 0)
+    loss.backward()
+
+    xs = [x.to(dtype).to(DEVICE).requires_grad_() for x in (q, k, v)]
+    with poisoned():
+        o, lse = sparse_attention(*xs, indices.to(DEVICE), block_size=block_size if block_size > 1 else None,
+                                  cu_seqlens=None if cu is None else cu.to(DEVICE), return_lse=True)
+        loss = (o.double() * do.to(DEVICE)).sum()
+        if lse_grad:
+            loss = loss + (lse.double().masked_fill(torch.isinf(lse), 0) * dlse.to(DEVICE)).sum()
+        loss.backward()
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert_close(o, o_ref, dtype, "o")
+    assert_lse(lse, lse_ref, dtype)
+    for name, x, r in zip(("dq", "dk", "dv"), xs, ins):
+        assert x.grad.dtype == dtype
+        assert_close(x.grad, r.grad, dtype, name)
+    return o, lse, xs
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_token_fp32(G):
+    # topk = 40 spans two 32-key tiles, the second partial; fill < 1 leaves -1 padding
+    check(2 if G == 1 else 1, 44, 2 * G, 2, 64, 40, fill=0.8)
+
+
+def test_token_bf16_gqa():
+    check(1, 40, 8, 2, 64, 36, dtype=torch.bfloat16)
+
+
+def test_token_g16_single_kv_head():
+    check(1, 24, 16, 1, 32, 12)
+
+
+def test_token_d128_distinct_dv():
+    check(1, 32, 4, 2, 128, 16, DV=64)
+
+
+def test_token_head_dim_not_power_of_two():
+    check(1, 24, 2, 1, 48, 10, DV=40)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_block_granularity(block_size):
+    # T is not a multiple of the block: the last block is partial; own block causal.
+    # 8: four blocks per 32-key tile; 32: one block per tile
+    check(1, 70 if block_size == 8 else 50, 4, 2, 64, 3 if block_size == 8 else 2, block_size=block_size, fill=1.0)
+
+
+def test_block_bf16():
+    check(1, 40, 8, 2, 64, 3, block_size=16, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("block_size", [1, 8])
+def test_varlen(block_size):
+    # three packed sequences; positions in indices are relative to each sequence's start
+    check(1, 50, 4, 2, 64, 10 if block_size == 1 else 3, block_size=block_size, seqlens=[17, 9, 24], seed=3)
+
+
+def test_lse_gradient():
+    check(1, 32, 4, 2, 64, 12, lse_grad=True, seed=5)
+
+
+def test_empty_rows_give_zeros_and_no_nan():
+    B, T, HKV, topk = 1, 24, 2, 8
+    idx = make_indices(B, T, HKV, topk, seed=1)
+    idx[0, 5] = -1                  # every head of token 5: no key at all
+    idx[0, 9, 1] = -1               # token 9, KV head 1 only
+    o, lse, (q, k, v) = check(B, T, 4, HKV, 64, topk, indices=idx)
+    assert not torch.isnan(o).any()
+    assert torch.equal(o[0, 5].cpu(), torch.zeros_like(o[0, 5].cpu()))
+    assert torch.isneginf(lse[0, 5]).all() and torch.isneginf(lse[0, 9, 2:]).all()
+    assert (q.grad[0, 5] == 0).all() and (q.grad[0, 9, 2:] == 0).all()
+
+
+def test_all_rows_empty():
+    idx = torch.full((1, 16, 1, 4), -1, dtype=torch.int32)
+    q, k, v = (torch.randn(1, 16, h, 32, device=DEVICE, requires_grad=True) for h in (2, 1, 1))
+    with poisoned():
+        o, lse = sparse_attention(q, k, v, idx.to(DEVICE), return_lse=True)
+        o.sum().backward()
+    assert (o == 0).all() and torch.isneginf(lse).all()
+    assert all((x.grad == 0).all() for x in (q, k, v))
+
+
+def test_default_scale_and_explicit_scale_agree():
+    q, k, v = (torch.randn(1, 16, h, 32, device=DEVICE) for h in (2, 1, 1))
+    idx = make_indices(1, 16, 1, 8).to(DEVICE)
+    assert torch.equal(sparse_attention(q, k, v, idx), sparse_attention(q, k, v, idx, scale=32 ** -0.5))
+
+
+@settings(max_examples=6, deadline=None)
+@given(G=st.sampled_from([1, 2, 4]), T=st.integers(1, 24), topk=st.integers(1, 20),
+       block=st.sampled_from([1, 1, 4]), seed=st.integers(0, 2 ** 16))
+def test_property_random_shapes(G, T, topk, block, seed):
+    check(1, T, 2 * G, 2, 32, topk, block_size=block, fill=0.7, seed=seed)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _inputs(T=16, HQ=4, HKV=2, D=32, topk=4):
+    q = torch.randn(1, T, HQ, D, device=DEVICE)
+    k = torch.randn(1, T, HKV, D, device=DEVICE)
+    v = torch.randn(1, T, HKV, D, device=DEVICE)
+    return q, k, v, make_indices(1, T, HKV, topk).to(DEVICE)
+
+
+def test_error_future_index():
+    q, k, v, idx = _inputs()
+    idx[0, 3, 1, 0] = 7
+    with pytest.raises(ValueError, match=r"indices\[0, 3, 1, 0\] = 7: expected -1 or a key position in \[0, 3\]"):
+        sparse_attention(q, k, v, idx)
+
+
+def test_error_out_of_range_and_below_minus_one():
+    q, k, v, idx = _inputs()
+    idx[0, 15, 0, 2] = 16
+    with pytest.raises(ValueError, match=r"in \[0, 15\].*fix: clamp or mask"):
+        sparse_attention(q, k, v, idx)
+    idx[0, 15, 0, 2] = -2
+    with pytest.raises(ValueError, match=r"= -2: expected -1"):
+        sparse_attention(q, k, v, idx)
+
+
+def test_error_future_block():
+    q, k, v, _ = _inputs()
+    idx = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE).expand(1, 16, 2, 2).contiguous()
+    with pytest.raises(ValueError, match=r"key block \(of 8 keys\) in \[0, 0\]"):
+        sparse_attention(q, k, v, idx, block_size=8)       # token 0 may not name block 1
+
+
+def test_error_varlen_relative_positions():
+    q, k, v, _ = _inputs()
+    idx = torch.full((1, 16, 2, 1), -1, dtype=torch.int32, device=DEVICE)
+    idx[0, 10, 0, 0] = 10                                    # fine without cu_seqlens ...
+    sparse_attention(q, k, v, idx)
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"in \[0, 2\]"):    # ... token 10 is position 2 of sequence 2
+        sparse_attention(q, k, v, idx, cu_seqlens=cu)
+
+
+def test_error_duplicates():
+    q, k, v, idx = _inputs()
+    idx[0, 9, 0, :2] = 4
+    with pytest.raises(ValueError, match=r"lists 4 more than once.*fix: deduplicate"):
+        sparse_attention(q, k, v, idx)
+
+
+def test_error_indices_dtype_and_shape():
+    q, k, v, idx = _inputs()
+    with pytest.raises(TypeError, match=r"indices: expected int32 of shape \[B, T, HKV, topk\] = \[1, 16, 2, \*\], "
+                                        r"got int64 .*fix: indices.to\(torch.int32\)"):
+        sparse_attention(q, k, v, idx.long())
+    with pytest.raises(ValueError, match=r"expected int32 of shape \[B, T, HKV, topk\] = \[1, 16, 2, \*\].*got int32 \[1, 16, 1, 4\]"):
+        sparse_attention(q, k, v, idx[:, :, :1])
+    with pytest.raises(ValueError, match=r"topk >= 1"):
+        sparse_attention(q, k, v, idx[..., :0])
+
+
+def test_error_heads_and_dtypes():
+    q, k, v, idx = _inputs()
+    with pytest.raises(ValueError, match=r"HQ % HKV == 0.*got HQ = 3, HKV = 2"):
+        sparse_attention(q[:, :, :3], k, v, idx)
+    with pytest.raises(TypeError, match=r"k, v: expected q's dtype torch.float32, got k torch.bfloat16"):
+        sparse_attention(q, k.bfloat16(), v, idx)
+    with pytest.raises(TypeError, match=r"q: expected float16, bfloat16 or float32, got float64"):
+        sparse_attention(q.double(), k.double(), v.double(), idx)
+    with pytest.raises(ValueError, match=r"k, v: expected k \[B, T, HKV, D\]"):
+        sparse_attention(q, k[:, :8], v, idx)
+    with pytest.raises(ValueError, match=r"head dims: expected D and DV in 1..256"):
+        z = torch.zeros(1, 16, 2, 320, device=DEVICE)
+        sparse_attention(z, z, z, idx)
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected B == 1"):
+        sparse_attention(*(x.expand(2, *x.shape[1:]) for x in (q, k, v, idx)),
+                         cu_seqlens=torch.tensor([0, 16], dtype=torch.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_error_device_mismatch():
+    q, k, v, idx = _inputs()
+    with pytest.raises(ValueError, match=r"devices: expected q, k, v, indices on one device"):
+        sparse_attention(q, k, v, idx.cpu())
+
+
+def test_unchecked_indices_skip_invalid_entries():
+    # with check_indices=False, future entries are masked in the kernel, never read
+    q, k, v, idx = _inputs()
+    bad = idx.clone()
+    bad[0, 2, 0, 0] = 9
+    bad[0, 2, 0, 1:] = torch.tensor([0, 1, 2], dtype=torch.int32)
+    good = bad.clone()
+    good[0, 2, 0, 0] = -1
+    with poisoned():
+        o1 = sparse_attention(q, k, v, bad, check_indices=False)
+        o2 = sparse_attention(q, k, v, good)
+    assert torch.equal(o1, o2)
+    assert math.isfinite(float(o1.abs().max()))
