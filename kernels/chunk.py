@@ -1,0 +1,200 @@
+"""One chunkwise forward for every affine transition class of linear attention.
+
+Per (sequence, value head), with state S in R^{K x V}, alpha_t = exp(g_t):
+
+    delta=False:  S_t = Diag(alpha_t) S_{t-1} + k_t v_t^T
+    delta=True:   S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T
+    o_t = scale * S_t^T q_t
+
+gate "none" (alpha = 1), "scalar" (one alpha per head and step) or "diagonal" (one per key
+channel) times delta False / True gives the six classes: identity, scalar, diagonal, delta,
+scalar_delta, diagonal_delta. All six run the same kernels, specialised by the compile-time
+flags GATE and DELTA:
+
+    chunk_cumsum_kernel   gated classes      G = chunk-local cumsum of g (fp32, log2 units)
+    chunk_intra_kernel    delta or diagonal  Aqk (diagonal gate), Ai = (I + Akk)^-1 (delta)
+    chunk_wu_kernel       delta              w, u (WY factors)
+    chunk_state_kernel    all                state entering each chunk, v~ = u - w S (delta)
+    chunk_output_kernel   all                o
+
+Shapes: q, k [B, T, H, K]; v [B, T, HV, V] with HV % H == 0 (value head i reads q/k head
+i // (HV // H)); g [B, T, HV] (scalar) or [B, T, HV, K] (diagonal); beta [B, T, HV]; states
+[N, HV, K, V] fp32. With cu_seqlens (B == 1) the N sequences are packed along T.
+"""
+from __future__ import annotations
+
+import torch
+
+from .utils import empty, interpreting, next_pow2
+
+GATES = {"none": 0, "scalar": 1, "diagonal": 2}
+CHUNK_SIZES = (16, 32, 64)
+MAX_HEAD_DIM = 256
+
+# best (BV, num_warps, num_stages) per kernel and shape, found once per process on a GPU
+_TUNED: dict = {}
+
+
+def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int):
+    """Chunks of packed sequences, computed once per call.
+
+    Returns (chunk_indices [NT, 2] int32 of (sequence, chunk within sequence), chunk_offsets
+    [N + 1] int32 = first global chunk of each sequence, NT = total number of chunks).
+    """
+    cu = cu_seqlens.to(torch.int64)
+    n_chunks = (cu[1:] - cu[:-1] + chunk_size - 1) // chunk_size
+    chunk_offsets = torch.zeros(len(n_chunks) + 1, dtype=torch.int64, device=cu.device)
+    chunk_offsets[1:] = torch.cumsum(n_chunks, 0)
+    NT = int(chunk_offsets[-1])
+    i_n = torch.repeat_interleave(torch.arange(len(n_chunks), device=cu.device), n_chunks)
+    i_t = torch.arange(NT, device=cu.device) - chunk_offsets[i_n]
+    chunk_indices = torch.stack([i_n, i_t], 1).to(torch.int32).contiguous()
+    return chunk_indices, chunk_offsets.to(torch.int32), NT
+
+
+def _validate(q, k, v, g, beta, gate, delta, initial_state, cu_seqlens, chunk_size):
+    if gate not in GATES:
+        raise ValueError(f"gate: expected one of {sorted(GATES)}, got {gate!r}")
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q, k: expected equal shapes [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:2] != (B, T):
+        raise ValueError(f"v: expected [B, T, HV, V] = [{B}, {T}, HV, V], got {tuple(v.shape)}")
+    HV, V = v.shape[2], v.shape[3]
+    if HV % H != 0:
+        raise ValueError(f"v: expected value heads HV a multiple of H={H}, got HV={HV}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"q, k, v: expected one dtype among fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (1 <= K <= MAX_HEAD_DIM and 1 <= V <= MAX_HEAD_DIM):
+        raise ValueError(f"head dims: expected 1 <= K, V <= {MAX_HEAD_DIM}, got K={K}, V={V}")
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size: expected one of {CHUNK_SIZES}, got {chunk_size}")
+    if gate == "none":
+        if g is not None:
+            raise ValueError("g: given, but gate='none' ignores it; pass gate='scalar' or 'diagonal'")
+    else:
+        want = (B, T, HV) if gate == "scalar" else (B, T, HV, K)
+        if g is None or tuple(g.shape) != want:
+            got = None if g is None else tuple(g.shape)
+            raise ValueError(f"g: gate={gate!r} expects a log gate of shape {list(want)}, got {got}")
+    if delta and (beta is None or tuple(beta.shape) != (B, T, HV)):
+        got = None if beta is None else tuple(beta.shape)
+        raise ValueError(f"beta: delta=True expects shape [{B}, {T}, {HV}], got {got}")
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens: packed sequences expect B == 1, got B={B}; flatten the batch into T")
+        if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"cu_seqlens: expected a 1-D int32/int64 tensor of N + 1 >= 2 boundaries, got "
+                             f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, HV, K, V):
+        raise ValueError(f"initial_state: expected [N, HV, K, V] = [{N}, {HV}, {K}, {V}], got "
+                         f"{tuple(initial_state.shape)}")
+    return B, T, H, K, HV, V, N
+
+
+def _launch(name, kernel, configs, grid, key, args, V):
+    """Launch with the best of `configs` (timed once per key on a GPU; the first under the interpreter)."""
+    seen, candidates = set(), []
+    for c in configs:
+        BV = min(c.kwargs["BV"], max(16, next_pow2(V)))
+        if (BV, c.num_warps, c.num_stages) not in seen:
+            seen.add((BV, c.num_warps, c.num_stages))
+            candidates.append((BV, c.num_warps, c.num_stages))
+
+    def run(c):
+        BV, num_warps, num_stages = c
+        kernel[grid(BV)](**args, BV=BV, num_warps=num_warps, num_stages=num_stages)
+
+    if interpreting():
+        return run(candidates[0])
+    key = (name,) + key
+    if key not in _TUNED:
+        from triton.testing import do_bench
+        times = [do_bench(lambda c=c: run(c), warmup=5, rep=25) for c in candidates]
+        _TUNED[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
+    run(_TUNED[key])
+
+
+def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = False, scale: float = 1.0,
+              initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
+    """Chunkwise forward of an affine linear-attention recurrence (see the module docstring).
+
+    Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] fp32 or None).
+    """
+    from . import chunk_intra, chunk_state
+
+    B, T, H, K, HV, V, N = _validate(q, k, v, g, beta, gate, delta, initial_state, cu_seqlens, chunk_size)
+    GATE, DELTA, BT, BC = GATES[gate], bool(delta), chunk_size, 16
+    device = q.device
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if g is not None:
+        g = g.contiguous().to(torch.float32)
+    if beta is not None and DELTA:
+        beta = beta.contiguous().to(torch.float32)
+    else:
+        beta = None
+    h0 = None if initial_state is None else initial_state.contiguous().to(torch.float32)
+    # fp32 inputs: exact fp32 dots; bf16/fp16: tensor cores (fp32 tiles in tf32)
+    DOT_PREC = "ieee" if q.dtype == torch.float32 else "tf32"
+    if interpreting() and q.dtype == torch.bfloat16:
+        DOT_PREC = "upcast"  # see chunk_intra._dot
+    BK_STATE = max(16, next_pow2(K))
+    BK = min(64, BK_STATE)
+
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+        chunk_indices, chunk_offsets, NT = prepare_chunk_indices(cu_seqlens, BT)
+        NT_grid, NB = NT, 1           # per-chunk grids: (all chunks, HV)
+        n_chunks = NT
+    else:
+        chunk_indices = chunk_offsets = None
+        NT_grid, NB = (T + BT - 1) // BT, B
+        n_chunks = B * NT_grid
+
+    if n_chunks == 0:
+        # nothing to run: every sequence is empty and passes its initial state through
+        o = empty(v.shape, v.dtype, device)
+        ht = None
+        if output_final_state:
+            ht = empty((N, HV, K, V), torch.float32, device)
+            ht.copy_(h0 if h0 is not None else torch.zeros_like(ht))
+        return o, ht
+
+    gc = Aqk = Ai = w = u = None
+    common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T)
+    if GATE:
+        gc = empty(g.shape, torch.float32, device)
+        chunk_intra.chunk_cumsum_kernel[(NT_grid, NB * HV)](
+            g, gc, **common, HV=HV, K=K, BT=BT, BK=BK, GATE=GATE, num_warps=4)
+    if DELTA or GATE == 2:
+        Aqk = empty((B, T, HV, BT), q.dtype, device) if GATE == 2 else None
+        Ai = empty((B, T, HV, BT), q.dtype, device) if DELTA else None
+        chunk_intra.chunk_intra_kernel[(NT_grid, NB * HV)](
+            q, k, gc, beta, Aqk, Ai, **common, H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK,
+            GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC, num_warps=4)
+    if DELTA:
+        w = empty((B, T, HV, K), q.dtype, device)
+        u = empty((B, T, HV, V), q.dtype, device)
+        chunk_intra.chunk_wu_kernel[(NT_grid, NB * HV)](
+            k, v, gc, beta, Ai, w, u, **common, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK,
+            BV=min(64, max(16, next_pow2(V))), GATE=GATE, DOT_PREC=DOT_PREC, num_warps=4)
+
+    # sequential pass over chunks: states entering each chunk, v~ for delta rules
+    h = empty((n_chunks, HV, K, V), q.dtype, device)
+    v_new = empty(v.shape, v.dtype, device) if DELTA else None
+    ht = empty((N, HV, K, V), torch.float32, device) if output_final_state else None
+    shape_key = (H, HV, K, V, BT, GATE, DELTA, str(q.dtype))
+    _launch("state", chunk_state.chunk_state_kernel, chunk_state.STATE_CONFIGS,
+            lambda BV: ((V + BV - 1) // BV, N * HV), shape_key,
+            dict(k=k, v=u if DELTA else v, w=w, gc=gc, h=h, v_new=v_new, h0=h0, ht=ht,
+                 cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, T=T, H=H, HV=HV, K=K, V=V,
+                 BT=BT, BK=BK_STATE, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V)
+
+    o = empty(v.shape, v.dtype, device)
+    _launch("output", chunk_state.chunk_output_kernel, chunk_state.OUTPUT_CONFIGS,
+            lambda BV: ((V + BV - 1) // BV, NT_grid, NB * HV), shape_key,
+            dict(q=q, k=k, v=v_new if DELTA else v, gc=gc, h=h, Aqk=Aqk, o=o,
+                 cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=float(scale), T=T,
+                 H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, GATE=GATE, DOT_PREC=DOT_PREC), V)
+    return o, ht

@@ -1,0 +1,412 @@
+"""Chunk-local kernels of the chunkwise forward: gate cumsum, intra-chunk matrices, WY factors.
+
+Shape legend (one for the whole chunk family):
+    q, k   [B, T, H, K]        v, u, v_new  [B, T, HV, V]       w  [B, T, HV, K]
+    g, gc  [B, T, HV] (scalar gate) or [B, T, HV, K] (diagonal gate), fp32
+    beta   [B, T, HV] fp32     Aqk, Ai  [B, T, HV, BT]: row t holds its chunk's row
+
+Within one chunk of BT rows (G = chunk-local cumsum of the log gate, stored in log2 units):
+
+    Aqk[i, j] = sum_c q_ic k_jc 2^(G_ic - G_jc)                 i >= j   (diagonal gate only)
+    Akk[i, j] = beta_i sum_c k_ic k_jc 2^(G_ic - G_jc)          i >  j   (delta rules)
+    Ai        = (I + Akk)^-1
+    w         = Ai Diag(beta) (k * 2^G)        u = Ai Diag(beta) v
+
+How it is parallelized: every kernel here runs one program per (chunk, batch x value head);
+programs never talk to each other. The chunk is cut into NC = BT / BC sub-chunks of BC = 16
+rows. A per-channel gate may never form 2^(-G) over more than one sub-chunk, so an
+off-diagonal sub-block (i > j) scales both factors by the gate relative to the first row n of
+query sub-chunk i: (q_i 2^(G_i - G_n)) (k_j 2^(G_n - G_j))^T, both exponents <= 0. A diagonal
+sub-block is anchored at its middle row when the gate's span over the sub-chunk is small enough
+for fp32 (every exponent <= SPAN_LOG2), and is otherwise summed element-wise in fp32, one
+column per step. The triangular inverse is forward substitution on the 16 x 16 diagonal
+blocks, merged to 32 / 64 with matmuls (A21^-1 = -A22^-1 A21 A11^-1).
+
+Flags: GATE (0 none, 1 scalar, 2 diagonal), DELTA, IS_VARLEN (from cu_seqlens).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# gates are kept in log2 units so that every exponential is one exp2
+RCP_LN2 = tl.constexpr(1.4426950408889634)
+# a diagonal sub-block is anchored at its middle row when the gate spans at most this much
+# (log2 units): factors stay within 2^(+-96), products within fp32 range
+SPAN_LOG2 = tl.constexpr(96.0)
+
+
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation. DOT_PREC "upcast" multiplies in fp32: the host picks it
+    under the CPU interpreter for bf16, whose dot misreads bf16 operands (bf16 products are
+    exact in fp32, so the result matches a bf16 tensor-core dot)."""
+    if DOT_PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _exp2_masked(x, m):
+    """2^x where m holds, 0 elsewhere, without ever evaluating 2^x on a masked (maybe huge) x."""
+    return tl.exp2(tl.where(m, x, float("-inf")))
+
+
+@triton.jit
+def _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(chunk index within its sequence, first row of the sequence, sequence length)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    return i_t, bos, T
+
+
+# ----------------------------------------------------------------------------------------------
+# gate cumsum
+# ----------------------------------------------------------------------------------------------
+
+@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
+@triton.jit(do_not_specialize=["T"])
+def chunk_cumsum_kernel(
+    g, gc, cu_seqlens, chunk_indices, T,
+    HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """gc = chunk-local inclusive cumsum of g, times 1/ln2 (fp32). Grid (NT, B * HV)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_t, bos, T = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    if GATE == 1:
+        p_g = g + (bos + o_t) * HV + i_hv
+        # [BT]
+        b_g = tl.load(p_g, mask=m_t, other=0.).to(tl.float32) * RCP_LN2
+        tl.store(gc + (bos + o_t) * HV + i_hv, tl.cumsum(b_g, axis=0), mask=m_t)
+    else:
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m = m_t[:, None] & (o_k < K)[None, :]
+            p_g = g + ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :]
+            # [BT, BK]
+            b_g = tl.load(p_g, mask=m, other=0.).to(tl.float32) * RCP_LN2
+            p_gc = gc + ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :]
+            tl.store(p_gc, tl.cumsum(b_g, axis=0), mask=m)
+
+
+# ----------------------------------------------------------------------------------------------
+# intra-chunk sub-blocks (shared by every class that needs them)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _offdiag_block(
+    q, k, gc, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s_qk, s_g,
+    K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, NEED_QK: tl.constexpr, NEED_KK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Sub-block (i_i, i_j), i_i > i_j: rows of sub-chunk i_i against rows of sub-chunk i_j.
+
+    q, k, gc point at row 0 / head of the sequence; s_qk, s_g are their row strides.
+    Returns ([BC, BC] q k^T part, [BC, BC] k k^T part), gated, fp32, beta not applied.
+    """
+    o_c = tl.arange(0, BC)
+    o_r = t0 + i_i * BC + o_c
+    o_s = t0 + i_j * BC + o_c
+    m_r = o_r < T
+    m_s = o_s < T
+    # anchor: first row of the query sub-chunk (clamped into the sequence for a ragged last chunk)
+    o_n = tl.minimum(t0 + i_i * BC, T - 1)
+    b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Akk = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        # [BC, BK]
+        b_ks = tl.load(k + o_s[:, None] * s_qk + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        b_kr = tl.load(k + o_r[:, None] * s_qk + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        if NEED_QK:
+            b_qr = tl.load(q + o_r[:, None] * s_qk + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        if GATE == 2:
+            # [BK]
+            b_gn = tl.load(gc + o_n * s_g + o_k, mask=m_k, other=0.)
+            # [BC, BK]
+            b_gr = tl.load(gc + o_r[:, None] * s_g + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.)
+            b_gs = tl.load(gc + o_s[:, None] * s_g + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.)
+            b_fr = _exp2_masked(b_gr - b_gn[None, :], m_r[:, None])       # rows after the anchor: <= 1
+            b_ks = b_ks * _exp2_masked(b_gn[None, :] - b_gs, m_s[:, None])  # rows before it: <= 1
+            b_kr = b_kr * b_fr
+            if NEED_QK:
+                b_qr = b_qr * b_fr
+        if NEED_KK:
+            b_Akk += _dot(b_kr, tl.trans(b_ks), DOT_PREC)
+        if NEED_QK:
+            b_Aqk += _dot(b_qr, tl.trans(b_ks), DOT_PREC)
+    if GATE == 1:
+        # scalar gate: 2^(G_r - G_s) <= 1 for every r > s, no anchor needed
+        b_gr = tl.load(gc + o_r * s_g, mask=m_r, other=0.)
+        b_gs = tl.load(gc + o_s * s_g, mask=m_s, other=0.)
+        b_f = _exp2_masked(b_gr[:, None] - b_gs[None, :], m_r[:, None] & m_s[None, :])
+        b_Akk *= b_f
+        b_Aqk *= b_f
+    return b_Aqk, b_Akk
+
+
+@triton.jit
+def _diag_block(
+    q, k, gc, t0, T, i_i: tl.constexpr, s_qk, s_g,
+    K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    GATE: tl.constexpr, NEED_QK: tl.constexpr, NEED_KK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Diagonal sub-block i_i: q k^T masked to i >= j, k k^T masked to i > j (fp32, no beta)."""
+    o_c = tl.arange(0, BC)
+    o_r = t0 + i_i * BC + o_c
+    m_r = o_r < T
+    m_qk = (o_c[:, None] >= o_c[None, :]) & m_r[:, None]
+    m_kk = (o_c[:, None] > o_c[None, :]) & m_r[:, None]
+    b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Akk = tl.zeros([BC, BC], dtype=tl.float32)
+    if GATE == 2:
+        # rows spanned by this sub-chunk, clamped into the sequence
+        o_first = tl.minimum(t0 + i_i * BC, T - 1)
+        o_mid = tl.minimum(t0 + i_i * BC + BC // 2, T - 1)
+        o_last = tl.minimum(t0 + i_i * BC + BC - 1, T - 1)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_rk = m_r[:, None] & m_k[None, :]
+        # [BC, BK]
+        b_k = tl.load(k + o_r[:, None] * s_qk + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)
+        if NEED_QK:
+            b_q = tl.load(q + o_r[:, None] * s_qk + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)
+        if GATE == 2:
+            b_g = tl.load(gc + o_r[:, None] * s_g + o_k[None, :], mask=m_rk, other=0.)
+            # largest |G_first - G_last| over the channels of this block (G is non-increasing)
+            b_g0 = tl.load(gc + o_first * s_g + o_k, mask=m_k, other=0.)
+            b_g1 = tl.load(gc + o_last * s_g + o_k, mask=m_k, other=0.)
+            b_span = tl.max(b_g0 - b_g1, axis=0)
+            if b_span <= SPAN_LOG2:
+                # anchored at the middle row: every factor stays within 2^(+-SPAN_LOG2)
+                b_gm = tl.load(gc + o_mid * s_g + o_k, mask=m_k, other=0.)
+                b_kc = b_k * _exp2_masked(b_gm[None, :] - b_g, m_r[:, None])
+                b_fr = _exp2_masked(b_g - b_gm[None, :], m_r[:, None])
+                if NEED_KK:
+                    b_Akk += tl.where(m_kk, _dot(b_k * b_fr, tl.trans(b_kc), DOT_PREC), 0.)
+                if NEED_QK:
+                    b_Aqk += tl.where(m_qk, _dot(b_q * b_fr, tl.trans(b_kc), DOT_PREC), 0.)
+            else:
+                # element-wise in fp32: column j is sum_c x_ic k_jc 2^(G_ic - G_jc), rows i >= j only
+                for j in range(0, BC):
+                    # a column past the sequence end only feeds rows past it, which are masked
+                    o_j = tl.minimum(t0 + i_i * BC + j, T - 1)
+                    # [BK]
+                    b_kj = tl.load(k + o_j * s_qk + o_k, mask=m_k, other=0.).to(tl.float32)
+                    b_gj = tl.load(gc + o_j * s_g + o_k, mask=m_k, other=0.)
+                    # [BC, BK]
+                    b_kjg = b_kj[None, :] * _exp2_masked(b_g - b_gj[None, :], (o_c >= j)[:, None] & m_rk)
+                    m_col = o_c[None, :] == j
+                    if NEED_KK:
+                        b_Akk += tl.where(m_col & m_kk, tl.sum(b_k * b_kjg, axis=1)[:, None], 0.)
+                    if NEED_QK:
+                        b_Aqk += tl.where(m_col & m_qk, tl.sum(b_q * b_kjg, axis=1)[:, None], 0.)
+        else:
+            if NEED_KK:
+                b_Akk += _dot(b_k, tl.trans(b_k), DOT_PREC)
+            if NEED_QK:
+                b_Aqk += _dot(b_q, tl.trans(b_k), DOT_PREC)
+    if GATE == 1:
+        b_gr = tl.load(gc + o_r * s_g, mask=m_r, other=0.)
+        b_Akk *= _exp2_masked(b_gr[:, None] - b_gr[None, :], m_kk)
+        b_Aqk *= _exp2_masked(b_gr[:, None] - b_gr[None, :], m_qk)
+    b_Akk = tl.where(m_kk, b_Akk, 0.)
+    b_Aqk = tl.where(m_qk, b_Aqk, 0.)
+    return b_Aqk, b_Akk
+
+
+@triton.jit
+def _inv_unit_lower(b_A, BC: tl.constexpr):
+    """(I + A)^-1 for a strictly lower-triangular [BC, BC] A, by forward substitution (fp32)."""
+    o_c = tl.arange(0, BC)
+    b_X = (o_c[:, None] == o_c[None, :]).to(tl.float32)
+    for r in range(1, BC):
+        # row r of the inverse: e_r - A[r, :r] X[:r, :]  (rows < r of X are final)
+        b_a = tl.sum(tl.where(o_c[:, None] == r, b_A, 0.), axis=0)
+        b_x = tl.sum(b_a[:, None] * b_X, axis=0)
+        b_X = tl.where(o_c[:, None] == r, b_X - b_x[None, :], b_X)
+    return b_X
+
+
+@triton.jit
+def _store_block(p, b, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s_A, BC: tl.constexpr):
+    """Store a [BC, BC] sub-block (i_i, i_j) of a chunk's [BT, BT] matrix (rows inside the sequence)."""
+    o_c = tl.arange(0, BC)
+    o_r = t0 + i_i * BC + o_c
+    tl.store(p + o_r[:, None] * s_A + (i_j * BC + o_c)[None, :], b.to(p.dtype.element_ty), mask=(o_r < T)[:, None])
+
+
+@triton.jit
+def _beta_rows(beta, t0, T, i_i: tl.constexpr, HV: tl.constexpr, BC: tl.constexpr):
+    o_r = t0 + i_i * BC + tl.arange(0, BC)
+    return tl.load(beta + o_r * HV, mask=o_r < T, other=0.).to(tl.float32)
+
+
+@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
+@triton.jit(do_not_specialize=["T"])
+def chunk_intra_kernel(
+    q, k, gc, beta, Aqk, Ai, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    BK: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Aqk (diagonal gate) and Ai = (I + Akk)^-1 (delta rules) of one chunk. Grid (NT, B * HV)."""
+    tl.static_assert(BT == BC or BT == 2 * BC or BT == 4 * BC)
+    NC: tl.constexpr = BT // BC
+    NEED_QK: tl.constexpr = GATE == 2
+    NEED_KK: tl.constexpr = DELTA
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    i_t, bos, T = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
+    t0 = i_t * BT
+
+    # move every pointer to row 0 of this sequence and this head
+    q += bos * H * K + i_h * K
+    k += bos * H * K + i_h * K
+    s_qk = H * K
+    if GATE == 1:
+        gc += bos * HV + i_hv
+        s_g = HV
+    elif GATE == 2:
+        gc += (bos * HV + i_hv) * K
+        s_g = HV * K
+    else:
+        s_g = 0
+    if NEED_QK:
+        Aqk += (bos * HV + i_hv) * BT
+    if DELTA:
+        beta += bos * HV + i_hv
+        Ai += (bos * HV + i_hv) * BT
+    s_A = HV * BT
+
+    # --- sub-blocks of the chunk (q k^T stored at once, k k^T kept for the solve) ---
+    b_qk00, b_kk00 = _diag_block(q, k, gc, t0, T, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+    if NEED_QK:
+        _store_block(Aqk, b_qk00, t0, T, 0, 0, s_A, BC)
+    if NC > 1:
+        b_qk10, b_kk10 = _offdiag_block(q, k, gc, t0, T, 1, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        b_qk11, b_kk11 = _diag_block(q, k, gc, t0, T, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        if NEED_QK:
+            _store_block(Aqk, b_qk10, t0, T, 1, 0, s_A, BC)
+            _store_block(Aqk, b_qk11, t0, T, 1, 1, s_A, BC)
+    if NC > 2:
+        b_qk20, b_kk20 = _offdiag_block(q, k, gc, t0, T, 2, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        b_qk21, b_kk21 = _offdiag_block(q, k, gc, t0, T, 2, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        b_qk22, b_kk22 = _diag_block(q, k, gc, t0, T, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        b_qk30, b_kk30 = _offdiag_block(q, k, gc, t0, T, 3, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        b_qk31, b_kk31 = _offdiag_block(q, k, gc, t0, T, 3, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        b_qk32, b_kk32 = _offdiag_block(q, k, gc, t0, T, 3, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        b_qk33, b_kk33 = _diag_block(q, k, gc, t0, T, 3, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        if NEED_QK:
+            _store_block(Aqk, b_qk20, t0, T, 2, 0, s_A, BC)
+            _store_block(Aqk, b_qk21, t0, T, 2, 1, s_A, BC)
+            _store_block(Aqk, b_qk22, t0, T, 2, 2, s_A, BC)
+            _store_block(Aqk, b_qk30, t0, T, 3, 0, s_A, BC)
+            _store_block(Aqk, b_qk31, t0, T, 3, 1, s_A, BC)
+            _store_block(Aqk, b_qk32, t0, T, 3, 2, s_A, BC)
+            _store_block(Aqk, b_qk33, t0, T, 3, 3, s_A, BC)
+
+    if DELTA:
+        # --- Ai = (I + Diag(beta) Akk)^-1, blockwise: invert diagonal blocks, merge with matmuls ---
+        b_b0 = _beta_rows(beta, t0, T, 0, HV, BC)
+        b_i00 = _inv_unit_lower(b_kk00 * b_b0[:, None], BC)
+        _store_block(Ai, b_i00, t0, T, 0, 0, s_A, BC)
+        if NC > 1:
+            b_b1 = _beta_rows(beta, t0, T, 1, HV, BC)
+            b_a10 = b_kk10 * b_b1[:, None]
+            b_i11 = _inv_unit_lower(b_kk11 * b_b1[:, None], BC)
+            b_i10 = -tl.dot(tl.dot(b_i11, b_a10, input_precision="ieee"), b_i00, input_precision="ieee")
+            _store_block(Ai, b_i10, t0, T, 1, 0, s_A, BC)
+            _store_block(Ai, b_i11, t0, T, 1, 1, s_A, BC)
+        if NC > 2:
+            b_b2 = _beta_rows(beta, t0, T, 2, HV, BC)
+            b_b3 = _beta_rows(beta, t0, T, 3, HV, BC)
+            b_a20 = b_kk20 * b_b2[:, None]
+            b_a21 = b_kk21 * b_b2[:, None]
+            b_a30 = b_kk30 * b_b3[:, None]
+            b_a31 = b_kk31 * b_b3[:, None]
+            b_a32 = b_kk32 * b_b3[:, None]
+            b_i22 = _inv_unit_lower(b_kk22 * b_b2[:, None], BC)
+            b_i33 = _inv_unit_lower(b_kk33 * b_b3[:, None], BC)
+            # first sub-diagonal, then the blocks below it, each from the finished blocks above
+            b_i21 = -tl.dot(tl.dot(b_i22, b_a21, input_precision="ieee"), b_i11, input_precision="ieee")
+            b_i32 = -tl.dot(tl.dot(b_i33, b_a32, input_precision="ieee"), b_i22, input_precision="ieee")
+            b_s20 = tl.dot(b_a20, b_i00, input_precision="ieee") + tl.dot(b_a21, b_i10, input_precision="ieee")
+            b_i20 = -tl.dot(b_i22, b_s20, input_precision="ieee")
+            b_s31 = tl.dot(b_a31, b_i11, input_precision="ieee") + tl.dot(b_a32, b_i21, input_precision="ieee")
+            b_i31 = -tl.dot(b_i33, b_s31, input_precision="ieee")
+            b_s30 = (tl.dot(b_a30, b_i00, input_precision="ieee") + tl.dot(b_a31, b_i10, input_precision="ieee")
+                     + tl.dot(b_a32, b_i20, input_precision="ieee"))
+            b_i30 = -tl.dot(b_i33, b_s30, input_precision="ieee")
+            _store_block(Ai, b_i20, t0, T, 2, 0, s_A, BC)
+            _store_block(Ai, b_i21, t0, T, 2, 1, s_A, BC)
+            _store_block(Ai, b_i22, t0, T, 2, 2, s_A, BC)
+            _store_block(Ai, b_i30, t0, T, 3, 0, s_A, BC)
+            _store_block(Ai, b_i31, t0, T, 3, 1, s_A, BC)
+            _store_block(Ai, b_i32, t0, T, 3, 2, s_A, BC)
+            _store_block(Ai, b_i33, t0, T, 3, 3, s_A, BC)
+
+
+# ----------------------------------------------------------------------------------------------
+# WY factors w, u (delta rules)
+# ----------------------------------------------------------------------------------------------
+
+@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
+@triton.jit(do_not_specialize=["T"])
+def chunk_wu_kernel(
+    k, v, gc, beta, Ai, w, u, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """w = Ai Diag(beta) (k * 2^G), u = Ai Diag(beta) v for one chunk. Grid (NT, B * HV)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    i_t, bos, T = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    o_t = i_t * BT + o_i
+    m_t = o_t < T
+
+    # [BT, BT] lower-triangular Ai; the upper triangle is never written, so mask it on load
+    p_A = Ai + ((bos + o_t) * HV + i_hv)[:, None] * BT + o_i[None, :]
+    b_A = tl.load(p_A, mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
+    # [BT]
+    b_b = tl.load(beta + (bos + o_t) * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
+    if GATE == 1:
+        b_g = tl.load(gc + (bos + o_t) * HV + i_hv, mask=m_t, other=0.)
+        b_b = b_b * tl.exp2(b_g)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        # [BT, BK]
+        b_k = tl.load(k + ((bos + o_t) * H + i_h)[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        if GATE == 2:
+            b_g = tl.load(gc + ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :], mask=m, other=0.)
+            b_k = b_k * tl.exp2(b_g)
+        b_k = (b_k * b_b[:, None]).to(b_A.dtype)
+        b_w = _dot(b_A, b_k, DOT_PREC)
+        tl.store(w + ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
+    b_b = tl.load(beta + (bos + o_t) * HV + i_hv, mask=m_t, other=0.).to(tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        p_v = ((bos + o_t) * HV + i_hv)[:, None] * V + o_v[None, :]
+        # [BT, BV]
+        b_v = (tl.load(v + p_v, mask=m, other=0.).to(tl.float32) * b_b[:, None]).to(b_A.dtype)
+        b_u = _dot(b_A, b_v, DOT_PREC)
+        tl.store(u + p_v, b_u.to(u.dtype.element_ty), mask=m)
