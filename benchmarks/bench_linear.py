@@ -1,0 +1,189 @@
+"""Generated chunk kernels vs flash-linear-attention and SDPA on one GPU, one run.
+
+    python benchmarks/bench_linear.py [--quick]
+
+1. correctness at the benchmark shape: chunk form vs our recurrent form (fp32
+   inputs, full shape) and vs the float32 reference on a slice;
+2. first call (codegen + compile + tuning) with an empty cache;
+3. forward timings (triton.testing.do_bench medians) of ours, fla (when it
+   imports) and SDPA causal, with ratios, achieved TB/s and TFLOP/s;
+4. the decode step (T = 1, state updated in place) at B = 16.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import unifattn as ua
+from unifattn import codegen
+from unifattn.dsl import check
+
+COPY_TBS, MATMUL_TFLOPS = 4.22, 708.0        # ceilings measured on the H200 (BENCHMARKS.md)
+RULES = ["linear_attention", "simple_gla", "gla", "deltanet", "gated_deltanet", "kda"]
+
+
+def inputs(name, B, T, H, K, V, dtype, device, seed=0):
+    torch.manual_seed(seed)
+    q = torch.randn(B, T, H, K, device=device, dtype=dtype)
+    k = torch.randn(B, T, H, K, device=device, dtype=dtype)
+    v = torch.randn(B, T, H, V, device=device, dtype=dtype)
+    extra = {}
+    if "delta" in name or name == "kda":
+        k = F.normalize(k.float(), dim=-1).to(dtype)
+        extra["beta"] = torch.sigmoid(torch.randn(B, T, H, device=device))
+    if name in ("simple_gla", "gated_deltanet"):
+        extra["g"] = F.logsigmoid(torch.randn(B, T, H, device=device)) / 8
+    if name in ("gla", "kda"):
+        extra["g"] = F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 8
+    return q, k, v, extra
+
+
+def fla_fn(name):
+    try:
+        if name == "linear_attention":
+            from fla.ops.linear_attn import chunk_linear_attn
+            return lambda q, k, v, e: chunk_linear_attn(q, k, v, normalize=False)
+        if name == "simple_gla":
+            from fla.ops.simple_gla import chunk_simple_gla
+            return lambda q, k, v, e: chunk_simple_gla(q, k, v, g=e["g"])
+        if name == "gla":
+            from fla.ops.gla import chunk_gla
+            return lambda q, k, v, e: chunk_gla(q, k, v, g=e["g"])
+        if name == "deltanet":
+            from fla.ops.delta_rule import chunk_delta_rule
+            return lambda q, k, v, e: chunk_delta_rule(q, k, v, beta=e["beta"])
+        if name == "gated_deltanet":
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+            return lambda q, k, v, e: chunk_gated_delta_rule(q, k, v, g=e["g"], beta=e["beta"])
+        if name == "kda":
+            from fla.ops.kda import chunk_kda
+            return lambda q, k, v, e: chunk_kda(q, k, v, g=e["g"], beta=e["beta"])
+    except Exception as exc:  # noqa: BLE001 - fla is optional
+        return f"{type(exc).__name__}: {exc}"[:80]
+    return None
+
+
+def bench(fn):
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def flops(name, B, T, H, K, V, C=64):
+    """Matmul flops of the chunk algorithm (intra QK^T and AV, state in/out; delta: KK^T, solve, W/U)."""
+    f = 2 * B * T * H * (C * K + C * V + 2 * K * V)
+    if "delta" in name or name == "kda":
+        f += 2 * B * T * H * (C * K + C * C + C * (K + V) + K * V)
+    return f
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    dev = "cuda"
+    B, T, H, K, V = (2, 1024, 8, 128, 128) if a.quick else (8, 4096, 16, 128, 128)
+    dtype = torch.bfloat16
+    rows, checks = [], []
+    os.environ["UNIFATTN_CACHE_DIR"] = tempfile.mkdtemp()
+
+    for name in RULES:
+        r = ua.rules.BUILTIN[name]
+        # first call: codegen + compile (+ tuning) from an empty cache
+        q, k, v, e = inputs(name, 1, 256, 2, K, V, dtype, dev)
+        t0 = time.perf_counter()
+        ua.ops.linear_attention(r, q, k, v, form="chunk", **e)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+
+        # correctness: slice vs the float32 reference, full shape (fp32) chunk vs recurrent
+        q, k, v, e = inputs(name, 1, 512, 2, K, V, torch.float32, dev, seed=1)
+        o_ref, S_ref = ua.ops.linear_attention(r, q, k, v, form="reference", output_final_state=True, **e)
+        o_c, S_c = ua.ops.linear_attention(r, q, k, v, form="chunk", output_final_state=True, **e)
+        err_ref = max(((o_c - o_ref).abs().max() / o_ref.abs().max()).item(),
+                      ((S_c - S_ref).abs().max() / S_ref.abs().max()).item())
+        q, k, v, e = inputs(name, B, T, H, K, V, torch.float32, dev, seed=2)
+        o_c, S_c = ua.ops.linear_attention(r, q, k, v, form="chunk", output_final_state=True, **e)
+        o_r, S_r = ua.ops.linear_attention(r, q, k, v, form="recurrent", output_final_state=True, **e)
+        err_full = max(((o_c - o_r).abs().max() / o_r.abs().max()).item(),
+                       ((S_c - S_r).abs().max() / S_r.abs().max()).item())
+        bf_q, bf_k, bf_v, bf_e = inputs(name, B, T, H, K, V, dtype, dev, seed=2)
+        o_b, _ = ua.ops.linear_attention(r, bf_q, bf_k, bf_v, form="chunk", **bf_e)
+        err_bf = ((o_b.float() - o_r).abs().max() / o_r.abs().max()).item()
+        checks.append((name, err_ref, err_full, err_bf, first))
+        del q, k, v, e, o_c, o_r, S_c, S_r, o_b
+
+        # timing, bf16
+        q, k, v, e = bf_q, bf_k, bf_v, bf_e
+        mod = codegen.module(r, "chunk")
+        x = {"q": q, "k": k, "v": v, **e}
+        heads = {s.name: x[s.name].shape[2] for s in r.inputs if s.kind == "token"}
+        t_op = bench(lambda: ua.ops.linear_attention(r, q, k, v, form="chunk", **e))
+        t_core = bench(lambda: mod.forward(x, heads, B, T, H, H, K, V, K ** -0.5, None, False, None))
+        f = fla_fn(name)
+        t_fla = None
+        if callable(f):
+            try:
+                t_fla = bench(lambda: f(q, k, v, e))
+            except Exception as exc:  # noqa: BLE001
+                t_fla = f"{type(exc).__name__}: {str(exc)[:60]}"
+        else:
+            t_fla = f
+        nbytes = (3 * B * T * H * K + B * T * H * V) * 2 + sum(t.numel() * 4 for t in e.values())
+        rows.append((name, t_op, t_core, t_fla, nbytes / t_core / 1e9, flops(name, B, T, H, K, V) / t_core / 1e9))
+        del q, k, v, e, x
+        torch.cuda.empty_cache()
+
+    qs = torch.randn(B, H, T, K, device=dev, dtype=dtype)
+    t_sdpa = bench(lambda: F.scaled_dot_product_attention(qs, qs, qs, is_causal=True))
+    del qs
+
+    # decode: one token, B=16, state updated in place
+    Bd = 16
+    dec = []
+    for name in ("gated_deltanet", "kda"):
+        r = ua.rules.BUILTIN[name]
+        q, k, v, e = inputs(name, Bd, 1, H, K, V, dtype, dev)
+        S = torch.zeros(Bd, H, K, V, device=dev)
+        from unifattn.compiled import run
+        from unifattn.validate import Dims
+        d = Dims(Bd, 1, H, H, K, V, Bd)
+        fn = lambda: run(r, "recurrent", q, k, v, e, d, K ** -0.5, S, True, None, inplace_state=True)  # noqa: E731
+        t = bench(fn)
+        t_f = None
+        try:
+            from fla.ops.kda import fused_recurrent_kda
+            if name == "kda":
+                t_f = bench(lambda: fused_recurrent_kda(q, k, v, g=e["g"], beta=e["beta"], initial_state=S,
+                                                        output_final_state=True))
+        except Exception as exc:  # noqa: BLE001
+            t_f = f"{type(exc).__name__}"
+        dec.append((name, t, 2 * S.numel() * 4 / t / 1e9, t_f))
+
+    print(f"\nshape B={B} T={T} H={H} K={K} V={V}, bf16; ceilings {COPY_TBS} TB/s copy, {MATMUL_TFLOPS} TFLOP/s bf16")
+    print("\ncorrectness (max error relative to max |ref|): chunk vs fp32 reference on B=1 T=512 H=2, "
+          "chunk vs recurrent at full shape (fp32), bf16 chunk vs fp32 recurrent; first call s")
+    for name, e1, e2, e3, first in checks:
+        print(f"  {name:18s} {e1:9.2e} {e2:9.2e} {e3:9.2e}   first call {first:6.2f} s")
+    print(f"\n{'rule':18s} {'op ms':>8s} {'core ms':>8s} {'fla ms':>8s} {'fla/ours':>8s} {'TB/s':>6s} {'TFLOP/s':>8s}")
+    for name, t_op, t_core, t_fla, tbs, tfl in rows:
+        fla_s = f"{t_fla:8.3f}" if isinstance(t_fla, float) else "   n/a  "
+        ratio = f"{t_fla / t_core:8.2f}" if isinstance(t_fla, float) else "        "
+        print(f"{name:18s} {t_op:8.3f} {t_core:8.3f} {fla_s} {ratio} {tbs / 1e3:6.2f} {tfl:8.1f}")
+        if not isinstance(t_fla, float) and t_fla:
+            print(f"{'':18s}   fla: {t_fla}")
+    print(f"{'SDPA causal':18s} {t_sdpa:8.3f}")
+    print(f"\ndecode step B={Bd} H={H} K=V={K} (state fp32 read + written)")
+    for name, t, gbs, t_f in dec:
+        fs = f"fla fused_recurrent {t_f:.4f} ms" if isinstance(t_f, float) else f"fla: {t_f}"
+        print(f"  {name:18s} {t:.4f} ms  {gbs / 1e3:.2f} TB/s effective   {fs}")
+
+
+if __name__ == "__main__":
+    main()
