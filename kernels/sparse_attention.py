@@ -80,8 +80,8 @@ def _key_tile(p_idx, i_n, t_local, NK, BLOCK: tl.constexpr, BS: tl.constexpr):
 def sparse_attn_fwd_kernel(
     q, k, v, indices, bos, o, lse,
     scale,              # softmax scale * log2(e): scores live in base 2
-    T, NK,              # tokens per batch row; keys per list = TOPK * BLOCK
-    TOPK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+    T, NK, TOPK,        # tokens per batch row; keys per list = TOPK * BLOCK; list length
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
     BG: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -141,8 +141,8 @@ def sparse_attn_fwd_kernel(
 def sparse_attn_bwd_kernel(
     q, k, v, o, do, lse, dlse, indices, bos, dq, dk, dv,
     scale,              # softmax scale (natural); scores are formed with scale * log2(e)
-    T, NK,
-    TOPK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+    T, NK, TOPK,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
     BG: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
@@ -341,24 +341,24 @@ def _launch_args(q, k, v, indices, block_size):
     return (B, T, HQ, HKV, K, V), meta
 
 
-def _sparse_fwd(q, k, v, indices, bos, block_size, scale):
+def _sparse_fwd(q, k, v, indices, bos, block_size, scale, cfg: SparseConfig | None = None):
     (B, T, HQ, HKV, K, V), meta = _launch_args(q, k, v, indices, block_size)
     o = empty((B, T, HQ, V), q.dtype, q.device)
     lse = empty((B, T, HQ), torch.float32, q.device)
-    cfg = sparse_config("fwd", meta["BK"], meta["BV"], meta["BG"])
+    cfg = cfg or sparse_config("fwd", meta["BK"], meta["BV"], meta["BG"])
     sparse_attn_fwd_kernel[(T, B * HKV)](
         q, k, v, indices, bos, o, lse, scale * _LOG2E, **meta,
         BS=cfg.BS, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o, lse
 
 
-def _sparse_bwd(q, k, v, o, lse, do, dlse, indices, bos, block_size, scale):
+def _sparse_bwd(q, k, v, o, lse, do, dlse, indices, bos, block_size, scale, cfg: SparseConfig | None = None):
     (B, T, HQ, HKV, K, V), meta = _launch_args(q, k, v, indices, block_size)
     dq = empty(q.shape, q.dtype, q.device)
     # fp32 accumulators for the scattered key gradients; zero is their meaning
     dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    cfg = sparse_config("bwd", meta["BK"], meta["BV"], meta["BG"])
+    cfg = cfg or sparse_config("bwd", meta["BK"], meta["BV"], meta["BG"])
     sparse_attn_bwd_kernel[(T, B * HKV)](
         q, k, v, o, do, lse, dlse, indices, bos, dq, dk32, dv32, scale, **meta,
         BS=cfg.BS, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

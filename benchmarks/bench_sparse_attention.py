@@ -1,0 +1,231 @@
+"""Sparse top-k attention against dense SDPA (and fla's parallel_nsa when it imports).
+
+Shape (BENCHMARKS.md, sparse): B=1, T=32768, HQ=64, HKV=4, D=128, bf16.
+Cases: token top-k 2048 and 1024 (random causal sets that include the query's own
+token), block top-k 16 x 64 keys (random causal blocks incl. the query's own block).
+
+First a correctness check at T=2048 against a float32 dense masked reference
+(forward and all three gradients, every case), then one table: forward and
+forward+backward medians (triton.testing.do_bench), speedups over SDPA, and
+for our kernel the achieved TFLOP/s and the gather traffic in TB/s: each
+(query, KV head, key) triple moves one K row and one V row into an SM
+(2 * D * 2 bytes), forward and again in backward, which also scatters fp32
+dk, dv rows with atomics.
+
+    python benchmarks/bench_sparse_attention.py            # check + table
+    python benchmarks/bench_sparse_attention.py --sweep    # also time every launch config
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from unifattn.kernels.sparse_attention import (SparseConfig, _sparse_bwd, _sparse_fwd, check_sparse_indices,
+                                               sparse_attention)
+from unifattn.testing.tolerance import assert_close
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def random_indices(B, T, H, topk, *, block_size=1, chunk=1024, seed=0, device="cuda"):
+    """int32 [B, T, H, topk]: topk distinct random causal keys (or key blocks) per (token, head),
+    always including the query's own token (own block); -1 pads rows with fewer candidates."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = torch.full((B, T, H, topk), -1, dtype=torch.int32, device=device)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        n = (t1 - 1) // block_size + 1                               # candidates for the tile's last query
+        t = torch.arange(t0, t1, device=device)[None, :, None, None]
+        own = t // block_size
+        c = torch.arange(n, device=device)
+        score = torch.rand(B, t1 - t0, H, n, generator=g, device=device)
+        score = torch.where(c > own, -1., torch.where(c == own, 2., score))
+        kk = min(topk, n)
+        val, idx = score.topk(kk, dim=-1)
+        out[:, t0:t1, :, :kk] = torch.where(val < 0, -1, idx).to(torch.int32)
+    return out
+
+
+def dense_mask(indices, T, block_size):
+    """bool [B, H, T, T] of the selected keys (reference only)."""
+    B, _, H, topk = indices.shape
+    idx = indices.long()
+    if block_size > 1:
+        idx = (idx[..., None] * block_size + torch.arange(block_size, device=idx.device)).flatten(-2)
+        idx = torch.where(indices.long().repeat_interleave(block_size, -1) < 0, -1, idx)
+    t = torch.arange(T, device=idx.device)[None, :, None, None]
+    idx = torch.where((idx < 0) | (idx > t), T, idx)
+    m = torch.zeros(B, T, H, T + 1, dtype=torch.bool, device=idx.device)
+    m.scatter_(-1, idx, True)
+    return m[..., :T].permute(0, 2, 1, 3)
+
+
+def reference(q, k, v, mask):
+    """float32 dense masked attention, [B, T, H, D] layout."""
+    G = q.shape[2] // k.shape[2]
+    s = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(G, 2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~mask.repeat_interleave(G, 1), float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.)
+    return torch.einsum("bhts,bshd->bthd", p, v.repeat_interleave(G, 2))
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def bench(fn):
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def fwd_bwd(fn, inputs, do):
+    def run():
+        o = fn()
+        torch.autograd.grad(o, inputs, do)
+    return run
+
+
+def correctness(args, dev):
+    T, HQ, HKV, D = 2048, args.HQ, args.HKV, args.D
+    torch.manual_seed(0)
+    q = torch.randn(1, T, HQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, T, HKV, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, T, HKV, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(1, T, HQ, D, device=dev, dtype=torch.bfloat16)
+    ok = True
+    for name, topk, bs in cases(args):
+        idx = random_indices(1, T, HKV, topk, block_size=bs, device=dev)
+        ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        o_ref = reference(*ref_in, dense_mask(idx, T, bs))
+        g_ref = torch.autograd.grad(o_ref, ref_in, do.float())
+        o = sparse_attention(q, k, v, idx, block_size=bs if bs > 1 else None)
+        g = torch.autograd.grad(o, (q, k, v), do)
+        for what, a, r in zip(("o", "dq", "dk", "dv"), (o, *g), (o_ref, *g_ref)):
+            rel = float((a.float() - r).norm() / r.norm())
+            try:
+                assert_close(a, r, torch.bfloat16, f"{name} {what}")
+                status = "ok"
+            except AssertionError as e:
+                status, ok = f"FAIL: {e}", False
+            print(f"  check T={T} {name:>14} {what:>2}: rel L2 error {rel:.2e}  {status}")
+    return ok
+
+
+def cases(args):
+    return [(f"token top-{n}", n, 1) for n in args.topk] + \
+           [(f"block {args.blocks}x{args.block_size}", args.blocks, args.block_size)]
+
+
+def sweep(q, k, v, do, idx, bs, scale):
+    """Time every launch configuration of both passes on one case (checked against the default)."""
+    o0, lse0 = _sparse_fwd(q, k, v, idx, None, bs, scale)
+    print("\nconfig sweep (BS, num_warps, num_stages): ms")
+    for BS, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3, 4)):
+        cfg = SparseConfig(BS, w, s)
+        try:
+            o, _ = _sparse_fwd(q, k, v, idx, None, bs, scale, cfg)
+            err = float((o.float() - o0.float()).abs().max())
+            ms = bench(lambda: _sparse_fwd(q, k, v, idx, None, bs, scale, cfg))
+            print(f"  fwd {cfg}: {ms:8.3f}   max |o - o_default| {err:.1e}")
+        except Exception as e:   # noqa: BLE001 - report and go on
+            print(f"  fwd {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
+    ref = _sparse_bwd(q, k, v, o0, lse0, do, None, idx, None, bs, scale)
+    for BS, w, s in itertools.product((16, 32, 64), (4, 8), (1, 2, 3)):
+        cfg = SparseConfig(BS, w, s)
+        try:
+            g = _sparse_bwd(q, k, v, o0, lse0, do, None, idx, None, bs, scale, cfg)
+            err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(g, ref))
+            ms = bench(lambda: _sparse_bwd(q, k, v, o0, lse0, do, None, idx, None, bs, scale, cfg))
+            print(f"  bwd {cfg}: {ms:8.3f}   max |g - g_default| {err:.1e}")
+        except Exception as e:   # noqa: BLE001
+            print(f"  bwd {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=32768)
+    ap.add_argument("--HQ", type=int, default=64)
+    ap.add_argument("--HKV", type=int, default=4)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--topk", type=int, nargs="+", default=[2048, 1024])
+    ap.add_argument("--blocks", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--sweep", action="store_true", help="time every launch config on the first case")
+    ap.add_argument("--no-check", action="store_true", help="skip the T=2048 correctness check")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    dev = "cuda"
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+
+    if not args.no_check and not correctness(args, dev):
+        print("correctness check FAILED: timings below are of a wrong kernel")
+
+    B, T, HQ, HKV, D = 1, args.T, args.HQ, args.HKV, args.D
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(B, T, h, D, device=dev, dtype=torch.bfloat16) for h in (HQ, HKV, HKV, HQ))
+    for x in (q, k, v):
+        x.requires_grad_()
+    scale = D ** -0.5
+    rows = []
+
+    # dense anchor: SDPA causal with GQA on [B, H, T, D] views
+    qt, kt, vt, dot = (x.transpose(1, 2) for x in (q, k, v, do))
+    def sdpa():
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    sd_f, sd_fb = bench(sdpa), bench(fwd_bwd(sdpa, (q, k, v), dot))
+    rows.append(("SDPA causal GQA (dense)", sd_f, sd_fb, 4 * HQ * D * T * (T + 1) / 2, None))
+
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception as e:   # noqa: BLE001
+        parallel_nsa = None
+        print(f"fla parallel_nsa not available: {type(e).__name__}: {e}")
+
+    for i, (name, topk, bs) in enumerate(cases(args)):
+        idx = random_indices(B, T, HKV, topk, block_size=bs, device=dev)
+        nkeys = float(dense_mask_count(idx, bs))            # valid (query, KV head, key) triples
+        if args.sweep and i == 0:
+            sweep(q.detach(), k.detach(), v.detach(), do, idx, bs, scale)
+        ours = lambda: sparse_attention(q, k, v, idx, block_size=bs if bs > 1 else None, check_indices=False)  # noqa: E731
+        f, fb = bench(ours), bench(fwd_bwd(ours, (q, k, v), do))
+        rows.append((f"ours {name}", f, fb, 4 * nkeys * (HQ // HKV) * D, nkeys * 2 * D * 2))
+        if name.startswith("token"):
+            chk = bench(lambda: check_sparse_indices(idx, bs, None))
+            print(f"{name}: check_indices=True adds {chk:.2f} ms per call (sort for duplicates)")
+        if parallel_nsa is not None and bs > 1:
+            try:
+                nsa = lambda: parallel_nsa(q, k, v, block_indices=idx.long(), block_counts=topk, block_size=bs)  # noqa: E731
+                o_nsa, o_ours = nsa(), ours()
+                print(f"fla parallel_nsa vs ours, {name}: max |diff| {float((o_nsa.float() - o_ours.float()).abs().max()):.2e}")
+                rows.append((f"fla parallel_nsa {name}", bench(nsa), bench(fwd_bwd(nsa, (q, k, v), do)), None, None))
+            except Exception as e:   # noqa: BLE001
+                print(f"fla parallel_nsa failed: {type(e).__name__}: {str(e)[:300]}")
+        del idx
+
+    print(f"\nB={B} T={T} HQ={HQ} HKV={HKV} D={D} bf16; medians of do_bench; speedup = SDPA ms / ms")
+    print(f"{'kernel':<34}{'fwd ms':>9}{'fwd+bwd ms':>12}{'x fwd':>8}{'x f+b':>8}{'fwd TFLOP/s':>13}{'fwd gather TB/s':>17}")
+    for name, f, fb, flops, gbytes in rows:
+        tf = f"{flops / f / 1e9:.0f}" if flops else "-"
+        tb = f"{gbytes / f / 1e9:.2f}" if gbytes else "-"
+        print(f"{name:<34}{f:>9.2f}{fb:>12.2f}{sd_f / f:>8.2f}{sd_fb / fb:>8.2f}{tf:>13}{tb:>17}")
+
+
+def dense_mask_count(idx, bs):
+    """Number of valid (token, KV head, key) triples in the index lists."""
+    if bs == 1:
+        return int((idx >= 0).sum())
+    t = torch.arange(idx.shape[1], device=idx.device)[None, :, None, None]
+    first = idx.long() * bs
+    n = torch.clamp(t - first + 1, 0, bs)                 # keys of the block at or before t
+    return int(torch.where(idx >= 0, n, 0).sum())
+
+
+if __name__ == "__main__":
+    main()
