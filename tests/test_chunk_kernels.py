@@ -1,0 +1,225 @@
+"""chunk_fwd against a float64 token-by-token recurrence, for all six affine transition classes.
+
+Runs on the CPU through the Triton interpreter (tests/conftest.py). Every kernel call is made
+inside `poisoned()`, so an output element a kernel forgets to write is NaN and fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from unifattn.kernels.chunk import chunk_fwd
+from unifattn.kernels.utils import poisoned
+from unifattn.testing.tolerance import assert_close
+
+# (gate, delta) of the six classes
+CLASSES = {
+    "identity": ("none", False),
+    "scalar": ("scalar", False),
+    "diagonal": ("diagonal", False),
+    "delta": ("none", True),
+    "scalar_delta": ("scalar", True),
+    "diagonal_delta": ("diagonal", True),
+}
+GATED = [c for c, (gate, _) in CLASSES.items() if gate != "none"]
+
+
+def recurrence(q, k, v, g, beta, gate, delta, scale, initial_state, cu_seqlens):
+    """The definition, one token at a time in float64. Returns (o [B, T, HV, V], S [N, HV, K, V])."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    group = HV // H
+    if cu_seqlens is None:
+        spans = [(b, 0, T) for b in range(B)]
+    else:
+        bounds = [int(x) for x in cu_seqlens]
+        spans = [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
+    o = torch.zeros(B, T, HV, V, dtype=torch.float64)
+    finals = []
+    for n, (b, start, end) in enumerate(spans):
+        # [HV, K, V]
+        S = torch.zeros(HV, K, V, dtype=torch.float64)
+        if initial_state is not None:
+            S = initial_state[n].double().clone()
+        for t in range(start, end):
+            # [HV, K]: value head i reads q/k head i // group
+            kt = k[b, t].repeat_interleave(group, 0)
+            qt = q[b, t].repeat_interleave(group, 0)
+            vt = v[b, t]
+            if gate == "scalar":
+                S = S * torch.exp(g[b, t].double())[:, None, None]
+            elif gate == "diagonal":
+                S = S * torch.exp(g[b, t].double())[:, :, None]
+            if delta:
+                bt = beta[b, t].double()[:, None, None]
+                kS = torch.einsum("hk,hkv->hv", kt, S)
+                S = S + bt * kt[:, :, None] * (vt - kS)[:, None, :]
+            else:
+                S = S + kt[:, :, None] * vt[:, None, :]
+            o[b, t] = scale * torch.einsum("hkv,hk->hv", S, qt)
+        finals.append(S)
+    return o, torch.stack(finals)
+
+
+def make_inputs(cls, B=1, T=64, H=1, HV=1, K=16, V=16, gates="real", normalize_k=True, N=None, seed=0):
+    """Random inputs of one class; gates: real (logsigmoid of randn), low (<= -8 per step),
+    near_zero (~ -1e-4), mixed (per element low or near zero)."""
+    gate, delta = CLASSES[cls]
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    if delta and normalize_k:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    elif delta:
+        k = 0.2 * k  # unnormalized, |k|^2 < 2 / beta so the recurrence stays bounded
+    v = torch.randn(B, T, HV, V, generator=gen)
+    g = None
+    if gate != "none":
+        shape = (B, T, HV) if gate == "scalar" else (B, T, HV, K)
+        u = torch.rand(shape, generator=gen)
+        low = -8.0 - 8.0 * u
+        near_zero = -1e-4 * u
+        g = {
+            "real": F.logsigmoid(torch.randn(shape, generator=gen)),
+            "low": low,
+            "near_zero": near_zero,
+            "mixed": torch.where(torch.rand(shape, generator=gen) < 0.5, low, near_zero),
+        }[gates]
+    beta = torch.rand(B, T, HV, generator=gen) if delta else None
+    h0 = torch.randn(N if N is not None else B, HV, K, V, generator=gen)
+    return dict(q=q, k=k, v=v, g=g, beta=beta, gate=gate, delta=delta, h0=h0)
+
+
+def check(x, dtype=torch.float32, scale=0.5, use_h0=True, final=True, cu_seqlens=None, chunk_size=64):
+    q, k, v = (x[n].to(dtype) for n in ("q", "k", "v"))
+    h0 = x["h0"] if use_h0 else None
+    with poisoned():
+        o, ht = chunk_fwd(q, k, v, x["g"], x["beta"], gate=x["gate"], delta=x["delta"], scale=scale,
+                          initial_state=h0, output_final_state=final, cu_seqlens=cu_seqlens,
+                          chunk_size=chunk_size)
+    ref_o, ref_ht = recurrence(q, k, v, x["g"], x["beta"], x["gate"], x["delta"], scale, h0, cu_seqlens)
+    assert o.dtype == dtype and o.shape == v.shape
+    assert_close(o, ref_o, dtype, "o")
+    if final:
+        assert ht.dtype == torch.float32
+        assert_close(ht, ref_ht, dtype, "final state")
+    else:
+        assert ht is None
+
+
+# ---- the class x length grid, fp32 (T straddles the 64-row chunk: 1, 63, 64, 65, 200) ----
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_class_by_length_fp32(cls, T):
+    check(make_inputs(cls, B=2, T=T, seed=T))
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_no_initial_state_no_final_state(cls):
+    check(make_inputs(cls, T=65), use_h0=False, final=False)
+    check(make_inputs(cls, T=65, seed=1), use_h0=False, final=True)
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_grouped_value_heads(cls):
+    # HV = 2 H: value heads 0, 1 read q/k head 0; heads 2, 3 read head 1
+    check(make_inputs(cls, B=1, T=70, H=2, HV=4))
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_varlen(cls):
+    # lengths 0, 1, 69, 64, 66, 0: uneven, one empty in the middle and one at the end
+    cu = torch.tensor([0, 0, 1, 70, 134, 200, 200], dtype=torch.int32)
+    check(make_inputs(cls, B=1, T=200, HV=2, N=len(cu) - 1), cu_seqlens=cu)
+
+
+def test_varlen_int64_offsets():
+    cu = torch.tensor([0, 17, 17, 90], dtype=torch.int64)
+    check(make_inputs("diagonal_delta", B=1, T=90, N=3), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("cls", ["identity", "diagonal_delta", "scalar"])
+def test_non_power_of_two_dims(cls):
+    check(make_inputs(cls, B=1, T=70, K=24, V=20))
+
+
+@pytest.mark.parametrize("gates", ["low", "near_zero", "mixed"])
+@pytest.mark.parametrize("cls", GATED)
+def test_gate_extremes(cls, gates):
+    # low: 2^(-G) would overflow fp32 within 8 steps; mixed: per-channel spans from ~0 to huge
+    check(make_inputs(cls, B=1, T=130, gates=gates))
+
+
+@pytest.mark.parametrize("cls", ["delta", "scalar_delta", "diagonal_delta"])
+def test_delta_unnormalized_keys(cls):
+    check(make_inputs(cls, B=1, T=100, normalize_k=False))
+
+
+@pytest.mark.parametrize("chunk_size", [16, 32])
+@pytest.mark.parametrize("cls", ["scalar_delta", "diagonal_delta", "diagonal"])
+def test_smaller_chunks(cls, chunk_size):
+    check(make_inputs(cls, B=1, T=100, gates="mixed" if cls != "scalar_delta" else "real"), chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_bf16(cls):
+    check(make_inputs(cls, B=1, T=130, K=32, V=32, HV=2), dtype=torch.bfloat16, scale=32 ** -0.5)
+
+
+@pytest.mark.parametrize("cls", ["identity", "diagonal_delta"])
+def test_fp16(cls):
+    check(make_inputs(cls, B=1, T=100, K=32, V=32), dtype=torch.float16, scale=32 ** -0.5)
+
+
+@pytest.mark.parametrize("cls", ["identity", "diagonal_delta"])
+def test_empty_sequence(cls):
+    x = make_inputs(cls, B=2, T=0)
+    with poisoned():
+        o, ht = chunk_fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], gate=x["gate"], delta=x["delta"],
+                          initial_state=x["h0"], output_final_state=True)
+        _, zeros = chunk_fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], gate=x["gate"], delta=x["delta"],
+                             output_final_state=True)
+    assert o.shape == (2, 0, 1, 16)
+    assert torch.equal(ht, x["h0"]) and torch.equal(zeros, torch.zeros_like(zeros))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(
+    cls=st.sampled_from(list(CLASSES)),
+    T=st.integers(1, 150),
+    H=st.integers(1, 2),
+    group=st.integers(1, 2),
+    K=st.integers(1, 40),
+    V=st.integers(1, 40),
+    chunk_size=st.sampled_from([16, 32, 64]),
+)
+def test_random_shapes(cls, T, H, group, K, V, chunk_size):
+    check(make_inputs(cls, B=1, T=T, H=H, HV=H * group, K=K, V=V, seed=T), chunk_size=chunk_size)
+
+
+# ---- call-time validation: typed errors that say what was expected ----
+
+def test_errors():
+    x = make_inputs("diagonal_delta", T=8)
+    q, k, v, g, beta = x["q"], x["k"], x["v"], x["g"], x["beta"]
+    with pytest.raises(ValueError, match="gate"):
+        chunk_fwd(q, k, v, g, beta, gate="vector", delta=True)
+    with pytest.raises(ValueError, match="log gate of shape"):
+        chunk_fwd(q, k, v, g[..., 0], beta, gate="diagonal", delta=True)
+    with pytest.raises(ValueError, match="beta"):
+        chunk_fwd(q, k, v, g, None, gate="diagonal", delta=True)
+    with pytest.raises(ValueError, match="gate='none'"):
+        chunk_fwd(q, k, v, g, beta, gate="none", delta=True)
+    with pytest.raises(ValueError, match="multiple of H"):
+        chunk_fwd(q.repeat(1, 1, 2, 1), k.repeat(1, 1, 2, 1), v.repeat(1, 1, 3, 1))
+    with pytest.raises(ValueError, match="B == 1"):
+        chunk_fwd(q.repeat(2, 1, 1, 1), k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1),
+                  cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+    with pytest.raises(ValueError, match="initial_state"):
+        chunk_fwd(q, k, v, initial_state=torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_fwd(q, k, v, chunk_size=48)
