@@ -1,0 +1,386 @@
+"""Top-k selection from a selector: which keys (or key blocks) each query keeps.
+
+    idx = select(selectors.lightning_indexer, qi=qi, ki=ki, w=w)   # [B, T, 1, 2048] key indices
+    idx = select(selectors.moba, q=q, kmean=k)                      # [B, T, HKV, 16] block indices
+
+Math. For a query at position t of its sequence, KV head h and column j (a key,
+or with granularity=block(n) the block of keys [j*n, (j+1)*n)):
+
+    score(t, j, h) = sum_{g < G} f(query inputs at (t, head h*G + g), key inputs at (j, h))
+
+where f is the selector's function and, for blocks, each key-side input is the
+mean of its per-token values over the block. Candidates are causal: j <= t for
+tokens, complete blocks ((j+1)*n <= t+1) for blocks (a block summary must not
+see keys after t; the query's own partial block comes in through local(1)).
+`always` keys are kept whatever their score and count in topk: sink(m) the
+columns j < m, local(m) the columns t//n - m < j <= t//n. Each row keeps the
+topk best columns; ties go to the lower index. Rows with fewer candidates keep
+them all and pad with -1. Rows are sorted ascending, -1 last, no duplicates.
+
+Shapes. Every input is [B, T, (heads,) *its type's dims]:
+    Vec["D"] -> [B, T, D]       Scalar -> [B, T]     Heads["H", "D"] -> [B, T, H, D]   Heads["H"] -> [B, T, H]
+with an optional attention-head axis after T: HQ query heads on the query side,
+HKV KV heads on the key side (HQ a multiple of HKV, G = HQ // HKV; an input
+without the axis is shared by all heads). The G query heads of a KV head share
+one index list: their scores are summed (MoBA under GQA: sum over the group,
+which ranks like the mean). The output is int32 [B, T, HKV, topk], HKV = 1 when
+no key-side input has a head axis (the lightning indexer: one list for all heads).
+    lightning_indexer: qi [B, T, HI, DI], ki [B, T, DI], w [B, T, HI] -> [B, T, 1, topk]
+    moba: q [B, T, HQ, D], kmean=k [B, T, HKV, D] (the keys, pooled by the op) -> [B, T, HKV, topk]
+With cu_seqlens (B == 1, FlashAttention convention) sequences are packed along
+T and indices are relative to each sequence's start.
+
+How: queries in tiles of `query_tile`; the generated Triton kernel scores a tile
+against its causal columns into an fp32 [HKV, tile, W] buffer (never T x T at
+once), torch.topk keeps the best; rows whose k-th score is tied are redone with
+exact (score, -index) int64 keys, so ties always go to the lower index.
+Scores are computed in fp32 (fp64 inputs are cast), with bf16/fp16 inputs as
+tensor-core operands.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from unifattn import validate
+from unifattn.dsl.selector import RESERVED, Selector
+
+__all__ = ["select", "select_scores", "select_reference", "reference_scores", "SelectConfig"]
+
+_FLOATS = validate.FLOATS
+
+
+def __getattr__(name):
+    if name == "SelectConfig":            # lives with the kernel; imported lazily (pulls in triton)
+        from unifattn.codegen.selector import SelectConfig
+        return SelectConfig
+    raise AttributeError(name)
+
+
+# --------------------------------------------------------------------------- validation
+@dataclass
+class _Prep:
+    B: int
+    T: int
+    HKV: int
+    G: int
+    dims: dict
+    query: dict              # name -> [rows, HQ or 1, *dims]
+    key: dict                # name -> [rows, HKV or 1, *dims] (per token, not yet pooled)
+    seqs: list               # (first row, length)
+    q_pos: torch.Tensor      # [rows] int64 CPU: position inside the sequence
+    q_bblk: torch.Tensor     # [rows] int64 CPU: global column of the sequence's first column
+    n_cols: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _desc(x) -> str:
+    return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} on {x.device}"
+
+
+def _legend(sel: Selector, s) -> str:
+    head = "HQ" if s.side == "query" else "HKV"
+    return "[B, T, " + "".join(f"{d}, " for d in s.shape) + f"] or [B, T, {head}, " \
+        + "".join(f"{d}, " for d in s.shape) + "]"
+
+
+def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk) -> tuple[_Prep, int]:
+    if not isinstance(sel, Selector):
+        validate.fail("sel", "a selector declared with @unifattn.dsl.selector.selector "
+                      "(e.g. unifattn.selectors.lightning_indexer)", type(sel).__name__,
+                      "pass the selector object first", TypeError)
+    topk = sel.topk if topk is None else topk
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        validate.fail("topk", "a positive int", repr(topk), "e.g. topk=2048", TypeError)
+    if topk < sel.n_forced:
+        validate.fail("topk", f"at least the {sel.n_forced} keys forced by always={sel.always!r}", str(topk),
+                      f"pass topk >= {sel.n_forced}")
+    names = [s.name for s in sel.inputs]
+    for name in inputs:
+        if name not in names:
+            validate.fail(f"input '{name}'", f"one of the inputs of selector '{sel.name}': {names}", f"'{name}'",
+                          f"drop it (select's own keywords are {RESERVED[1:]})", TypeError)
+    B = T = None
+    dims: dict = {}
+    heads = {"query": None, "key": None}
+    dtype = device = None
+    for s in sel.inputs:
+        x = inputs.get(s.name)
+        if x is None:
+            validate.fail(f"selector '{sel.name}'", f"input {s!r}", "nothing", f"pass {s.name}=... to the call",
+                          TypeError)
+        validate.check_tensor(s.name, x)
+        if x.dtype not in _FLOATS:
+            validate.fail(s.name, "a floating dtype (bf16, fp16, fp32, fp64)", _desc(x), f"cast with {s.name}.float()",
+                          TypeError)
+        if dtype is None:
+            dtype, device, first = x.dtype, x.device, s.name
+        elif x.dtype != dtype:
+            validate.fail(s.name, f"the dtype of {first} ({dtype})", _desc(x), "cast every input to one dtype",
+                          TypeError)
+        elif x.device != device:
+            validate.fail(s.name, f"the device of {first} ({device})", _desc(x), f"move it with .to('{device}')")
+        n = len(s.shape)
+        if x.dim() not in (2 + n, 3 + n):
+            validate.fail(s.name, _legend(sel, s), _desc(x), f"reshape {s.name} to one of those layouts")
+        if B is None:
+            B, T = x.shape[0], x.shape[1]
+        elif tuple(x.shape[:2]) != (B, T):
+            validate.fail(s.name, f"batch and time [B, T] = [{B}, {T}] like {first}", _desc(x),
+                          "pass every input for the same tokens")
+        for d, size in zip(s.shape, x.shape[x.dim() - n:]):
+            if dims.setdefault(d, size) != size:
+                validate.fail(s.name, f"dimension {d} = {dims[d]} (as in the other inputs)", _desc(x),
+                              f"every input typed with {d!r} must have the same size there")
+        if x.dim() == 3 + n:
+            h = x.shape[2]
+            if heads[s.side] not in (None, h):
+                validate.fail(s.name, f"{heads[s.side]} heads like the other {s.side}-side inputs", _desc(x),
+                              "give every input of one side the same head count (or no head axis)")
+            heads[s.side] = h
+    for d, size in dims.items():
+        if size < 1:
+            validate.fail(f"dimension {d}", "a size >= 1", str(size), "check the input shapes")
+    HQ, HKV = heads["query"], heads["key"] or 1
+    if HQ is not None and HQ % HKV != 0:
+        validate.fail("heads", f"query heads HQ a multiple of the KV heads HKV={HKV}", f"HQ={HQ}",
+                      "use grouped query heads (HQ = HKV * G)")
+    G = 1 if HQ is None else HQ // HKV
+    validate.finite({s.name: inputs[s.name] for s in sel.inputs})
+
+    # sequences: rows of the flattened [B * T] token axis
+    if cu_seqlens is None:
+        seqs = [(b * T, T) for b in range(B)]
+    else:
+        validate.check_tensor("cu_seqlens", cu_seqlens)
+        if B != 1:
+            validate.fail("inputs", "batch size 1 when cu_seqlens packs sequences", f"B={B}",
+                          "concatenate the sequences along T")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+            validate.fail("cu_seqlens", "a 1-D int32/int64 tensor [N + 1] of sequence starts", _desc(cu_seqlens),
+                          "build it as torch.tensor([0, len0, len0 + len1, ...], dtype=torch.int32)")
+        c = cu_seqlens.detach().cpu().tolist()
+        if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
+            validate.fail("cu_seqlens", f"non-decreasing offsets from 0 to T={T}",
+                          str(c[:8]) + ("..." if len(c) > 8 else ""), "offsets are cumulative lengths from 0")
+        seqs = [(a, b - a) for a, b in zip(c, c[1:])]
+    n = sel.block_size
+    lens = torch.tensor([L for _, L in seqs], dtype=torch.int64)
+    ncols = (lens + n - 1) // n
+    boff = torch.cumsum(ncols, 0) - ncols
+    seq_of = torch.repeat_interleave(torch.arange(len(seqs)), lens)
+    starts = torch.tensor([a for a, _ in seqs], dtype=torch.int64)
+    q_pos = torch.arange(B * T, dtype=torch.int64) - starts[seq_of]
+    q_bblk = boff[seq_of]
+
+    query, key = {}, {}
+    for s in sel.inputs:
+        x = inputs[s.name]
+        hx = x.shape[2] if x.dim() == 3 + len(s.shape) else 1
+        flat = x.reshape((B * T, hx) + tuple(x.shape[x.dim() - len(s.shape):]))
+        (query if s.side == "query" else key)[s.name] = flat
+    prep = _Prep(B, T, HKV, G, dims, query, key, seqs, q_pos, q_bblk, int(ncols.sum()), dtype, device)
+    return prep, topk
+
+
+def _pool(p: _Prep, n: int, acc_dtype: torch.dtype) -> dict:
+    """Key-side inputs per column: the tokens themselves (n == 1) or block means."""
+    if n == 1:
+        return {k: v.to(acc_dtype) for k, v in p.key.items()}
+    col = (p.q_bblk + p.q_pos // n).to(p.device)
+    cnt = torch.zeros(p.n_cols, dtype=acc_dtype, device=p.device).index_add_(
+        0, col, torch.ones(col.numel(), dtype=acc_dtype, device=p.device))
+    out = {}
+    for name, x in p.key.items():
+        s = torch.zeros((p.n_cols,) + tuple(x.shape[1:]), dtype=acc_dtype, device=p.device)
+        s.index_add_(0, col, x.to(acc_dtype))
+        out[name] = s / cnt.clamp(min=1).reshape((-1,) + (1,) * (x.dim() - 1))
+    return out
+
+
+# --------------------------------------------------------------------------- top-k of a tile
+_BIG = 2 ** 31 - 1
+
+
+def _exact_topk(s: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns of the k best scores of each row, ties to the lower column: top-k of int64 keys
+    (order-preserving int32 image of the fp32 score) * 2^32 + (2^31 - 1 - column)."""
+    bits = (s + 0.0).contiguous().view(torch.int32)             # + 0.0: -0.0 ties +0.0
+    mono = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
+    col = torch.arange(s.shape[-1], device=s.device, dtype=torch.int64)
+    return torch.topk(mono * (1 << 32) + (_BIG - col), k, dim=-1, sorted=False).indices
+
+
+def _topk_rows(s: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """s [..., W] fp32 (-inf: not a candidate) -> (column [..., topk] int64, valid [..., topk])."""
+    W = s.shape[-1]
+    k = min(topk, W)
+    vals, idx = torch.topk(s, k, dim=-1, sorted=False)
+    # the k-th value decides alone unless it is tied with a score left out
+    thr = vals.min(-1, keepdim=True).values
+    amb = (torch.isfinite(thr) & ((s >= thr).sum(-1, keepdim=True) > k)).squeeze(-1)
+    if bool(amb.any()):
+        where = amb.nonzero(as_tuple=True)
+        sub = s[where]
+        idx2 = _exact_topk(sub, k)
+        idx[where] = idx2
+        vals[where] = sub.gather(-1, idx2)
+    valid = vals > float("-inf")
+    if k < topk:
+        pad = topk - k
+        idx = torch.cat([idx, idx.new_zeros(idx.shape[:-1] + (pad,))], -1)
+        valid = torch.cat([valid, valid.new_zeros(valid.shape[:-1] + (pad,))], -1)
+    return idx, valid
+
+
+def _finish(col: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sort kept columns ascending, invalid ones last as -1; int32."""
+    col = torch.where(valid, col, torch.full_like(col, _BIG))
+    col = torch.sort(col, dim=-1).values
+    return torch.where(col == _BIG, torch.full_like(col, -1), col).to(torch.int32)
+
+
+# --------------------------------------------------------------------------- kernel path
+def _run_tiles(sel: Selector, p: _Prep, config, on_tile):
+    """Score query tiles with the generated kernel; on_tile(q0, q1, c0, scores [HKV, nq, W])."""
+    from unifattn.codegen import selector as cgs
+    from unifattn.kernels.utils import empty, interpreting
+    cfg = config or cgs.SelectConfig()
+    if not isinstance(cfg, cgs.SelectConfig):
+        validate.fail("config", "a unifattn.select.SelectConfig", type(cfg).__name__, "pass SelectConfig(...)",
+                      TypeError)
+    if p.device.type != "cuda" and not interpreting():
+        validate.fail("inputs", "CUDA tensors (the Triton kernels need a GPU)", f"tensors on {p.device}",
+                      "move the inputs to cuda, or set TRITON_INTERPRET=1 to run on the CPU (slow); "
+                      "select_reference runs anywhere")
+    mod = cgs.module(sel)
+    ct = torch.float32 if interpreting() or p.dtype == torch.float64 else p.dtype
+    n, rows = sel.block_size, p.B * p.T
+    keys = _pool(p, n, torch.float32 if n > 1 else ct)
+    x = {}
+    for name, t in list(p.query.items()) + list(keys.items()):
+        t = t.to(ct).contiguous()
+        inner = math.prod(t.shape[2:])
+        x[name] = (t, t.shape[1] * inner, inner if t.shape[1] > 1 else 0)
+    q_pos = p.q_pos.to(torch.int32).to(p.device)
+    q_bblk = p.q_bblk.to(torch.int32).to(p.device)
+    last = (p.q_bblk + p.q_pos // n).tolist()            # last column each query may keep
+    bblk = p.q_bblk.tolist()
+    wmax = max(((L + n - 1) // n for _, L in p.seqs), default=1)
+    qt = cfg.query_tile or max(cfg.block_t, (cfg.max_tile_elems // (p.HKV * max(wmax, 1))) // cfg.block_t
+                               * cfg.block_t)
+    prec = "ieee" if ct == torch.float32 else "tf32"
+    for q0 in range(0, rows, qt):
+        q1 = min(rows, q0 + qt)
+        c0 = bblk[q0]
+        W = last[q1 - 1] + 1 - c0
+        o = empty((p.HKV, q1 - q0, W), torch.float32, p.device)
+        mod.launch(x, o, q_pos, q_bblk, q0, c0, q1 - q0, W, p.HKV, p.G, p.dims, n, sel.n_sink, sel.n_local, prec,
+                   cfg)
+        on_tile(q0, q1, c0, o)
+
+
+def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=None, **inputs) -> torch.Tensor:
+    """int32 [B, T, HKV, topk]: per query the kept keys (or key blocks), ascending, -1 padded.
+
+    topk overrides the selector's; config is a SelectConfig (tile sizes); inputs by name.
+    Not differentiable (top-k has no gradient: train the scorer with a distillation loss).
+    """
+    p, topk = _prepare(sel, inputs, cu_seqlens, topk)
+    from unifattn.kernels.utils import empty
+    rows = p.B * p.T
+    out = empty((rows, p.HKV, topk), torch.int32, p.device)
+    bblk = p.q_bblk.to(p.device)
+
+    def on_tile(q0, q1, c0, s):
+        col, valid = _topk_rows(s, topk)                                     # [HKV, nq, topk]
+        rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
+        out[q0:q1] = _finish(rel, valid).permute(1, 0, 2)
+
+    with torch.no_grad():
+        if rows:
+            _run_tiles(sel, p, config, on_tile)
+    return out.reshape(p.B, p.T, p.HKV, topk)
+
+
+def select_scores(sel: Selector, *, cu_seqlens=None, config=None, **inputs) -> torch.Tensor:
+    """The kernel's fp32 scores, dense: [B, T, HKV, C] with C the most columns of a sequence;
+    -inf where a column is no candidate, +inf where `always` keeps it. O(T^2): for tests and inspection."""
+    p, _ = _prepare(sel, inputs, cu_seqlens, None)
+    n = sel.block_size
+    C = max(((L + n - 1) // n for _, L in p.seqs), default=0)
+    dense = torch.full((p.B * p.T, p.HKV, C), float("-inf"), dtype=torch.float32, device=p.device)
+    bblk = p.q_bblk.tolist()
+
+    def on_tile(q0, q1, c0, s):
+        for r in range(q0, q1):                 # copy each row's own sequence columns
+            a = bblk[r] - c0
+            w = min(C, s.shape[-1] - a)
+            dense[r, :, :w] = s[:, r - q0, a:a + w]
+
+    with torch.no_grad():
+        if p.B * p.T:
+            _run_tiles(sel, p, config, on_tile)
+    return dense.reshape(p.B, p.T, p.HKV, C)
+
+
+# --------------------------------------------------------------------------- reference
+def _masks(L: int, C: int, sel: Selector, device):
+    n = sel.block_size
+    t = torch.arange(L, device=device)[:, None]
+    j = torch.arange(C, device=device)[None, :]
+    own = t // n
+    cand = (j + 1) * n <= t + 1
+    force = (j <= own) & ((j < sel.n_sink) | (own - j < sel.n_local))
+    return cand, force
+
+
+def reference_scores(sel: Selector, *, cu_seqlens=None, **inputs) -> torch.Tensor:
+    """float64 dense scores [B, T, HKV, C], same layout and masks as select_scores; evaluates the
+    selector's IR with torch for every (query, column) pair at once (small shapes only)."""
+    from unifattn.reference import evaluate
+    p, _ = _prepare(sel, inputs, cu_seqlens, None)
+    f64, n = torch.float64, sel.block_size
+    keys = _pool(p, n, f64)
+    C = max(((L + n - 1) // n for _, L in p.seqs), default=0)
+    dense = torch.full((p.B * p.T, p.HKV, C), float("-inf"), dtype=f64, device=p.device)
+    fmax = torch.finfo(torch.float32).max
+    for a, L in p.seqs:
+        if L == 0:
+            continue
+        c0 = int(p.q_bblk[a])
+        nc = (L + n - 1) // n
+        env = {"__dtype__": f64, "__device__": p.device}
+        for name, x in p.query.items():         # [L, HQ or 1, *d] -> [HKV or 1, G or 1, L, 1, *d]
+            x = x[a:a + L].to(f64)
+            h = x.shape[1]
+            x = x.reshape((L, p.HKV, p.G) + tuple(x.shape[2:])) if h > 1 else x.reshape((L, 1, 1) + x.shape[2:])
+            env[name] = x.movedim(0, 2).unsqueeze(3)
+        for name, x in keys.items():            # [nc, HKV or 1, *d] -> [HKV or 1, 1, 1, nc, *d]
+            env[name] = x[c0:c0 + nc].movedim(0, 1).unsqueeze(1).unsqueeze(1)
+        s = evaluate(sel.score, env, {})
+        s = s.expand(p.HKV, p.G, L, nc) if s.dim() == 4 else s.reshape(1, 1, 1, 1).expand(p.HKV, p.G, L, nc)
+        s = s.sum(1)                                                          # [HKV, L, nc]
+        s = torch.nan_to_num(s, nan=-fmax).clamp(-fmax, fmax)                 # as the kernel: finite, NaN lowest
+        cand, force = _masks(L, nc, sel, p.device)
+        s = torch.where(cand, s, float("-inf"))
+        s = torch.where(force, float("inf"), s)
+        dense[a:a + L, :, :nc] = s.permute(1, 0, 2)
+    return dense.reshape(p.B, p.T, p.HKV, C)
+
+
+def select_reference(sel: Selector, *, topk: int | None = None, cu_seqlens=None, **inputs) -> torch.Tensor:
+    """The definition of select, in float64 and dense: stable descending sort of reference_scores,
+    first topk that are candidates, ascending, -1 padded. For tests (O(T^2 * heads * dims) memory)."""
+    p, topk = _prepare(sel, inputs, cu_seqlens, topk)
+    s = reference_scores(sel, cu_seqlens=cu_seqlens, **inputs)               # [B, T, HKV, C]
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :topk]
+    valid = s.gather(-1, order) > float("-inf")
+    if order.shape[-1] < topk:
+        pad = topk - order.shape[-1]
+        order = torch.cat([order, order.new_zeros(order.shape[:-1] + (pad,))], -1)
+        valid = torch.cat([valid, valid.new_zeros(valid.shape[:-1] + (pad,))], -1)
+    return _finish(order, valid)
