@@ -106,7 +106,7 @@ def _launch(name, kernel, configs, grid, key, args, V):
         BV, num_warps, num_stages = c
         kernel[grid(BV)](**args, BV=BV, num_warps=num_warps, num_stages=num_stages)
 
-    if interpreting():
+    if interpreting() or len(candidates) == 1:
         return run(candidates[0])
     key = (name,) + key
     if key not in _TUNED:

@@ -1,7 +1,8 @@
 """chunk_fwd against a float64 token-by-token recurrence, for all six affine transition classes.
 
-Runs on the CPU through the Triton interpreter (tests/conftest.py). Every kernel call is made
-inside `poisoned()`, so an output element a kernel forgets to write is NaN and fails.
+Runs on the CPU through the Triton interpreter (tests/conftest.py), or on a GPU when there is
+one (then also every launch config the tuner may pick, ALGORITHMS.md 6b). Every kernel call is
+made inside `poisoned()`, so an output element a kernel forgets to write is NaN and fails.
 """
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+from unifattn.kernels import chunk as chunk_module
 from unifattn.kernels.chunk import chunk_fwd
 from unifattn.kernels.utils import poisoned
 from unifattn.testing.tolerance import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (gate, delta) of the six classes
 CLASSES = {
@@ -93,13 +97,17 @@ def make_inputs(cls, B=1, T=64, H=1, HV=1, K=16, V=16, gates="real", normalize_k
     return dict(q=q, k=k, v=v, g=g, beta=beta, gate=gate, delta=delta, h0=h0)
 
 
+def dev(x):
+    return None if x is None else x.to(DEVICE)
+
+
 def check(x, dtype=torch.float32, scale=0.5, use_h0=True, final=True, cu_seqlens=None, chunk_size=64):
     q, k, v = (x[n].to(dtype) for n in ("q", "k", "v"))
     h0 = x["h0"] if use_h0 else None
     with poisoned():
-        o, ht = chunk_fwd(q, k, v, x["g"], x["beta"], gate=x["gate"], delta=x["delta"], scale=scale,
-                          initial_state=h0, output_final_state=final, cu_seqlens=cu_seqlens,
-                          chunk_size=chunk_size)
+        o, ht = chunk_fwd(dev(q), dev(k), dev(v), dev(x["g"]), dev(x["beta"]), gate=x["gate"], delta=x["delta"],
+                          scale=scale, initial_state=dev(h0), output_final_state=final,
+                          cu_seqlens=dev(cu_seqlens), chunk_size=chunk_size)
     ref_o, ref_ht = recurrence(q, k, v, x["g"], x["beta"], x["gate"], x["delta"], scale, h0, cu_seqlens)
     assert o.dtype == dtype and o.shape == v.shape
     assert_close(o, ref_o, dtype, "o")
@@ -177,7 +185,7 @@ def test_fp16(cls):
 
 @pytest.mark.parametrize("cls", ["identity", "diagonal_delta"])
 def test_empty_sequence(cls):
-    x = make_inputs(cls, B=2, T=0)
+    x = {n: dev(t) if isinstance(t, torch.Tensor) else t for n, t in make_inputs(cls, B=2, T=0).items()}
     with poisoned():
         o, ht = chunk_fwd(x["q"], x["k"], x["v"], x["g"], x["beta"], gate=x["gate"], delta=x["delta"],
                           initial_state=x["h0"], output_final_state=True)
@@ -199,6 +207,22 @@ def test_empty_sequence(cls):
 )
 def test_random_shapes(cls, T, H, group, K, V, chunk_size):
     check(make_inputs(cls, B=1, T=T, H=H, HV=H * group, K=K, V=V, seed=T), chunk_size=chunk_size)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="launch configs are a GPU matter; the interpreter runs one")
+@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("cls", list(CLASSES))
+def test_every_launch_config_gpu(cls, K, monkeypatch):
+    # a config is admitted only once it matches the reference on this machine (Hopper miscompiles)
+    from unifattn.kernels import chunk_state
+    x = make_inputs(cls, B=1, T=200, H=2, HV=4, K=K, V=128)
+    state, output = list(chunk_state.STATE_CONFIGS), list(chunk_state.OUTPUT_CONFIGS)
+    trials = [([c], output[:1]) for c in state] + [(state[:1], [c]) for c in output[1:]]
+    for state_configs, output_configs in trials:
+        monkeypatch.setattr(chunk_state, "STATE_CONFIGS", state_configs)
+        monkeypatch.setattr(chunk_state, "OUTPUT_CONFIGS", output_configs)
+        monkeypatch.setattr(chunk_module, "_TUNED", {})
+        check(x, dtype=torch.bfloat16, scale=K ** -0.5)
 
 
 # ---- call-time validation: typed errors that say what was expected ----
