@@ -354,10 +354,9 @@ def trace(fn, topk: int, block_size: int = 1, always=(), keys=None) -> Selector:
         if s.name not in used:
             raise RuleError(name, f"{file}:{ret}", "every input to reach the score", f"input '{s.name}' is never used",
                             f"use '{s.name}' in the score or remove it from the signature")
-    sides = analyze(sel)[id(sel.score)].sides
-    if sides != {"query", "key"}:
-        raise RuleError(name, f"{file}:{ret}", "a score that combines a query-side and a key-side input",
-                        f"a score of {sorted(sides)} inputs only", "combine them, e.g. q @ k")
+    info = analyze(sel)
+    # every input is used and both sides have one, so the score combines them
+    assert info[id(sel.score)].sides == {"query", "key"}
     return sel
 
 

@@ -83,8 +83,7 @@ def _desc(x) -> str:
 
 def _legend(sel: Selector, s) -> str:
     head = "HQ" if s.side == "query" else "HKV"
-    return "[B, T, " + "".join(f"{d}, " for d in s.shape) + f"] or [B, T, {head}, " \
-        + "".join(f"{d}, " for d in s.shape) + "]"
+    return f"[{', '.join(('B', 'T') + s.shape)}] or [{', '.join(('B', 'T', head) + s.shape)}]"
 
 
 def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk) -> tuple[_Prep, int]:
