@@ -12,27 +12,25 @@ A query with no selected key gives o = 0, lse = -inf and zero gradients.
 Shape legend: q [B, T, HQ, K], k [B, T, HKV, K], v [B, T, HKV, V], o [B, T, HQ, V],
 lse [B, T, HQ], indices [B, T, HKV, TOPK].
 
-How the kernels are parallelized: one program per (query token, KV head). Its G
-query heads share the KV head and the index list, so they are the M rows of every
-tensor-core dot ([BG, K] with G padded to BG >= 16). The program walks the
-selected keys in tiles of BS: one vector load of BS indices, a gather of BS rows
-of K and V, online softmax in fp32 (base 2). The backward program recomputes the
-probabilities from the saved lse, keeps dq in registers (it owns those rows) and
-scatters dk, dv into fp32 buffers with atomic adds (a key may be selected by any
-query, so no program owns it); the buffers are cast to the input dtype at the end.
-
-The grid is (T, B*HKV) with the token fastest, so programs that run together
-read the same KV head and its keys stay in L2.
+How it runs (sparse_kernels.py has the kernels): one program per (query token,
+KV head); its G query heads share the KV head and the index list, so they are
+the M rows of every tensor-core dot. It walks the selected keys in tiles: one
+vector load of indices, a gather of K and V rows, online softmax in fp32. The
+backward recomputes p from the saved lse and owns its dq rows. dk, dv: token
+granularity scatters them with fp32 atomic adds (any query may select any key);
+block granularity with 16 <= block_size <= 128 instead runs one program per key
+block over the queries that selected it (a CSR list built here with a sort),
+which moves G * (D + DV) values per (query, block) pair instead of scattering
+block_size * (D + DV) fp32 values, and needs no atomics.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
+from unifattn.kernels.sparse_kernels import (SparseConfig, sparse_attn_bwd_kernel, sparse_attn_dkv_kernel,
+                                              sparse_attn_fwd_kernel, sparse_config)
 from unifattn.kernels.utils import empty, interpreting, next_pow2
 
 __all__ = ["sparse_attention", "check_sparse_indices", "SUPPORTED_HEAD_DIMS"]
@@ -41,193 +39,6 @@ __all__ = ["sparse_attention", "check_sparse_indices", "SUPPORTED_HEAD_DIMS"]
 # pads its tiles to the next power of two.
 SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
 _LOG2E = 1.4426950408889634
-
-
-# --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """tl.dot with fp32 accumulation. UPCAST (set for bf16 under the interpreter only):
-    Triton's interpreter keeps bf16 as raw uint16 and multiplies the bits, so the
-    operands go up to fp32 first; bf16 products are exact in fp32, as on tensor cores."""
-    if UPCAST:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        r = tl.dot(a, b, input_precision=PREC)
-    return r
-
-
-@triton.jit
-def _key_tile(p_idx, i_n, t_local, NK, BLOCK: tl.constexpr, BS: tl.constexpr):
-    """Positions (relative to the sequence start) and validity of keys i_n .. i_n+BS-1."""
-    o_n = i_n + tl.arange(0, BS)
-    if BLOCK == 1:
-        # token granularity: one index per key, one vector load per tile
-        b_j = tl.load(p_idx + o_n, mask=o_n < NK, other=-1)
-        b_pos = b_j
-    else:
-        # block granularity: key n of the list lies in block indices[n // BLOCK]
-        b_j = tl.load(p_idx + o_n // BLOCK, mask=o_n < NK, other=-1)
-        b_pos = b_j * BLOCK + o_n % BLOCK
-    # causal mask also guards the memory accesses when checks are skipped
-    m_n = (b_j >= 0) & (b_pos <= t_local)
-    return b_pos, m_n
-
-
-@triton.heuristics({"IS_VARLEN": lambda a: a["bos"] is not None})
-@triton.jit
-def sparse_attn_fwd_kernel(
-    q, k, v, indices, bos, o, lse,
-    scale,              # softmax scale * log2(e): scores live in base 2
-    T, NK, TOPK,        # tokens per batch row; keys per list = TOPK * BLOCK; list length
-    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
-    BG: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // HKV, i_bh % HKV
-    # start of this token's sequence: indices are relative to it
-    if IS_VARLEN:
-        i_s = tl.load(bos + i_t).to(tl.int64)
-    else:
-        i_s = 0
-    t_local = i_t - i_s
-    i_row = i_b * T + i_t                      # flat token row of this query
-
-    o_g, o_k, o_v = tl.arange(0, BG), tl.arange(0, BK), tl.arange(0, BV)
-    m_g, m_k, m_v = o_g < G, o_k < K, o_v < V
-    # [BG, BK] the G query heads of KV head i_h, padded to BG rows of zeros
-    p_q = q + (i_row * HQ + i_h * G + o_g[:, None]) * K + o_k[None, :]
-    b_q = tl.load(p_q, mask=m_g[:, None] & m_k[None, :], other=0.)
-    p_idx = indices + (i_row * HKV + i_h) * TOPK
-
-    # -1e30, not -inf: a tile with no valid key then gives exp2(-inf - m) = 0, never NaN
-    b_m = tl.full([BG], -1e30, dtype=tl.float32)
-    b_l = tl.zeros([BG], dtype=tl.float32)
-    b_acc = tl.zeros([BG, BV], dtype=tl.float32)
-    for i_n in range(0, NK, BS):
-        b_pos, m_n = _key_tile(p_idx, i_n, t_local, NK, BLOCK, BS)
-        o_kv = (i_b * T + i_s + b_pos) * HKV + i_h          # [BS] flat K/V rows
-        # [BS, BK] gathered keys, one contiguous row each
-        b_k = tl.load(k + o_kv[:, None] * K + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.)
-        # [BG, BS]
-        b_s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_r = tl.exp2(b_m - b_m_new)
-        b_p = tl.exp2(b_s - b_m_new[:, None])
-        b_l = b_l * b_r + tl.sum(b_p, 1)
-        # [BS, BV]
-        b_v = tl.load(v + o_kv[:, None] * V + o_v[None, :], mask=m_n[:, None] & m_v[None, :], other=0.)
-        b_acc = b_acc * b_r[:, None] + _dot(b_p.to(b_v.dtype), b_v, PREC, UPCAST)
-        b_m = b_m_new
-
-    # empty rows (l = 0): o = 0 and lse = -inf
-    m_e = b_l > 0
-    b_o = b_acc / tl.where(m_e, b_l, 1.)[:, None]
-    b_lse = tl.where(m_e, (b_m + tl.log2(tl.where(m_e, b_l, 1.))) / 1.4426950408889634, float("-inf"))
-    p_o = o + (i_row * HQ + i_h * G + o_g[:, None]) * V + o_v[None, :]
-    tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_g[:, None] & m_v[None, :])
-    tl.store(lse + i_row * HQ + i_h * G + o_g, b_lse, mask=m_g)
-
-
-@triton.heuristics({
-    "IS_VARLEN": lambda a: a["bos"] is not None,
-    "HAS_DLSE": lambda a: a["dlse"] is not None,
-})
-@triton.jit
-def sparse_attn_bwd_kernel(
-    q, k, v, o, do, lse, dlse, indices, bos, dq, dk, dv,
-    scale,              # softmax scale (natural); scores are formed with scale * log2(e)
-    T, NK, TOPK,
-    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, BLOCK: tl.constexpr,
-    BG: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
-):
-    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // HKV, i_bh % HKV
-    if IS_VARLEN:
-        i_s = tl.load(bos + i_t).to(tl.int64)
-    else:
-        i_s = 0
-    t_local = i_t - i_s
-    i_row = i_b * T + i_t
-
-    o_g, o_k, o_v = tl.arange(0, BG), tl.arange(0, BK), tl.arange(0, BV)
-    m_g, m_k, m_v = o_g < G, o_k < K, o_v < V
-    o_qh = i_row * HQ + i_h * G + o_g                       # [BG] flat query-head rows
-    # [BG, BK], [BG, BV]
-    b_q = tl.load(q + o_qh[:, None] * K + o_k[None, :], mask=m_g[:, None] & m_k[None, :], other=0.)
-    b_do = tl.load(do + o_qh[:, None] * V + o_v[None, :], mask=m_g[:, None] & m_v[None, :], other=0.)
-    b_o = tl.load(o + o_qh[:, None] * V + o_v[None, :], mask=m_g[:, None] & m_v[None, :], other=0.)
-    # delta = rowsum(o * do), formed here: this program owns the row, no extra pass
-    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
-    if HAS_DLSE:
-        # d lse / d s = p, so an lse gradient enters as a shift of delta
-        b_delta -= tl.load(dlse + o_qh, mask=m_g, other=0.)
-    # lse in base 2; empty rows (-inf) and padded rows become +inf so that p = 0
-    b_lse = tl.load(lse + o_qh, mask=m_g, other=float("inf")) * 1.4426950408889634
-    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
-    qk_scale = scale * 1.4426950408889634
-    p_idx = indices + (i_row * HKV + i_h) * TOPK
-
-    b_dq = tl.zeros([BG, BK], dtype=tl.float32)
-    for i_n in range(0, NK, BS):
-        b_pos, m_n = _key_tile(p_idx, i_n, t_local, NK, BLOCK, BS)
-        o_kv = (i_b * T + i_s + b_pos) * HKV + i_h
-        # [BS, BK], [BS, BV]
-        b_k = tl.load(k + o_kv[:, None] * K + o_k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.)
-        b_v = tl.load(v + o_kv[:, None] * V + o_v[None, :], mask=m_n[:, None] & m_v[None, :], other=0.)
-        # Scores in both orientations instead of tl.trans of a dot result: Triton
-        # 3.4-3.7 on sm_90 miscompiled dot(trans(ds), q) (ALGORITHMS.md 6b). The
-        # extra two [BG x BS] dots are cheap; this kernel is bound by the gathers.
-        # [BG, BS] for dq
-        b_s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale
-        b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
-        b_dp = _dot(b_do, tl.trans(b_v), PREC, UPCAST)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dq += _dot(b_ds.to(b_k.dtype), b_k, PREC, UPCAST)
-        # [BS, BG] for dk, dv
-        b_sT = _dot(b_k, tl.trans(b_q), PREC, UPCAST) * qk_scale
-        b_pT = tl.where(m_n[:, None], tl.exp2(b_sT - b_lse[None, :]), 0.)
-        b_dpT = _dot(b_v, tl.trans(b_do), PREC, UPCAST)
-        b_dsT = b_pT * (b_dpT - b_delta[None, :])
-        # [BS, BV], [BS, BK]: the G heads are summed inside the dot
-        b_dv = _dot(b_pT.to(b_do.dtype), b_do, PREC, UPCAST)
-        b_dk = _dot(b_dsT.to(b_q.dtype), b_q, PREC, UPCAST) * scale
-        tl.atomic_add(dv + o_kv[:, None] * V + o_v[None, :], b_dv, mask=m_n[:, None] & m_v[None, :], sem="relaxed")
-        tl.atomic_add(dk + o_kv[:, None] * K + o_k[None, :], b_dk, mask=m_n[:, None] & m_k[None, :], sem="relaxed")
-
-    tl.store(dq + o_qh[:, None] * K + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty),
-             mask=m_g[:, None] & m_k[None, :])
-
-
-# --------------------------------------------------------------------------- configs
-
-
-@dataclass(frozen=True)
-class SparseConfig:
-    """Launch configuration of one pass: keys per tile, warps, pipeline stages."""
-    BS: int
-    num_warps: int
-    num_stages: int
-
-
-def sparse_config(pass_: str, BK: int, BV: int, BG: int) -> SparseConfig:
-    """The launch configuration of one pass ('fwd' or 'bwd') for padded dims BK, BV, BG.
-
-    Under the interpreter the tile is fixed at 32 keys: its cost is per tile, and
-    32 keeps test lists short while still crossing tile boundaries.
-    """
-    if interpreting():
-        return SparseConfig(32, 1, 1)
-    wide = max(BK, BV) > 128 or BG > 32
-    if pass_ == "fwd":
-        return SparseConfig(32 if wide else 64, 4, 2 if wide else 3)
-    return SparseConfig(16 if wide else 32, 4, 1 if wide else 2)
 
 
 # --------------------------------------------------------------------------- validation
@@ -352,18 +163,73 @@ def _sparse_fwd(q, k, v, indices, bos, block_size, scale, cfg: SparseConfig | No
     return o, lse
 
 
+def _uses_block_csr(block_size: int) -> bool:
+    """Key-centric dk, dv for blocks that fill a tensor-core tile and fit in registers."""
+    return 16 <= block_size <= 128
+
+
+def _block_csr(indices, bos, block_size):
+    """For block granularity: the key blocks and, per (batch, KV head, block), the queries that chose it.
+
+    Returns blocks int32 [NB, 2] (first row, end row) of every block of every sequence
+    (a block ends early at its sequence's end), offsets int32 [B*HKV*NB + 1] and
+    queries int32 [>= offsets[-1]] (token within the batch row), grouped by block.
+    """
+    B, T, HKV, topk = indices.shape
+    dev, n = indices.device, block_size
+    t = torch.arange(T, device=dev)
+    if bos is None:
+        starts, lens, seq = torch.zeros(1, dtype=torch.long, device=dev), torch.full((1,), T, device=dev), t * 0
+    else:
+        starts, lens = torch.unique_consecutive(bos.long(), return_counts=True)
+        seq = torch.repeat_interleave(torch.arange(len(starts), device=dev), lens, output_size=T)
+    nb = (lens + n - 1) // n                                       # blocks per sequence
+    first = torch.cumsum(nb, 0) - nb                               # id of each sequence's block 0
+    NB = int(nb.sum())
+    bseq = torch.repeat_interleave(torch.arange(len(starts), device=dev), nb, output_size=NB)
+    b0 = starts[bseq] + (torch.arange(NB, device=dev) - first[bseq]) * n
+    blocks = torch.stack([b0, torch.minimum(b0 + n, starts[bseq] + lens[bseq])], 1).to(torch.int32)
+    # one key per list entry: (batch, KV head, block id); invalid entries to a last, dropped bin
+    t_local = (t - starts[seq]).view(1, T, 1, 1)
+    valid = (indices >= 0) & (indices.long() * n <= t_local)
+    bh = (torch.arange(B, device=dev).view(B, 1, 1, 1) * HKV + torch.arange(HKV, device=dev).view(1, 1, HKV, 1))
+    key = torch.where(valid, bh * NB + first[seq].view(1, T, 1, 1) + indices.long(), B * HKV * NB).flatten()
+    counts = torch.bincount(key, minlength=B * HKV * NB + 1)[:-1]
+    offsets = torch.zeros(B * HKV * NB + 1, dtype=torch.int32, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    order = torch.argsort(key, stable=True)
+    queries = (order // (HKV * topk) % T).to(torch.int32)
+    return blocks, offsets, queries
+
+
 def _sparse_bwd(q, k, v, o, lse, do, dlse, indices, bos, block_size, scale, cfg: SparseConfig | None = None):
     (B, T, HQ, HKV, K, V), meta = _launch_args(q, k, v, indices, block_size)
     dq = empty(q.shape, q.dtype, q.device)
-    # fp32 accumulators for the scattered key gradients; zero is their meaning
-    dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     cfg = cfg or sparse_config("bwd", meta["BK"], meta["BV"], meta["BG"])
+    launch = dict(BS=cfg.BS, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if not _uses_block_csr(block_size):
+        # fp32 accumulators for the scattered key gradients; zero is their meaning
+        dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        sparse_attn_bwd_kernel[(T, B * HKV)](
+            q, k, v, o, do, lse, dlse, indices, bos, dq, dk32, dv32, None, scale, **meta, DKV=True, **launch)
+        dk, dv = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
+        return dq, dk.copy_(dk32), dv.copy_(dv32)
+    # block granularity: dq and delta per query, then dk, dv per key block
+    delta = empty((B, T, HQ), torch.float32, q.device)
     sparse_attn_bwd_kernel[(T, B * HKV)](
-        q, k, v, o, do, lse, dlse, indices, bos, dq, dk32, dv32, scale, **meta,
-        BS=cfg.BS, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        q, k, v, o, do, lse, dlse, indices, bos, dq, None, None, delta, scale, **meta, DKV=False, **launch)
+    blocks, offsets, queries = _block_csr(indices, bos, block_size)
     dk, dv = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
-    return dq, dk.copy_(dk32), dv.copy_(dv32)
+    G, BG = meta["G"], meta["BG"]
+    BR = sparse_config("dkv", meta["BK"], meta["BV"], BG)
+    BQ = max(1, BR.BS // next_pow2(G))
+    sparse_attn_dkv_kernel[(blocks.shape[0], B * HKV)](
+        q, k, v, do, lse, delta, blocks, offsets, queries, dk, dv, scale, T, blocks.shape[0],
+        HQ=HQ, HKV=HKV, G=G, K=K, V=V, BQ=BQ, BR=max(16, next_pow2(BQ * G)),
+        BS=max(16, next_pow2(block_size)), BK=meta["BK"], BV=meta["BV"], PREC=meta["PREC"],
+        UPCAST=meta["UPCAST"], num_warps=BR.num_warps, num_stages=BR.num_stages)
+    return dq, dk, dv
 
 
 class SparseAttentionFunction(torch.autograd.Function):
