@@ -424,7 +424,7 @@ def test_golden_kernel_text():
 # --------------------------------------------------------------------------- bad inputs
 def _bad_call(exc, match, **over):
     x = li_inputs(1, 10)
-    x.update(over)
+    x.update({k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in over.items()})
     with pytest.raises(exc, match=match):
         select(lightning_indexer, **{k: v for k, v in x.items() if v is not None})
 

@@ -1,0 +1,132 @@
+"""Lightning-indexer top-k selection vs dense SDPA forward, on one GPU.
+
+    python benchmarks/bench_select.py                 # T = 32768 and 131072, a config sweep at 32768
+    python benchmarks/bench_select.py --T 32768 --no-check
+
+Indexer: B=1, HI=16 heads x DI=64, topk=2048, bf16 inputs (DeepSeek V3.2's indexer
+shape scaled down as asked: 16 x 64). Measured: scoring (the generated Triton kernel
+alone, every query tile) and the whole select() (scoring + top-k + tie repair +
+sort). Baseline: torch SDPA forward, causal, B=1, T=32768, HQ=64, HKV=4, D=128,
+bf16; K/V expanded to 64 heads and the flash backend forced, so the baseline is
+FlashAttention-2 as shipped in torch (enable_gqa is tried first). Target: select
+at T=32768 takes at most a quarter of the SDPA forward.
+
+--check (default) first compares the compiled kernel with the float64 reference
+at T=512 (scores within the bf16 tolerance, selection optimal within it).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from unifattn.codegen.selector import SelectConfig
+from unifattn.select import _prepare, _run_tiles, reference_scores, select, select_scores
+from unifattn.selectors import lightning_indexer
+from unifattn.testing.tolerance import TOLERANCE
+
+HI, DI, TOPK = 16, 64, 2048
+
+
+def inputs(T, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qi = torch.randn(1, T, HI, DI, device="cuda", dtype=dtype, generator=g)
+    ki = torch.randn(1, T, DI, device="cuda", dtype=dtype, generator=g)
+    w = torch.rand(1, T, HI, device="cuda", dtype=dtype, generator=g) * HI ** -0.5
+    return dict(qi=qi, ki=ki, w=w)
+
+
+def bench(fn, rep_ms=300):
+    return triton.testing.do_bench(fn, warmup=50, rep=rep_ms)
+
+
+def scoring_only(x, cfg):
+    p, _ = _prepare(lightning_indexer, x, None, TOPK)
+    return lambda: _run_tiles(lightning_indexer, p, cfg, lambda *a: None)
+
+
+def sdpa_ms(T=32768, HQ=64, HKV=4, D=128):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    F = torch.nn.functional
+    q = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)), "gqa"
+    except RuntimeError:
+        pass
+    k, v = k.repeat_interleave(HQ // HKV, 1), v.repeat_interleave(HQ // HKV, 1)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)), "expanded KV"
+
+
+def check(cfg):
+    x = inputs(512, seed=1)
+    got = select_scores(lightning_indexer, config=cfg, **x).double()
+    ref = reference_scores(lightning_indexer, **x)
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), fin), "candidate masks differ"
+    tol = TOLERANCE[torch.bfloat16] * max(1.0, float(ref[fin].abs().max()))
+    err = float((got[fin] - ref[fin]).abs().max())
+    assert err <= tol, f"scores: max error {err:.3e} > {tol:.3e}"
+    idx = select(lightning_indexer, topk=64, config=cfg, **x)[0, :, 0].long()
+    s = ref[0, :, 0]
+    for t in range(512):
+        kept = idx[t][idx[t] >= 0]
+        assert kept.numel() == min(64, t + 1) and bool((kept[1:] > kept[:-1]).all()) and int(kept.max()) <= t
+        m = torch.ones(512, dtype=torch.bool, device=s.device)
+        m[kept] = False
+        left = s[t][m & fin[0, t, 0]]
+        if left.numel():
+            assert float(left.max()) <= float(s[t][kept].min()) + 2 * tol, f"row {t}: a better key left out"
+    return err
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="*", default=[32768, 131072])
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true")
+    a = ap.parse_args()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    cfgs = [SelectConfig()] if a.no_sweep else [
+        SelectConfig(block_t=64, block_s=64, num_warps=4),
+        SelectConfig(block_t=64, block_s=128, num_warps=4),
+        SelectConfig(block_t=128, block_s=64, num_warps=8),
+        SelectConfig(block_t=128, block_s=128, num_warps=8),
+    ]
+    if not a.no_check:
+        for cfg in cfgs:
+            print(f"check {cfg}: max score error {check(cfg):.2e} (bf16 tolerance), selection optimal")
+
+    base, how = sdpa_ms()
+    print(f"\nSDPA forward (flash, {how}) B=1 T=32768 HQ=64 HKV=4 D=128 bf16: {base:.2f} ms")
+    rows = []
+    for T in a.T:
+        x = inputs(T)
+        for cfg in (cfgs if T == 32768 else [cfgs[0]]):
+            torch.cuda.reset_peak_memory_stats()
+            s_ms = bench(scoring_only(x, cfg))
+            t_ms = bench(lambda: select(lightning_indexer, topk=TOPK, config=cfg, **x))
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30
+            rows.append((T, cfg, s_ms, t_ms, peak))
+        del x
+        torch.cuda.empty_cache()
+
+    print(f"\n{'T':>7} {'BT':>4} {'BS':>4} {'warps':>5} {'score ms':>9} {'select ms':>10} {'/ SDPA':>7} {'peak GiB':>9}")
+    for T, cfg, s_ms, t_ms, peak in rows:
+        print(f"{T:>7} {cfg.block_t:>4} {cfg.block_s:>4} {cfg.num_warps:>5} {s_ms:>9.2f} {t_ms:>10.2f} "
+              f"{t_ms / base:>7.3f} {peak:>9.2f}")
+    best = min((r for r in rows if r[0] == 32768), key=lambda r: r[3], default=None)
+    if best:
+        flops = HI * DI * 2 * 32768 ** 2 / 2
+        print(f"\nT=32768 best: select {best[3]:.2f} ms = {best[3] / base:.3f} x SDPA forward "
+              f"(target <= 0.25: {'MET' if best[3] <= base / 4 else 'NOT MET'}); scoring {best[2]:.2f} ms "
+              f"= {flops / best[2] / 1e9:.0f} TFLOP/s on the causal half")
+
+
+if __name__ == "__main__":
+    main()
