@@ -35,6 +35,10 @@ MAX_HEAD_DIM = 256
 _TUNED: dict = {}
 
 
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
 def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int):
     """Chunks of packed sequences, computed once per call.
 
@@ -94,17 +98,23 @@ def _validate(q, k, v, g, beta, gate, delta, initial_state, cu_seqlens, chunk_si
 
 
 def _launch(name, kernel, configs, grid, key, args, V):
-    """Launch with the best of `configs` (timed once per key on a GPU; the first under the interpreter)."""
+    """Launch with the best of `configs` (timed once per key on a GPU; the first under the interpreter).
+
+    A config's BV, if it has one, is capped at V's power of two; grid(kwargs) gives the grid.
+    """
     seen, candidates = set(), []
     for c in configs:
-        BV = min(c.kwargs["BV"], max(16, next_pow2(V)))
-        if (BV, c.num_warps, c.num_stages) not in seen:
-            seen.add((BV, c.num_warps, c.num_stages))
-            candidates.append((BV, c.num_warps, c.num_stages))
+        kwargs = dict(c.kwargs)
+        if "BV" in kwargs:
+            kwargs["BV"] = min(kwargs["BV"], max(16, next_pow2(V)))
+        ident = (tuple(sorted(kwargs.items())), c.num_warps, c.num_stages)
+        if ident not in seen:
+            seen.add(ident)
+            candidates.append((kwargs, c.num_warps, c.num_stages))
 
     def run(c):
-        BV, num_warps, num_stages = c
-        kernel[grid(BV)](**args, BV=BV, num_warps=num_warps, num_stages=num_stages)
+        kwargs, num_warps, num_stages = c
+        kernel[grid(kwargs)](**args, **kwargs, num_warps=num_warps, num_stages=num_stages)
 
     if interpreting() or len(candidates) == 1:
         return run(candidates[0])
@@ -149,7 +159,7 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
         n_chunks = NT
     else:
         chunk_indices = chunk_offsets = None
-        NT_grid, NB = (T + BT - 1) // BT, B
+        NT_grid, NB = cdiv(T, BT), B
         n_chunks = B * NT_grid
 
     if n_chunks == 0:
@@ -162,38 +172,39 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
         return o, ht
 
     gc = Aqk = Ai = w = u = None
+    shape_key = (H, HV, K, V, BT, GATE, DELTA, str(q.dtype), cu_seqlens is not None)
+    per_chunk = lambda kwargs: (NT_grid, NB * HV)  # noqa: E731 - one program per (chunk, head)
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T)
     if GATE:
         gc = empty(g.shape, torch.float32, device)
-        chunk_intra.chunk_cumsum_kernel[(NT_grid, NB * HV)](
-            g, gc, **common, HV=HV, K=K, BT=BT, BK=BK, GATE=GATE, num_warps=4)
+        _launch("cumsum", chunk_intra.chunk_cumsum_kernel, chunk_intra.CUMSUM_CONFIGS, per_chunk, shape_key,
+                dict(g=g, gc=gc, **common, HV=HV, K=K, BT=BT, BK=BK, GATE=GATE), V)
     if DELTA or GATE == 2:
         Aqk = empty((B, T, HV, BT), q.dtype, device) if GATE == 2 else None
         Ai = empty((B, T, HV, BT), q.dtype, device) if DELTA else None
-        chunk_intra.chunk_intra_kernel[(NT_grid, NB * HV)](
-            q, k, gc, beta, Aqk, Ai, **common, H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK,
-            GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC, num_warps=4)
+        _launch("intra", chunk_intra.chunk_intra_kernel, chunk_intra.INTRA_CONFIGS, per_chunk, shape_key,
+                dict(q=q, k=k, gc=gc, beta=beta, Aqk=Aqk, Ai=Ai, **common, H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK,
+                     GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V)
     if DELTA:
         w = empty((B, T, HV, K), q.dtype, device)
         u = empty((B, T, HV, V), q.dtype, device)
-        chunk_intra.chunk_wu_kernel[(NT_grid, NB * HV)](
-            k, v, gc, beta, Ai, w, u, **common, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK,
-            BV=min(64, max(16, next_pow2(V))), GATE=GATE, DOT_PREC=DOT_PREC, num_warps=4)
+        _launch("wu", chunk_intra.chunk_wu_kernel, chunk_intra.WU_CONFIGS, per_chunk, shape_key,
+                dict(k=k, v=v, gc=gc, beta=beta, Ai=Ai, w=w, u=u, **common, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK,
+                     GATE=GATE, DOT_PREC=DOT_PREC), V)
 
     # sequential pass over chunks: states entering each chunk, v~ for delta rules
     h = empty((n_chunks, HV, K, V), q.dtype, device)
     v_new = empty(v.shape, v.dtype, device) if DELTA else None
     ht = empty((N, HV, K, V), torch.float32, device) if output_final_state else None
-    shape_key = (H, HV, K, V, BT, GATE, DELTA, str(q.dtype))
     _launch("state", chunk_state.chunk_state_kernel, chunk_state.STATE_CONFIGS,
-            lambda BV: ((V + BV - 1) // BV, N * HV), shape_key,
+            lambda kwargs: (cdiv(V, kwargs["BV"]), N * HV), shape_key + (h0 is None, ht is None),
             dict(k=k, v=u if DELTA else v, w=w, gc=gc, h=h, v_new=v_new, h0=h0, ht=ht,
                  cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, T=T, H=H, HV=HV, K=K, V=V,
                  BT=BT, BK=BK_STATE, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V)
 
     o = empty(v.shape, v.dtype, device)
     _launch("output", chunk_state.chunk_output_kernel, chunk_state.OUTPUT_CONFIGS,
-            lambda BV: ((V + BV - 1) // BV, NT_grid, NB * HV), shape_key,
+            lambda kwargs: (cdiv(V, kwargs["BV"]), NT_grid, NB * HV), shape_key,
             dict(q=q, k=k, v=v_new if DELTA else v, gc=gc, h=h, Aqk=Aqk, o=o,
                  cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=float(scale), T=T,
                  H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, GATE=GATE, DOT_PREC=DOT_PREC), V)

@@ -36,6 +36,17 @@ RCP_LN2 = tl.constexpr(1.4426950408889634)
 SPAN_LOG2 = tl.constexpr(96.0)
 
 
+# launch candidates, timed once per shape on a GPU (the first is used under the interpreter)
+CUMSUM_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2)]
+INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2), triton.Config({}, num_warps=8)]
+WU_CONFIGS = [
+    triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BV": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BV": 32}, num_warps=2, num_stages=2),
+]
+
+
 @triton.jit
 def _dot(a, b, DOT_PREC: tl.constexpr):
     """tl.dot with fp32 accumulation. DOT_PREC "upcast" multiplies in fp32: the host picks it

@@ -213,16 +213,19 @@ def test_random_shapes(cls, T, H, group, K, V, chunk_size):
 @pytest.mark.parametrize("K", [64, 128])
 @pytest.mark.parametrize("cls", list(CLASSES))
 def test_every_launch_config_gpu(cls, K, monkeypatch):
-    # a config is admitted only once it matches the reference on this machine (Hopper miscompiles)
-    from unifattn.kernels import chunk_state
+    # a config is admitted only once it matches the reference on this machine (Hopper miscompiles,
+    # ALGORITHMS.md 6b): try each candidate of each tuned kernel, the others at their first
+    from unifattn.kernels import chunk_intra, chunk_state
+    lists = [(chunk_intra, "CUMSUM_CONFIGS"), (chunk_intra, "INTRA_CONFIGS"), (chunk_intra, "WU_CONFIGS"),
+             (chunk_state, "STATE_CONFIGS"), (chunk_state, "OUTPUT_CONFIGS")]
+    full = {name: list(getattr(module, name)) for module, name in lists}
     x = make_inputs(cls, B=1, T=200, H=2, HV=4, K=K, V=128)
-    state, output = list(chunk_state.STATE_CONFIGS), list(chunk_state.OUTPUT_CONFIGS)
-    trials = [([c], output[:1]) for c in state] + [(state[:1], [c]) for c in output[1:]]
-    for state_configs, output_configs in trials:
-        monkeypatch.setattr(chunk_state, "STATE_CONFIGS", state_configs)
-        monkeypatch.setattr(chunk_state, "OUTPUT_CONFIGS", output_configs)
-        monkeypatch.setattr(chunk_module, "_TUNED", {})
-        check(x, dtype=torch.bfloat16, scale=K ** -0.5)
+    for module, name in lists:
+        for cfg in full[name]:
+            for other_module, other in lists:
+                monkeypatch.setattr(other_module, other, [cfg] if other == name else full[other][:1])
+            monkeypatch.setattr(chunk_module, "_TUNED", {})
+            check(x, dtype=torch.bfloat16, scale=K ** -0.5)
 
 
 # ---- call-time validation: typed errors that say what was expected ----
