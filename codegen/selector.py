@@ -305,6 +305,7 @@ class _Emitter:
         """sum over an indexer head dimension H: a loop over H accumulating the per-head term."""
         H = n.args[0].shape[0] if n.op == "sum" else n.args[0].shape[-1]
         loop = _Block(blk.indent + 1, H)
+        loop.last = n.line                     # the line is commented once, above the loop
         if n.op == "sum":
             term = self.value(n.args[0], loop)
         else:                                                  # '@' contracting H: sum_h a_h * b_h
