@@ -130,7 +130,22 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
               initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64):
     """Chunkwise forward of an affine linear-attention recurrence (see the module docstring).
 
+    Args:
+        q, k: [B, T, H, K], bf16 / fp16 / fp32 (one dtype with v). k need not be normalized.
+        v: [B, T, HV, V], HV a multiple of H; value head i reads q/k head i // (HV // H).
+        g: per-step log gate, fp32, <= 0: [B, T, HV] for gate="scalar", [B, T, HV, K] for
+            "diagonal", None for "none". Any magnitude: exponents are anchored so none is > 0.
+        beta: [B, T, HV] fp32, the delta rule's step size (delta=True only).
+        gate: "none" | "scalar" | "diagonal".  delta: delta-rule transition.
+        scale: multiplies o.
+        initial_state: None or [N, HV, K, V] (fp32); N = B, or len(cu_seqlens) - 1.
+        output_final_state: also return the state after the last token of each sequence.
+        cu_seqlens: None, or int32/int64 [N + 1] boundaries of sequences packed along T (B == 1);
+            chunks never cross a boundary and empty sequences pass their initial state through.
+        chunk_size: 16, 32 or 64 rows per chunk.
+
     Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] fp32 or None).
+    Raises ValueError with expected / got for inconsistent arguments.
     """
     from . import chunk_intra, chunk_state
 

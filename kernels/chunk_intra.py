@@ -138,11 +138,11 @@ def _offdiag_block(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        # [BC, BK]
-        b_ks = tl.load(k + o_s[:, None] * s_qk + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.).to(tl.float32)
-        b_kr = tl.load(k + o_r[:, None] * s_qk + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        # [BC, BK] in the input dtype; gated tiles become fp32 (tf32 dots for half inputs)
+        b_ks = tl.load(k + o_s[:, None] * s_qk + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.)
+        b_kr = tl.load(k + o_r[:, None] * s_qk + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.)
         if NEED_QK:
-            b_qr = tl.load(q + o_r[:, None] * s_qk + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.).to(tl.float32)
+            b_qr = tl.load(q + o_r[:, None] * s_qk + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.)
         if GATE == 2:
             # [BK]
             b_gn = tl.load(gc + o_n * s_g + o_k, mask=m_k, other=0.)
@@ -150,10 +150,10 @@ def _offdiag_block(
             b_gr = tl.load(gc + o_r[:, None] * s_g + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.)
             b_gs = tl.load(gc + o_s[:, None] * s_g + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0.)
             b_fr = _exp2_masked(b_gr - b_gn[None, :], m_r[:, None])       # rows after the anchor: <= 1
-            b_ks = b_ks * _exp2_masked(b_gn[None, :] - b_gs, m_s[:, None])  # rows before it: <= 1
-            b_kr = b_kr * b_fr
+            b_ks = b_ks.to(tl.float32) * _exp2_masked(b_gn[None, :] - b_gs, m_s[:, None])  # rows before it: <= 1
+            b_kr = b_kr.to(tl.float32) * b_fr
             if NEED_QK:
-                b_qr = b_qr * b_fr
+                b_qr = b_qr.to(tl.float32) * b_fr
         if NEED_KK:
             b_Akk += _dot(b_kr, tl.trans(b_ks), DOT_PREC)
         if NEED_QK:
@@ -191,11 +191,14 @@ def _diag_block(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_rk = m_r[:, None] & m_k[None, :]
-        # [BC, BK]
-        b_k = tl.load(k + o_r[:, None] * s_qk + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)
+        # [BC, BK] in the input dtype; fp32 where a gate multiplies them
+        b_k = tl.load(k + o_r[:, None] * s_qk + o_k[None, :], mask=m_rk, other=0.)
         if NEED_QK:
-            b_q = tl.load(q + o_r[:, None] * s_qk + o_k[None, :], mask=m_rk, other=0.).to(tl.float32)
+            b_q = tl.load(q + o_r[:, None] * s_qk + o_k[None, :], mask=m_rk, other=0.)
         if GATE == 2:
+            b_k = b_k.to(tl.float32)
+            if NEED_QK:
+                b_q = b_q.to(tl.float32)
             b_g = tl.load(gc + o_r[:, None] * s_g + o_k[None, :], mask=m_rk, other=0.)
             # largest |G_first - G_last| over the channels of this block (G is non-increasing)
             b_g0 = tl.load(gc + o_first * s_g + o_k, mask=m_k, other=0.)
