@@ -18,7 +18,6 @@ dk, dv rows with atomics.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 
 import torch
@@ -123,28 +122,29 @@ def cases(args):
 
 
 def sweep(q, k, v, do, idx, bs, scale):
-    """Time every launch configuration of both passes on one case (checked against the default)."""
-    o0, lse0 = _sparse_fwd(q, k, v, idx, None, bs, scale)
-    print("\nconfig sweep (BS, num_warps, num_stages): ms")
-    for BS, w, s in itertools.product((32, 64, 128), (4, 8), (2, 3)):
-        cfg = SparseConfig(BS, w, s)
+    """Time every launch configuration of each pass on one case (checked against the default)."""
+    def one(what, cfg, run, ref):
         try:
-            o, _ = _sparse_fwd(q, k, v, idx, None, bs, scale, cfg)
-            err = float((o.float() - o0.float()).abs().max())
-            ms = bench(lambda: _sparse_fwd(q, k, v, idx, None, bs, scale, cfg))
-            print(f"  fwd {cfg}: {ms:8.3f}   max |o - o_default| {err:.1e}")
+            out = run(cfg)
+            err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(out, ref))
+            ms = bench(lambda: run(cfg))
+            print(f"  {what} BS={cfg.BS:<4} warps={cfg.num_warps} stages={cfg.num_stages}: {ms:8.3f} ms"
+                  f"   max |out - default| {err:.1e}")
         except Exception as e:   # noqa: BLE001 - report and go on
-            print(f"  fwd {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
+            print(f"  {what} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
+
+    o0, lse0 = _sparse_fwd(q, k, v, idx, None, bs, scale)
+    print(f"\nconfig sweep, block_size={bs}, topk={idx.shape[-1]}")
+    if bs == 1:
+        for c in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3)):
+            one("fwd", SparseConfig(*c), lambda cfg: _sparse_fwd(q, k, v, idx, None, bs, scale, cfg), (o0, lse0))
     ref = _sparse_bwd(q, k, v, o0, lse0, do, None, idx, None, bs, scale)
-    for BS, w, s in itertools.product((16, 32, 64), (4, 8), (1, 2)):
-        cfg = SparseConfig(BS, w, s)
-        try:
-            g = _sparse_bwd(q, k, v, o0, lse0, do, None, idx, None, bs, scale, cfg)
-            err = max(float((a.float() - b.float()).abs().max()) for a, b in zip(g, ref))
-            ms = bench(lambda: _sparse_bwd(q, k, v, o0, lse0, do, None, idx, None, bs, scale, cfg))
-            print(f"  bwd {cfg}: {ms:8.3f}   max |g - g_default| {err:.1e}")
-        except Exception as e:   # noqa: BLE001
-            print(f"  bwd {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
+    for c in ((16, 4, 2), (32, 4, 1), (32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 2)):
+        one("bwd", SparseConfig(*c), lambda cfg: _sparse_bwd(q, k, v, o0, lse0, do, None, idx, None, bs, scale, cfg), ref)
+    if bs > 1:
+        for c in ((32, 4, 2), (64, 4, 2), (64, 8, 2), (128, 8, 2)):
+            one("dkv", SparseConfig(*c),
+                lambda cfg: _sparse_bwd(q, k, v, o0, lse0, do, None, idx, None, bs, scale, None, cfg), ref)
 
 
 def main():
@@ -191,7 +191,7 @@ def main():
     for i, (name, topk, bs) in enumerate(cases(args)):
         idx = random_indices(B, T, HKV, topk, block_size=bs, device=dev)
         nkeys = float(dense_mask_count(idx, bs))            # valid (query, KV head, key) triples
-        if args.sweep and i == 0:
+        if args.sweep and (i == 0 or bs > 1):
             sweep(q.detach(), k.detach(), v.detach(), do, idx, bs, scale)
         ours = lambda: sparse_attention(q, k, v, idx, block_size=bs if bs > 1 else None, check_indices=False)  # noqa: E731
         f, fb = bench(ours), bench(fwd_bwd(ours, (q, k, v), do))

@@ -202,7 +202,8 @@ def _block_csr(indices, bos, block_size):
     return blocks, offsets, queries
 
 
-def _sparse_bwd(q, k, v, o, lse, do, dlse, indices, bos, block_size, scale, cfg: SparseConfig | None = None):
+def _sparse_bwd(q, k, v, o, lse, do, dlse, indices, bos, block_size, scale,
+                cfg: SparseConfig | None = None, cfg_dkv: SparseConfig | None = None):
     (B, T, HQ, HKV, K, V), meta = _launch_args(q, k, v, indices, block_size)
     dq = empty(q.shape, q.dtype, q.device)
     cfg = cfg or sparse_config("bwd", meta["BK"], meta["BV"], meta["BG"])
@@ -222,7 +223,7 @@ def _sparse_bwd(q, k, v, o, lse, do, dlse, indices, bos, block_size, scale, cfg:
     blocks, offsets, queries = _block_csr(indices, bos, block_size)
     dk, dv = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
     G, BG = meta["G"], meta["BG"]
-    BR = sparse_config("dkv", meta["BK"], meta["BV"], BG)
+    BR = cfg_dkv or sparse_config("dkv", meta["BK"], meta["BV"], BG)
     BQ = max(1, BR.BS // next_pow2(G))
     sparse_attn_dkv_kernel[(blocks.shape[0], B * HKV)](
         q, k, v, do, lse, delta, blocks, offsets, queries, dk, dv, scale, T, blocks.shape[0],
