@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 from . import cache
@@ -43,11 +44,12 @@ def source_path(r, form: str) -> Path:
     return path
 
 
-_LOADED: dict = {}
+_LOADED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # rule -> {form: module}
 
 
 def module(r, form: str):
-    k = (id(r), form)
-    if k not in _LOADED:
-        _LOADED[k] = cache.load(source_path(r, form))
-    return _LOADED[k]
+    """The imported generated module of (rule, form), built on first use."""
+    forms = _LOADED.setdefault(r, {})
+    if form not in forms:
+        forms[form] = cache.load(source_path(r, form))
+    return forms[form]

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import random
+import weakref
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -60,13 +61,15 @@ class Facts:
         return self.transition in ("delta", "scalar_delta", "diagonal_delta")
 
 
-_CACHE: dict[int, Facts] = {}
+_CACHE: "weakref.WeakKeyDictionary[Rule, Facts]" = weakref.WeakKeyDictionary()
 
 
 def check(r: Rule) -> Facts:
-    if id(r) not in _CACHE:
-        _CACHE[id(r)] = _check(r)
-    return _CACHE[id(r)]
+    """Facts of a rule, computed once per rule object."""
+    facts = _CACHE.get(r)
+    if facts is None:
+        facts = _CACHE[r] = _check(r)
+    return facts
 
 
 def _check(r: Rule) -> Facts:
@@ -81,19 +84,30 @@ def _check(r: Rule) -> Facts:
     o = symbolic.evaluate(r.output, env, memo)
     proofs = []
 
-    # -- (2a) affine with a key-side, column-shared transition (sympy, independent of linearize)
+    # -- (2a) affine with a key-side, column-shared transition (sympy, independent of linearize).
+    # When the structural form exists the entries are linear in S and the Jacobian test is
+    # symbolic; otherwise S' may be a large polynomial, and affinity is refuted (or confirmed)
+    # exactly at random rational points instead of expanding it.
     s_syms = list(S)
-    affine = all(sp.diff(e, a, b) == 0 or symbolic.is_zero(sp.diff(e, a, b), None, rng) is not None
-                 for e in S_new for a in s_syms for b in s_syms)
-    shared = False
-    if affine:
+    try:
+        linearize(r.new_state, _state_leaf(r))
+        structural = True
+    except NotLinear:
+        structural = False
+    if structural:
+        affine = all(sp.diff(e, a, b) == 0 or symbolic.is_zero(sp.diff(e, a, b), None, rng) is not None
+                     for e in S_new for a in s_syms for b in s_syms)
         J = {(i, j, kk, l): sp.diff(S_new[i, j], S[kk, l]) for i in range(3) for j in range(2)
              for kk in range(3) for l in range(2)}
         off = [J[i, j, kk, l] for (i, j, kk, l) in J if j != l]
         same = [J[i, 0, kk, 0] - J[i, 1, kk, 1] for i in range(3) for kk in range(3)]
-        shared = symbolic.all_zero(off + same, rng) is not None
-        proofs.append(f"S' affine in S: {'yes' if affine else 'no'}; transition shared by value columns: "
-                      f"{'yes' if shared else 'no'} (sympy, K=3, V=2)")
+        shared = affine and symbolic.all_zero(off + same, rng) is not None
+        how = "sympy, K=3, V=2"
+    else:
+        affine, shared = _numeric_affine(r, env, rng)
+        how = "40-digit arithmetic at random points, K=3, V=2"
+    proofs.append(f"S' affine in S: {'yes' if affine else 'no'}; transition shared by value columns: "
+                  f"{'yes' if shared else 'no'} ({how})")
 
     # -- (1) structure
     try:
@@ -104,8 +118,6 @@ def _check(r: Rule) -> Facts:
         if not isinstance(out, LinVec) or out.r is None or out.b is not None:
             raise NotLinear(r.output, f"the read-out {ir.to_text(r.output)} is not S^T q for a state-free q")
     except NotLinear as e:
-        if not affine:
-            proofs.append("S' affine in S: no (sympy, K=3, V=2)")
         if affine and shared:
             why = f"affine, but {e.why}"
         elif not affine:
@@ -144,6 +156,42 @@ def _check(r: Rule) -> Facts:
     f = Facts(r.name, cls, forms, "" if "chunk" in forms else f"no chunk template for '{cls}' yet", 0, r.inputs,
               bounds=bounds, runtime_checks=runtime, proofs=tuple(proofs), **facts)
     return _with_derivatives(f, r)
+
+
+def _numeric_affine(r: Rule, env: dict, rng: random.Random) -> tuple[bool, bool]:
+    """Affinity / column sharing of S -> S' at random rational inputs and states (exact for rational maps).
+
+    An affine map f satisfies f(S1 + S2) + f(0) = f(S1) + f(S2) and f(2 S1) + f(0) = 2 f(S1); a map
+    acting on the key side only has f(E_kl) - f(0) zero outside column l, and equal in every column.
+    """
+    def rand():
+        return sp.Float(rng.uniform(-1.5, 1.5), 40)
+
+    def zero(M) -> bool:
+        return all(abs(sp.N(x, 40)) < 1e-25 for x in M)
+    vals = {}
+    for name, x in env.items():
+        if name == "S":
+            continue
+        vals[name] = x.applyfunc(lambda _: rand()) if isinstance(x, sp.MatrixBase) else rand()
+
+    def f(Sv):
+        return symbolic.evaluate(r.new_state, {**vals, "S": Sv})
+    Z = sp.zeros(3, 2)
+    S1, S2 = (sp.Matrix(3, 2, lambda i, j: rand()) for _ in range(2))
+    f0 = f(Z)
+    affine = zero(f(S1 + S2) + f0 - f(S1) - f(S2)) and zero(f(2 * S1) + f0 - 2 * f(S1))
+    if not affine:
+        return False, False
+    cols = {}
+    for kk in range(3):
+        for l in range(2):
+            E = sp.zeros(3, 2)
+            E[kk, l] = 1
+            cols[kk, l] = f(E) - f0
+    shared = zero([cols[kk, l][i, j] for (kk, l) in cols for i in range(3) for j in range(2) if j != l]) and \
+        zero([cols[kk, 0][i, 0] - cols[kk, 1][i, 1] for kk in range(3) for i in range(3)])
+    return True, bool(shared)
 
 
 def _state_leaf(r: Rule) -> ir.Node:

@@ -54,11 +54,11 @@ def linear_inputs(r, q, k, v, inputs: dict, initial_state, cu_seqlens, scale) ->
     if v.shape[:2] != (B, T):
         fail("v", f"[B, T, HV, V] with B, T = {B}, {T}", _shape(v), "v must cover the same batch and time as q")
     HV, V = v.shape[2], v.shape[3]
+    if K == 0 or V == 0 or H == 0 or HV == 0:
+        fail("q/v", "non-empty head and feature dimensions", f"q {_shape(q)}, v {_shape(v)}", "check the head_dim")
     if HV % H != 0:
         fail("v", f"a head count HV that is a multiple of q's H={H}", f"HV={HV}",
              "use grouped value heads (HV = H * group) or repeat q/k heads")
-    if K == 0 or V == 0 or H == 0:
-        fail("q/v", "non-empty head and feature dimensions", f"q {_shape(q)}, v {_shape(v)}", "check the head_dim")
     for name, x in (("k", k), ("v", v)):
         if x.device != q.device:
             fail(name, f"the device of q ({q.device})", str(x.device), f"move {name} with .to(q.device)")
