@@ -86,14 +86,21 @@ def flops(name, B, T, H, K, V, C=64):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rules", default=",".join(RULES))
+    ap.add_argument("--fla", default="linear_attention,gla,deltanet,kda",
+                    help="rules to time fla on (its first call autotunes for minutes: kda took 215 s)")
     a = ap.parse_args()
+    fla_rules = set(a.fla.split(",")) if a.fla else set()
     dev = "cuda"
     B, T, H, K, V = (2, 1024, 8, 128, 128) if a.quick else (8, 4096, 16, 128, 128)
     dtype = torch.bfloat16
     rows, checks = [], []
     os.environ["UNIFATTN_CACHE_DIR"] = tempfile.mkdtemp()
 
-    for name in RULES:
+    print(f"shape B={B} T={T} H={H} K={K} V={V}, bf16; ceilings {COPY_TBS} TB/s copy, {MATMUL_TFLOPS} TFLOP/s")
+    print("rule: err vs fp32 reference (slice) | chunk vs recurrent fp32 (full) | bf16 chunk vs fp32 recurrent; "
+          "first call s; op ms (with input checks) / core ms / fla ms; TB/s; TFLOP/s", flush=True)
+    for name in a.rules.split(","):
         r = ua.rules.BUILTIN[name]
         # first call: codegen + compile (+ tuning) from an empty cache
         q, k, v, e = inputs(name, 1, 256, 2, K, V, dtype, dev)
@@ -126,45 +133,36 @@ def main():
         heads = {s.name: x[s.name].shape[2] for s in r.inputs if s.kind == "token"}
         t_op = bench(lambda: ua.ops.linear_attention(r, q, k, v, form="chunk", **e))
         t_core = bench(lambda: mod.forward(x, heads, B, T, H, H, K, V, K ** -0.5, None, False, None))
-        f = fla_fn(name)
-        t_fla = None
-        if callable(f):
-            try:
-                t_fla = bench(lambda: f(q, k, v, e))
-            except Exception as exc:  # noqa: BLE001
-                t_fla = f"{type(exc).__name__}: {str(exc)[:60]}"
-        else:
-            t_fla = f
+        t_fla = "timed after ours" if name in fla_rules else "not timed in this run"
         nbytes = (3 * B * T * H * K + B * T * H * V) * 2 + sum(t.numel() * 4 for t in e.values())
         rows.append((name, t_op, t_core, t_fla, nbytes / t_core / 1e9, flops(name, B, T, H, K, V) / t_core / 1e9))
+        fs = f"{t_fla:.3f}" if isinstance(t_fla, float) else str(t_fla)
+        print(f"  {name:16s} {err_ref:.1e} {err_full:.1e} {err_bf:.1e}  first {first:5.1f} s  "
+              f"op {t_op:.3f} core {t_core:.3f} fla {fs}  {rows[-1][4] / 1e3:.2f} TB/s {rows[-1][5]:.0f} TFLOP/s",
+              flush=True)
         del q, k, v, e, x
         torch.cuda.empty_cache()
 
+    print_decode = _decode(H, K, V, dtype, dev)
     qs = torch.randn(B, H, T, K, device=dev, dtype=dtype)
     t_sdpa = bench(lambda: F.scaled_dot_product_attention(qs, qs, qs, is_causal=True))
+    print(f"  SDPA causal fwd {t_sdpa:.3f} ms", flush=True)
     del qs
 
-    # decode: one token, B=16, state updated in place
-    Bd = 16
-    dec = []
-    for name in ("gated_deltanet", "kda"):
-        r = ua.rules.BUILTIN[name]
-        q, k, v, e = inputs(name, Bd, 1, H, K, V, dtype, dev)
-        S = torch.zeros(Bd, H, K, V, device=dev)
-        from unifattn.compiled import run
-        from unifattn.validate import Dims
-        d = Dims(Bd, 1, H, H, K, V, Bd)
-        fn = lambda: run(r, "recurrent", q, k, v, e, d, K ** -0.5, S, True, None, inplace_state=True)  # noqa: E731
-        t = bench(fn)
-        t_f = None
+    # fla last: its first calls compile and autotune for minutes
+    for i, (name, t_op, t_core, _, tbs, tfl) in enumerate(rows):
+        if name not in fla_rules:
+            continue
+        q, k, v, e = inputs(name, B, T, H, K, V, dtype, dev, seed=2)
+        f = fla_fn(name)
         try:
-            from fla.ops.kda import fused_recurrent_kda
-            if name == "kda":
-                t_f = bench(lambda: fused_recurrent_kda(q, k, v, g=e["g"], beta=e["beta"], initial_state=S,
-                                                        output_final_state=True))
+            t_fla = bench(lambda: f(q, k, v, e)) if callable(f) else f
         except Exception as exc:  # noqa: BLE001
-            t_f = f"{type(exc).__name__}"
-        dec.append((name, t, 2 * S.numel() * 4 / t / 1e9, t_f))
+            t_fla = f"{type(exc).__name__}: {str(exc)[:60]}"
+        rows[i] = (name, t_op, t_core, t_fla, tbs, tfl)
+        print(f"  fla {name:16s} {t_fla if isinstance(t_fla, str) else f'{t_fla:.3f} ms'}", flush=True)
+        del q, k, v, e
+        torch.cuda.empty_cache()
 
     print(f"\nshape B={B} T={T} H={H} K={K} V={V}, bf16; ceilings {COPY_TBS} TB/s copy, {MATMUL_TFLOPS} TFLOP/s bf16")
     print("\ncorrectness (max error relative to max |ref|): chunk vs fp32 reference on B=1 T=512 H=2, "
@@ -179,10 +177,46 @@ def main():
         if not isinstance(t_fla, float) and t_fla:
             print(f"{'':18s}   fla: {t_fla}")
     print(f"{'SDPA causal':18s} {t_sdpa:8.3f}")
+    dec, Bd = print_decode
     print(f"\ndecode step B={Bd} H={H} K=V={K} (state fp32 read + written)")
-    for name, t, gbs, t_f in dec:
+    for name, t, gbs, t_f, t_op in dec:
         fs = f"fla fused_recurrent {t_f:.4f} ms" if isinstance(t_f, float) else f"fla: {t_f}"
-        print(f"  {name:18s} {t:.4f} ms  {gbs / 1e3:.2f} TB/s effective   {fs}")
+        print(f"  {name:18s} kernel {t:.4f} ms  {gbs / 1e3:.2f} TB/s effective; op {t_op:.4f} ms; {fs}")
+
+
+def _decode(H, K, V, dtype, dev):
+    # decode: one token, B=16, state updated in place
+    Bd = 16
+    dec = []
+    for name in ("gated_deltanet", "kda"):
+        r = ua.rules.BUILTIN[name]
+        q, k, v, e = inputs(name, Bd, 1, H, K, V, dtype, dev)
+        S = torch.zeros(Bd, H, K, V, device=dev)
+        from unifattn.compiled import run
+        from unifattn.validate import Dims
+        d = Dims(Bd, 1, H, H, K, V, Bd)
+        fn = lambda: run(r, "recurrent", q, k, v, e, d, K ** -0.5, S, True, None, inplace_state=True)  # noqa: E731
+        t_op = bench(fn)
+        mod = codegen.module(r, "recurrent")
+        x = {"q": q, "k": k, "v": v, **e}
+        heads = {n: x[n].shape[2] for n in ("q", "k", "v", *e) if x[n].dim() >= 3}
+        o = torch.empty_like(v)
+        t = bench(lambda: mod.launch(x, heads, o, S, S, None, K ** -0.5, Bd, 1, H, K, V, 16, 4))
+        t_f = None
+        try:
+            from fla.ops.kda import fused_recurrent_kda
+            if name == "kda":
+                t_f = bench(lambda: fused_recurrent_kda(q, k, v, g=e["g"], beta=e["beta"], initial_state=S,
+                                                        output_final_state=True))
+        except Exception as exc:  # noqa: BLE001
+            t_f = f"{type(exc).__name__}"
+        dec.append((name, t, 2 * S.numel() * 4 / t / 1e9, t_f, t_op))
+
+    for name, t, gbs, t_f, t_op in dec:
+        fs = f"fla fused_recurrent {t_f:.4f} ms" if isinstance(t_f, float) else f"fla: {t_f}"
+        print(f"  decode {name:16s} B={Bd} kernel {t:.4f} ms ({gbs / 1e3:.2f} TB/s effective), op {t_op:.4f} ms; {fs}",
+              flush=True)
+    return dec, Bd
 
 
 if __name__ == "__main__":
