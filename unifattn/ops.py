@@ -66,3 +66,30 @@ def _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, 
         o, S = torch.cat(os_, 1), torch.cat(Ss, 0)
     o = (o * scale).to(v.dtype)
     return o, (S if output_final_state else None)
+
+
+# ------------------------------------------------------------------ sparse attention
+def select(sel, *, topk=None, cu_seqlens=None, **inputs):
+    """Top-k key (or key block) indices per query from a selector: int32 [B, T, HKV, topk], -1 padded.
+
+    See unifattn.select.select for shapes; e.g. select(rules.lightning_indexer, qi=qi, ki=ki, w=w).
+    """
+    from unifattn.select import select as _select
+    return _select(sel, topk=topk, cu_seqlens=cu_seqlens, **inputs)
+
+
+def sparse_attention(q, k, v, indices, *, block_size=None, scale=None, cu_seqlens=None, return_lse=False):
+    """Softmax attention of each query over its selected keys (token or block indices), with backward.
+
+    q [B, T, HQ, D]; k, v [B, T, HKV, D]; indices int32 [B, T, HKV, topk] shared by the HQ / HKV query
+    heads of a group; -1 entries are skipped and a row with no key gives zeros.
+    """
+    from unifattn.kernels.sparse_attention import sparse_attention as _sparse
+    return _sparse(q, k, v, indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
+                   return_lse=return_lse)
+
+
+def indexer_loss(q, k, qi, ki, w, *, indices=None, scale=None, cu_seqlens=None):
+    """KL(dense head-summed attention || softmax(lightning-indexer scores)); gradients reach qi, ki, w only."""
+    from unifattn.kernels.indexer_loss import lightning_indexer_loss
+    return lightning_indexer_loss(q, k, qi, ki, w, indices=indices, scale=scale, cu_seqlens=cu_seqlens)

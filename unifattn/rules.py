@@ -101,3 +101,9 @@ __all__ = list(BUILTIN)
 
 # silence "imported but unused" for primitives kept available to readers of this file
 _ = (log, logsigmoid)
+
+# selectors (sparse top-k): DeepSeek's lightning indexer and MoBA's block scores
+from unifattn.selectors import lightning_indexer, moba  # noqa: E402
+
+SELECTORS = {"lightning_indexer": lightning_indexer, "moba": moba}
+__all__ += list(SELECTORS)
