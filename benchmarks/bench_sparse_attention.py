@@ -27,9 +27,10 @@ after the T=2048 check passed for every case (rel. L2 errors 2.0e-3 to 2.5e-3):
 Why it falls short of the 6x / 12x targets: with G = 16 query heads per KV head
 each gathered K/V row (512 bytes) feeds only 16 rows of a dot, 16 FLOP/byte, so
 the forward is bound by gather bandwidth out of L2 (~7.8 TB/s here), not by the
-tensor cores. Token-granularity backward also scatters dk, dv as fp32 atomics
-(2 x 512 bytes per triple), which took ~90 of its ~92 ms at top-2048. Block
-granularity avoids the atomics (key-centric dk, dv) and reaches 4.2x.
+tensor cores. The token-granularity backward (~92 ms at top-2048) gathers K/V
+again (~17 ms at the forward's rate) and scatters dk, dv as fp32 atomics,
+2 x 512 bytes per triple: most of the rest is presumably that scatter (not
+profiled). Block granularity avoids the atomics (key-centric dk, dv): 4.2x.
 """
 from __future__ import annotations
 
