@@ -242,6 +242,11 @@ def _classify(A: KOp, c, kb, vb, env, rng):
         if A.kind != "one":
             facts["log_gate"] = _log(A.d)
         return cls, facts
+    if A.kind == "scalar" and symbolic.all_zero(list(uw + C * Kb * Kb.T), rng) is not None:
+        # a delta write followed by a scalar decay a: A = a I - c' k k^T, B = c' k v^T with c' = a beta,
+        # i.e. a (I - beta k k^T) S + beta k (a v)^T: the scalar_delta template with value a v
+        beta = ir.binary("div", c, A.d)
+        return "scalar_delta", dict(key=kb, value=ir.binary("mul", A.d, vb), beta=beta, log_gate=_log(A.d))
     gate = None if A.kind in ("one", "zero") else _log(A.d)
     if A.kind == "zero":
         return None, "the transition is pure low rank (no diagonal part)"
@@ -347,11 +352,13 @@ def _bounds(cls, f, r: Rule):
         if ok:
             bounds["log_gate <= 0"] = "proved from the parameterization"
         elif g.op in ("input", "param"):
-            bounds["log_gate <= 0"] = f"not implied: input '{g.name}' is used as a log-gate (checked at call time)"
+            bounds["log_gate <= 0"] = (f"not implied: input '{g.name}' is used as a log-gate "
+                                       "(checked at call time by the chunk and recurrent forms)")
             runtime.append((g.name, "<= 0", "it is a log-gate: exp of it must be a decay in (0, 1]"))
         elif g.op == "log" and g.args[0].op in ("input", "param"):
             name = g.args[0].name
-            bounds["log_gate <= 0"] = f"not implied: '{name}' is used as a decay (checked at call time)"
+            bounds["log_gate <= 0"] = (f"not implied: '{name}' is used as a decay "
+                                       "(checked at call time by the chunk and recurrent forms)")
             runtime.append((name, "in (0, 1]", "it is a decay factor"))
         else:
             bounds["log_gate <= 0"] = "not proved: the chunk kernels need decays in (0, 1]"

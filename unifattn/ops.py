@@ -78,18 +78,25 @@ def select(sel, *, topk=None, cu_seqlens=None, **inputs):
     return _select(sel, topk=topk, cu_seqlens=cu_seqlens, **inputs)
 
 
-def sparse_attention(q, k, v, indices, *, block_size=None, scale=None, cu_seqlens=None, return_lse=False):
+def sparse_attention(q, k, v, indices, *, block_size=None, scale=None, cu_seqlens=None, return_lse=False,
+                     check_indices=True):
     """Softmax attention of each query over its selected keys (token or block indices), with backward.
 
     q [B, T, HQ, D]; k, v [B, T, HKV, D]; indices int32 [B, T, HKV, topk] shared by the HQ / HKV query
-    heads of a group; -1 entries are skipped and a row with no key gives zeros.
+    heads of a group; -1 entries are skipped and a row with no key gives zeros. check_indices=False
+    skips the (sorting) duplicate / range check; out-of-range entries are still never read.
     """
     from unifattn.kernels.sparse_attention import sparse_attention as _sparse
     return _sparse(q, k, v, indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
-                   return_lse=return_lse)
+                   return_lse=return_lse, check_indices=check_indices)
 
 
 def indexer_loss(q, k, qi, ki, w, *, indices=None, scale=None, cu_seqlens=None):
-    """KL(dense head-summed attention || softmax(lightning-indexer scores)); gradients reach qi, ki, w only."""
+    """KL(head-summed attention || softmax(lightning-indexer scores)), gradients to qi, ki, w only.
+
+    Dense warm-up (indices None): over all causal keys. Sparse stage: each head's softmax over the
+    selected keys (what sparse attention computes), summed over heads, against the indexer's softmax
+    over the same keys.
+    """
     from unifattn.kernels.indexer_loss import lightning_indexer_loss
     return lightning_indexer_loss(q, k, qi, ki, w, indices=indices, scale=scale, cu_seqlens=cu_seqlens)
