@@ -344,7 +344,6 @@ def chunk_identity(cls: str) -> str:
 # ------------------------------------------------------------------ bounds
 def _bounds(cls, f, r: Rule):
     bounds, runtime = {}, []
-    raw = {s.name: s for s in r.inputs}
     g = f.get("log_gate")
     if g is not None:
         expr = symbolic.elementwise(g)

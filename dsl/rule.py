@@ -287,13 +287,54 @@ def rule(state=("K", "V")):
     return deco
 
 
-def trace(fn, state_dims=("K", "V")) -> Rule:
-    name = fn.__name__
+def source_of(fn) -> tuple[str, list[str], int]:
+    """(file, source lines, first line) of a function being traced."""
     file = inspect.getsourcefile(fn) or "?"
     try:
         src_lines, first = inspect.getsourcelines(fn)
     except OSError:
         src_lines, first = [], fn.__code__.co_firstlineno
+    return file, src_lines, first
+
+
+def run_traced(fn, args: tuple, kwargs: dict, known: list[str], importable_from: str):
+    """Call fn on symbolic values under the line recorder; Python errors become RuleErrors with the line.
+
+    Returns (result, recorder). The caller sets up _T (rule name, code, file) beforehand.
+    """
+    name, file = _T.rule, _T.file
+    recorder = _Recorder(fn.__code__)
+    old = sys.gettrace()
+    sys.settrace(recorder.global_trace)
+    try:
+        result = fn(*args, **kwargs)
+    except RuleError:
+        raise
+    except NameError as e:
+        line = _tb_line(e, fn.__code__)
+        missing = getattr(e, "name", None) or str(e)
+        close = difflib.get_close_matches(str(missing), known, n=1)
+        fix = f"did you mean '{close[0]}'?" if close else f"define it as an input or import it from {importable_from}"
+        raise RuleError(name, f"{file}:{line}", "names that are inputs or DSL primitives",
+                        f"undefined name '{missing}'", fix) from None
+    except (TypeError, AttributeError, ValueError) as e:
+        line = _tb_line(e, fn.__code__)
+        raise RuleError(name, f"{file}:{line}", "DSL operations on traced values", f"{type(e).__name__}: {e}",
+                        "use +, -, *, /, @, .T and the primitives of " + importable_from) from None
+    finally:
+        sys.settrace(old)
+        _T.code = None
+    return result, recorder
+
+
+def statements_of(recorder: "_Recorder", src_lines: list[str], first: int) -> tuple[ir.Statement, ...]:
+    return tuple(ir.Statement(t, n, ln, src_lines[ln - first].strip() if 0 <= ln - first < len(src_lines) else "")
+                 for t, n, ln in recorder.statements)
+
+
+def trace(fn, state_dims=("K", "V")) -> Rule:
+    name = fn.__name__
+    file, src_lines, first = source_of(fn)
     where = f"{file}:{first}"
     params = list(inspect.signature(fn).parameters.values())
     if not params:
@@ -322,27 +363,7 @@ def trace(fn, state_dims=("K", "V")) -> Rule:
     args = {s.name: Sym(ir.Node("input" if s.kind == "token" else "param", shape=s.shape, name=s.name)) for s in specs}
 
     _T.rule, _T.code, _T.file, _T.first_line = name, fn.__code__, file, first
-    recorder = _Recorder(fn.__code__)
-    old = sys.gettrace()
-    sys.settrace(recorder.global_trace)
-    try:
-        result = fn(S, **args)
-    except RuleError:
-        raise
-    except NameError as e:
-        line = _tb_line(e, fn.__code__)
-        missing = getattr(e, "name", None) or str(e)
-        close = difflib.get_close_matches(str(missing), list(names) + list(PRIMITIVES) + ["S"], n=1)
-        fix = f"did you mean '{close[0]}'?" if close else "define it as an input or import it from unifattn.dsl"
-        raise RuleError(name, f"{file}:{line}", "names that are inputs, the state S or DSL primitives",
-                        f"undefined name '{missing}'", fix) from None
-    except (TypeError, AttributeError, ValueError) as e:
-        line = _tb_line(e, fn.__code__)
-        raise RuleError(name, f"{file}:{line}", "DSL operations on traced values", f"{type(e).__name__}: {e}",
-                        "use +, -, *, /, @, .T and the primitives of unifattn.dsl") from None
-    finally:
-        sys.settrace(old)
-        _T.code = None
+    result, recorder = run_traced(fn, (S,), args, list(names) + list(PRIMITIVES) + ["S"], "unifattn.dsl")
 
     last = first + len(src_lines) - 1
     if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(r, Sym) for r in result)):
@@ -358,8 +379,7 @@ def trace(fn, state_dims=("K", "V")) -> Rule:
                         _fmt(output.shape), "return the read-out second, e.g. `S.T @ q`")
 
     src = textwrap.dedent("".join(src_lines))
-    stmts = tuple(ir.Statement(t, n, ln, src_lines[ln - first].strip() if 0 <= ln - first < len(src_lines) else "")
-                  for t, n, ln in recorder.statements)
+    stmts = statements_of(recorder, src_lines, first)
     r = Rule(name, inspect.getdoc(fn) or "", tuple(state_dims), tuple(specs), stmts, new_state, output,
              file, first, src)
     _check_dataflow(r)
@@ -442,7 +462,7 @@ def _check_dataflow(r: Rule):
     live = nx.ancestors(g, "new_state") | nx.ancestors(g, "output")
     for spec in r.inputs:
         if spec.name not in live:
-            raise RuleError(r.name, r.where, f"every input to reach the state or the output",
+            raise RuleError(r.name, r.where, "every input to reach the state or the output",
                             f"input '{spec.name}' is never used",
                             f"use '{spec.name}' in the update or remove it from the signature")
     if "S" not in nx.ancestors(g, "output") and not ir.depends_on_state(r.output):

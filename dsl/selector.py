@@ -40,14 +40,13 @@ vector-valued expressions stay on one side, query and key meet only through
 from __future__ import annotations
 
 import inspect
-import sys
 import textwrap
 from dataclasses import dataclass
 
 from . import ir
 from .errors import RuleError
-from .rule import (InputType, Scalar, Sym, Vec, _fail, _lift, _line, _Recorder, _T, _tb_line, exp, l2norm, log,
-                   logsigmoid, relu, sigmoid, softplus, sqrt, vsum)
+from .rule import (InputType, Scalar, Sym, Vec, _fail, _lift, _line, _T, exp, l2norm, log, logsigmoid, relu,
+                   run_traced, sigmoid, softplus, source_of, sqrt, statements_of, vsum)
 
 __all__ = ["selector", "Selector", "SelectorInput", "Heads", "Vec", "Scalar", "sum_heads", "relu", "exp", "log",
            "sqrt", "sigmoid", "softplus", "logsigmoid", "l2norm", "vsum", "block", "sink", "local", "Block",
@@ -268,11 +267,7 @@ def _annotation(fn, name, ann):
 
 def trace(fn, topk: int, block_size: int = 1, always=(), keys=None) -> Selector:
     name = fn.__name__
-    file = inspect.getsourcefile(fn) or "?"
-    try:
-        src_lines, first = inspect.getsourcelines(fn)
-    except OSError:
-        src_lines, first = [], fn.__code__.co_firstlineno
+    file, src_lines, first = source_of(fn)
     where = f"{file}:{first}"
     params = list(inspect.signature(fn).parameters.values())
     names = [p.name for p in params]
@@ -316,26 +311,9 @@ def trace(fn, topk: int, block_size: int = 1, always=(), keys=None) -> Selector:
     args = {s.name: Sym(ir.Node("input", shape=s.shape, name=s.name)) for s in specs}
     _T.rule, _T.code, _T.file, _T.first_line = name, fn.__code__, file, first
     _S.head_dims = head_dims
-    recorder = _Recorder(fn.__code__)
-    old = sys.gettrace()
-    sys.settrace(recorder.global_trace)
     try:
-        result = fn(**args)
-    except RuleError:
-        raise
-    except NameError as e:
-        line = _tb_line(e, fn.__code__)
-        missing = getattr(e, "name", None) or str(e)
-        raise RuleError(name, f"{file}:{line}", "names that are inputs or DSL primitives",
-                        f"undefined name '{missing}'", "define it as an input or import it from "
-                        "unifattn.dsl.selector") from None
-    except (TypeError, AttributeError, ValueError) as e:
-        line = _tb_line(e, fn.__code__)
-        raise RuleError(name, f"{file}:{line}", "DSL operations on traced values", f"{type(e).__name__}: {e}",
-                        "use +, -, *, /, @, .T, sum_heads and the primitives of unifattn.dsl") from None
+        result, recorder = run_traced(fn, (), args, [], "unifattn.dsl.selector")
     finally:
-        sys.settrace(old)
-        _T.code = None
         _S.head_dims = None
 
     ret = recorder.return_line or first + len(src_lines) - 1
@@ -345,8 +323,7 @@ def trace(fn, topk: int, block_size: int = 1, always=(), keys=None) -> Selector:
         raise RuleError(name, f"{file}:{ret}", "`return score` with a scalar score", got,
                         "reduce to a scalar: q @ k for vectors, sum_heads(...) over Heads dimensions")
     src = textwrap.dedent("".join(src_lines))
-    stmts = tuple(ir.Statement(t, n, ln, src_lines[ln - first].strip() if 0 <= ln - first < len(src_lines) else "")
-                  for t, n, ln in recorder.statements)
+    stmts = statements_of(recorder, src_lines, first)
     sel = Selector(name, inspect.getdoc(fn) or "", topk, block_size, tuple(always), tuple(specs), head_dims,
                    stmts, result.node, file, first, src)
     used = ir.leaves(sel.score, "input")
