@@ -380,7 +380,6 @@ def _bounds(cls, f, r: Rule):
         else:
             why = "k is not normalized" if not unit else f"beta in {bstr}"
             bounds["eig(I - beta k k^T)"] = f"1 and 1 - beta |k|^2; not bounded: {why}; keep beta |k|^2 in [0, 2]"
-        del raw
     return bounds, tuple(runtime)
 
 
