@@ -59,17 +59,19 @@ def test_decode_step_updates_state_in_place():
     S_ref = S.double().clone()
     o_ref, S_ref = ua.ops.linear_attention(r, **{n: x.double() for n, x in case.items()}, initial_state=S_ref,
                                            output_final_state=True)
-    o, S_out = ua.compiled.run(r, "recurrent", case["q"], case["k"], case["v"], {"g": case["g"], "beta": case["beta"]},
-                               _dims(case), 8 ** -0.5, S, True, None, inplace_state=True)
+    o, S_out = ua.ops.linear_attention(r, **case, initial_state=S, form="recurrent", inplace_state=True)
     assert S_out is S
     ua.testing.assert_close(S, S_ref, torch.float32, "in-place state")
     ua.testing.assert_close(o, o_ref, torch.float32, "decode output")
 
 
-def _dims(case):
-    from unifattn.validate import Dims
-    B, T, H, K = case["q"].shape
-    return Dims(B, T, H, case["v"].shape[2], K, case["v"].shape[3], B)
+def test_inplace_state_needs_the_recurrent_form_and_a_float32_state():
+    case = make_inputs(ua.rules.kda, T=1, K=4, V=4, initial_state=True)
+    with pytest.raises(ValueError, match="inplace_state: expected form='recurrent'"):
+        ua.ops.linear_attention(ua.rules.kda, form="chunk", inplace_state=True, **case)
+    case.pop("initial_state")
+    with pytest.raises(ValueError, match="inplace_state: expected a contiguous float32 initial_state"):
+        ua.ops.linear_attention(ua.rules.kda, form="recurrent", inplace_state=True, **case)
 
 
 @rule(state=("K", "V"))

@@ -24,8 +24,12 @@ def _expand_heads(x: torch.Tensor, H: int, HV: int) -> torch.Tensor:
 
 
 def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, form="reference", **inputs):
-    """Run rule r over the sequences in q, k, v. Returns (o, final_state or None)."""
+                     cu_seqlens=None, form="reference", inplace_state=False, **inputs):
+    """Run rule r over the sequences in q, k, v. Returns (o, final_state or None).
+
+    inplace_state=True (form="recurrent", the decoding path) writes the final state into
+    initial_state itself (float32, contiguous) and returns it: no state allocation per token.
+    """
     if not isinstance(r, Rule):
         validate.fail("rule", "a rule declared with @unifattn.dsl.rule (e.g. unifattn.rules.kda)",
                       type(r).__name__, "pass the rule object first", TypeError)
@@ -34,10 +38,14 @@ def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output
     d = validate.linear_inputs(r, q, k, v, inputs, initial_state, cu_seqlens, scale)
     scale = d.K ** -0.5 if scale is None else float(scale)
     validate.finite({"q": q, "k": k, "v": v, "initial_state": initial_state, **inputs})
+    if inplace_state and form != "recurrent":
+        validate.fail("inplace_state", "form='recurrent' (the decoding kernel updates the state in place)",
+                      f"form={form!r}", "pass form='recurrent', or drop inplace_state")
     if form == "reference":
         return _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens)
     from unifattn import compiled  # codegen path: imported lazily, it pulls in triton
-    return compiled.run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens)
+    return compiled.run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens,
+                        inplace_state=inplace_state)
 
 
 def _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens):
