@@ -23,9 +23,13 @@ i // (HV // H)); g [B, T, HV] (scalar) or [B, T, HV, K] (diagonal); beta [B, T, 
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .utils import empty, interpreting, next_pow2
+from .utils import empty, interpreting, load_tuned, next_pow2, save_tuned, tuned_key
+
+log = logging.getLogger(__name__)
 
 GATES = {"none": 0, "scalar": 1, "diagonal": 2}
 CHUNK_SIZES = (16, 32, 64)
@@ -97,9 +101,16 @@ def _validate(q, k, v, g, beta, gate, delta, initial_state, cu_seqlens, chunk_si
     return B, T, H, K, HV, V, N
 
 
-def _launch(name, kernel, configs, grid, key, args, V):
-    """Launch with the best of `configs` (timed once per key on a GPU; the first under the interpreter).
+def _launch(name, kernel, configs, grid, key, args, V, writes):
+    """Launch with the best admitted config of `configs`; `writes` names the outputs in args.
 
+    Under the interpreter, or with one candidate, the first config runs. On a GPU, the first call
+    per (kernel, shape, device, Triton version) tunes: the first config (the one the H200 sweep
+    verified for every class) runs as the probe's reference; every other candidate is admitted
+    only if it reproduces those outputs (Hopper miscompiles, ALGORITHMS.md 6b), then the fastest
+    admitted one is kept, in memory and on disk (tuned.json in the cache dir), so a second
+    process does not tune again. A candidate that faults the GPU cannot be caught in-process:
+    such configs stay out of the candidate lists.
     A config's BV, if it has one, is capped at V's power of two; grid(kwargs) gives the grid.
     """
     seen, candidates = set(), []
@@ -118,12 +129,55 @@ def _launch(name, kernel, configs, grid, key, args, V):
 
     if interpreting() or len(candidates) == 1:
         return run(candidates[0])
-    key = (name,) + key
+    key = (name,) + tuple(key)
     if key not in _TUNED:
-        from triton.testing import do_bench
-        times = [do_bench(lambda c=c: run(c), warmup=5, rep=25) for c in candidates]
-        _TUNED[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
+        _TUNED[key] = _tune(key, candidates, run, [args[w] for w in writes if args.get(w) is not None])
     run(_TUNED[key])
+
+
+def _tune(key, candidates, run, outputs, timer=None):
+    """Index-stable choice among candidates: probe-admitted, then fastest; remembered on disk."""
+    disk_key = tuned_key(key)
+    hit = load_tuned(disk_key)
+    plain = [_plain(c) for c in candidates]
+    if hit is not None and hit in plain:
+        return candidates[plain.index(hit)]
+    if timer is None:
+        from triton.testing import do_bench
+        timer = lambda fn: do_bench(fn, warmup=5, rep=25)  # noqa: E731
+    run(candidates[0])
+    reference = [o.detach().clone() for o in outputs]
+    admitted, times = [], []
+    for c in candidates:
+        run(c)
+        if c is not candidates[0] and not all(_agrees(o, r) for o, r in zip(outputs, reference)):
+            log.warning("chunk kernel config %s rejected for %s: its outputs differ from the reference config's",
+                        _plain(c), key)
+            continue
+        admitted.append(c)
+        times.append(timer(lambda c=c: run(c)))
+    best = admitted[min(range(len(admitted)), key=times.__getitem__)]
+    save_tuned(disk_key, _plain(best))
+    return best
+
+
+def _plain(c) -> list:
+    """A candidate as the JSON value it is stored as."""
+    kwargs, num_warps, num_stages = c
+    return [[[k, v] for k, v in sorted(kwargs.items())], num_warps, num_stages]
+
+
+def _agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Same values up to accumulation-order rounding of the output dtype; NaN where ref has none fails."""
+    a, b = out.float(), ref.float()
+    if not bool(torch.isfinite(a).eq(torch.isfinite(b)).all()):
+        return False
+    m = torch.isfinite(b)
+    if not bool(m.any()):
+        return True
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(ref.dtype, 1e-4)
+    scale = max(1.0, float(b[m].abs().max()))
+    return float((a[m] - b[m]).abs().max()) <= tol * scale
 
 
 def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = False, scale: float = 1.0,
@@ -193,19 +247,19 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
     if GATE:
         gc = empty(g.shape, torch.float32, device)
         _launch("cumsum", chunk_intra.chunk_cumsum_kernel, chunk_intra.CUMSUM_CONFIGS, per_chunk, shape_key,
-                dict(g=g, gc=gc, **common, HV=HV, K=K, BT=BT, BK=BK, GATE=GATE), V)
+                dict(g=g, gc=gc, **common, HV=HV, K=K, BT=BT, BK=BK, GATE=GATE), V, ("gc",))
     if DELTA or GATE == 2:
         Aqk = empty((B, T, HV, BT), q.dtype, device) if GATE == 2 else None
         Ai = empty((B, T, HV, BT), q.dtype, device) if DELTA else None
         _launch("intra", chunk_intra.chunk_intra_kernel, chunk_intra.INTRA_CONFIGS, per_chunk, shape_key,
                 dict(q=q, k=k, gc=gc, beta=beta, Aqk=Aqk, Ai=Ai, **common, H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK,
-                     GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V)
+                     GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("Aqk", "Ai"))
     if DELTA:
         w = empty((B, T, HV, K), q.dtype, device)
         u = empty((B, T, HV, V), q.dtype, device)
         _launch("wu", chunk_intra.chunk_wu_kernel, chunk_intra.WU_CONFIGS, per_chunk, shape_key,
                 dict(k=k, v=v, gc=gc, beta=beta, Ai=Ai, w=w, u=u, **common, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK,
-                     GATE=GATE, DOT_PREC=DOT_PREC), V)
+                     GATE=GATE, DOT_PREC=DOT_PREC), V, ("w", "u"))
 
     # sequential pass over chunks: states entering each chunk, v~ for delta rules
     h = empty((n_chunks, HV, K, V), q.dtype, device)
@@ -215,12 +269,12 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
             lambda kwargs: (cdiv(V, kwargs["BV"]), N * HV), shape_key + (h0 is None, ht is None),
             dict(k=k, v=u if DELTA else v, w=w, gc=gc, h=h, v_new=v_new, h0=h0, ht=ht,
                  cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, T=T, H=H, HV=HV, K=K, V=V,
-                 BT=BT, BK=BK_STATE, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V)
+                 BT=BT, BK=BK_STATE, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("h", "v_new", "ht"))
 
     o = empty(v.shape, v.dtype, device)
     _launch("output", chunk_state.chunk_output_kernel, chunk_state.OUTPUT_CONFIGS,
             lambda kwargs: (cdiv(V, kwargs["BV"]), NT_grid, NB * HV), shape_key,
             dict(q=q, k=k, v=v_new if DELTA else v, gc=gc, h=h, Aqk=Aqk, o=o,
                  cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=float(scale), T=T,
-                 H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, GATE=GATE, DOT_PREC=DOT_PREC), V)
+                 H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, GATE=GATE, DOT_PREC=DOT_PREC), V, ("o",))
     return o, ht

@@ -8,7 +8,9 @@ luck. Poisoning is a testing aid only; it never changes a written value.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import tempfile
 
 import torch
 
@@ -42,3 +44,40 @@ def interpreting() -> bool:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ------------------------------------------------------------------ tuned launch configs on disk
+def _tuned_file() -> str:
+    d = os.environ.get("UNIFATTN_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "unifattn")
+    return os.path.join(d, "tuned.json")
+
+
+def tuned_key(key) -> str:
+    """A tuning key made specific to this GPU and Triton version."""
+    import triton
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return repr((dev, triton.__version__) + tuple(key))
+
+
+def load_tuned(key: str):
+    try:
+        with open(_tuned_file()) as f:
+            return json.load(f).get(key)
+    except (OSError, ValueError):
+        return None
+
+
+def save_tuned(key: str, choice) -> None:
+    """Merge one choice into tuned.json, written atomically (a reader never sees a partial file)."""
+    path = _tuned_file()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    table[key] = choice
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)

@@ -250,3 +250,32 @@ def test_errors():
         chunk_fwd(q, k, v, initial_state=torch.zeros(2, 1, 16, 16))
     with pytest.raises(ValueError, match="chunk_size"):
         chunk_fwd(q, k, v, chunk_size=48)
+
+
+def test_tuner_admits_only_configs_that_match_the_probe_and_remembers_the_choice(tmp_path, monkeypatch):
+    """A config whose outputs differ from the reference config's is rejected; the choice persists on disk."""
+    from unifattn.kernels import chunk as chunk_mod
+    monkeypatch.setenv("UNIFATTN_CACHE_DIR", str(tmp_path))
+    out = torch.zeros(8)
+    candidates = [({"BV": 16}, 4, 1), ({"BV": 32}, 4, 2), ({"BV": 64}, 8, 2)]
+    wrong = {32}                                   # BV=32 "miscompiles": writes a wrong value
+    speed = {16: 3.0, 32: 1.0, 64: 2.0}            # the wrong one is also the fastest
+
+    last = {}
+
+    def run(c):
+        last["BV"] = c[0]["BV"]
+        out.fill_(2.0 if c[0]["BV"] in wrong else 1.0)
+
+    timed = []
+
+    def timer(fn):
+        fn()
+        timed.append(last["BV"])
+        return speed[last["BV"]]
+
+    best = chunk_mod._tune(("probe", 1), candidates, run, [out], timer=timer)
+    assert best[0]["BV"] == 64, "the fastest admitted config, not the fastest wrong one"
+    assert sorted(timed) == [16, 64]
+    again = chunk_mod._tune(("probe", 1), candidates, run, [out], timer=lambda fn: 1 / 0)
+    assert again == best, "a second call (or process) reads the choice from tuned.json without timing"
