@@ -23,7 +23,7 @@ from unifattn.dsl.rule import Rule
 from .printer import Printer
 from .recurrent import header
 
-TEMPLATE_VERSION = "chunk-1"
+TEMPLATE_VERSION = "chunk-2"
 FACTS = ("query", "key", "value", "log_gate", "beta")
 
 
@@ -158,7 +158,7 @@ def _forward(r: Rule, facts: Facts, computed: list[str]) -> str:
             BK=triton.next_power_of_2(K), BV=triton.next_power_of_2(V), num_warps=1)
 '''
     al = "\n".join("    " + a for a in alloc)
-    return f'''def forward(x, heads, B, T, H, HV, K, V, scale, initial_state, output_final_state, cu_seqlens):
+    return f'''def forward(x, heads, B, T, H, HV, K, V, scale, initial_state, output_final_state, cu_seqlens, tune=False):
     """Prepare the facts from the raw inputs x, then run the shared chunk pipeline."""
     device, dtype = x["q"].device, x["q"].dtype
     prep = {{f: x[name] for f, name in RAW.items()}}
@@ -174,7 +174,8 @@ def _forward(r: Rule, facts: Facts, computed: list[str]) -> str:
     g = _per_value_head(g, HV)
     beta = _per_value_head(beta, HV)
     return chunk_fwd(q, k, v.to(dtype), g, beta, gate=GATE, delta=DELTA, scale=scale,
-                     initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                     initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                     tune=tune)
 
 
 def _per_value_head(x, HV):
@@ -185,7 +186,9 @@ def _per_value_head(x, HV):
 '''
 
 
-def run_chunk(mod, r: Rule, facts: Facts, full: dict, d, scale, initial_state, output_final_state, cu_seqlens):
+def run_chunk(mod, r: Rule, facts: Facts, full: dict, d, scale, initial_state, output_final_state, cu_seqlens,
+              tune=False):
     x = {n: (t if t.is_contiguous() else t.contiguous()) for n, t in full.items()}
     heads = {s.name: x[s.name].shape[2] for s in r.inputs if s.kind == "token"}
-    return mod.forward(x, heads, d.B, d.T, d.H, d.HV, d.K, d.V, scale, initial_state, output_final_state, cu_seqlens)
+    return mod.forward(x, heads, d.B, d.T, d.H, d.HV, d.K, d.V, scale, initial_state, output_final_state, cu_seqlens,
+                       tune=tune)

@@ -279,3 +279,27 @@ def test_tuner_admits_only_configs_that_match_the_probe_and_remembers_the_choice
     assert sorted(timed) == [16, 64]
     again = chunk_mod._tune(("probe", 1), candidates, run, [out], timer=lambda fn: 1 / 0)
     assert again == best, "a second call (or process) reads the choice from tuned.json without timing"
+
+
+def test_launch_runs_the_default_config_until_asked_to_tune(tmp_path, monkeypatch):
+    """A first call compiles one config per kernel; tune=True chooses, and later calls reuse the choice."""
+    import triton
+
+    from unifattn.kernels import chunk as chunk_mod
+    monkeypatch.setenv("UNIFATTN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(chunk_mod, "interpreting", lambda: False)
+    monkeypatch.setattr(chunk_mod, "_TUNED", {})
+    launched = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda **kw: launched.append((kw["BV"], kw["num_warps"]))
+
+    configs = [triton.Config({"BV": 32}, num_warps=4), triton.Config({"BV": 64}, num_warps=8)]
+    args = dict(o=torch.zeros(4))
+    chunk_mod._launch("k", FakeKernel(), configs, lambda kw: (1,), ("shape",), args, 128, ("o",))
+    assert launched == [(32, 4)]
+    monkeypatch.setattr(chunk_mod, "_tune", lambda key, cands, run, outs: cands[1])
+    chunk_mod._launch("k", FakeKernel(), configs, lambda kw: (1,), ("shape",), args, 128, ("o",), tune=True)
+    chunk_mod._launch("k", FakeKernel(), configs, lambda kw: (1,), ("shape",), args, 128, ("o",))
+    assert launched[1:] == [(64, 8), (64, 8)]

@@ -14,7 +14,7 @@ def _contig(x):
 
 
 def run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens,
-        inplace_state=False):
+        inplace_state=False, tune=False):
     facts = check(r)
     if form == "chunk":
         require_chunk(r, facts)
@@ -35,7 +35,7 @@ def run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, c
         return _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_seqlens, inplace_state)
     from unifattn.codegen.chunk import run_chunk
     return run_chunk(codegen.module(r, "chunk"), r, facts, full, d, scale, initial_state, output_final_state,
-                     cu_seqlens)
+                     cu_seqlens, tune=tune)
 
 
 def _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_seqlens, inplace_state):

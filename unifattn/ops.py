@@ -24,11 +24,14 @@ def _expand_heads(x: torch.Tensor, H: int, HV: int) -> torch.Tensor:
 
 
 def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, form="reference", inplace_state=False, **inputs):
+                     cu_seqlens=None, form="reference", inplace_state=False, tune=False, **inputs):
     """Run rule r over the sequences in q, k, v. Returns (o, final_state or None).
 
     inplace_state=True (form="recurrent", the decoding path) writes the final state into
     initial_state itself (float32, contiguous) and returns it: no state allocation per token.
+    tune=True (form="chunk", GPU) picks launch configs for this shape once (each admitted only if it
+    reproduces the default config's outputs) and remembers them on disk; otherwise the remembered
+    choice, or the default config, runs.
     """
     if not isinstance(r, Rule):
         validate.fail("rule", "a rule declared with @unifattn.dsl.rule (e.g. unifattn.rules.kda)",
@@ -45,7 +48,7 @@ def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output
         return _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens)
     from unifattn import compiled  # codegen path: imported lazily, it pulls in triton
     return compiled.run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens,
-                        inplace_state=inplace_state)
+                        inplace_state=inplace_state, tune=tune)
 
 
 def _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens):
