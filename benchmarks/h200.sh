@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call for all GPU work (run from the repository root on the H200, `.whl` carried):
+#   bash benchmarks/h200.sh [linear|sparse|select|tests ...]   (default: all, in this order)
+# Each part has its own time cap and writes its log to $OUT (or /tmp/h200) as it goes.
+set -u
+source benchmarks/gpu_env.sh
+LOG=${OUT:-/tmp/h200}
+mkdir -p "$LOG"
+export UNIFATTN_CACHE_DIR=$LOG/cache
+parts=${*:-linear sparse select tests}
+for part in $parts; do
+  case $part in
+    linear) timeout 300 python3 benchmarks/bench_linear.py --fla gla,deltanet 2>&1 | tee "$LOG/linear.log" ;;
+    sparse) timeout 150 python3 benchmarks/bench_sparse_attention.py 2>&1 | tee "$LOG/sparse.log" ;;
+    select) timeout 120 python3 benchmarks/bench_select.py --no-sweep 2>&1 | tee "$LOG/select.log" ;;
+    tests) (cd /tmp/ua_pkg && cp -r "$OLDPWD/tests" . && timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
+             tests/test_chunk_kernels.py -k gpu tests/test_sparse_attention.py 2>&1) | tee "$LOG/tests.log" ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
