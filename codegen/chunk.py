@@ -23,36 +23,28 @@ from unifattn.dsl.rule import Rule
 from .printer import Printer
 from .recurrent import header
 
-TEMPLATE_VERSION = "chunk-2"
+TEMPLATE_VERSION = "chunk-3"
 FACTS = ("query", "key", "value", "log_gate", "beta")
 
 
 def plan(facts: Facts, computed: list[str]) -> nx.DiGraph:
-    """Stages of the chunk forward and the tensors between them (bytes per token and head, fp32 = 4)."""
+    """Stages of the chunk forward (as the shared pipeline declares them) and the tensors between them."""
+    from unifattn.kernels.chunk import chunk_stages
     g = nx.DiGraph()
-    gate, delta = facts.gate, facts.delta
     src = "prep" if computed else "inputs"
-    g.add_node(src)
-    stages = []
-    if gate != "none":
-        stages.append(("cumsum", [(src, "g", 4)]))
-    if delta or gate == "diagonal":
-        stages.append(("intra", [(src, "q,k", 4), ("cumsum", "G", 4)] if gate != "none" else [(src, "q,k", 4)]))
-    if delta:
-        stages.append(("wu", [("intra", "Ai", 4), (src, "k,v,beta", 4)]))
-    stages.append(("state", [("wu", "w,u", 4)] if delta else [(src, "k,v", 4)]))
-    stages.append(("output", [("state", "h", 4), (src, "q", 4)] + ([("intra", "Aqk", 4)] if gate == "diagonal"
-                                                                      else [])))
-    for name, deps in stages:
-        g.add_node(name)
-        for d, tensor, nbytes in deps:
-            if d in g:
-                g.add_edge(d, name, tensor=tensor, bytes=nbytes)
+    g.add_node(src, tensors="q, k, v, g, beta")
+    for stage, reads in chunk_stages(facts.gate, facts.delta).items():
+        g.add_node(stage)
+        g.add_edge(src, stage)
+        for dep, tensors in reads.items():
+            g.add_edge(dep, stage, tensors=tensors)
     return g
 
 
 def launch_order(g: nx.DiGraph) -> list[str]:
-    return list(nx.lexicographical_topological_sort(g))
+    """Kernel launch order: a deterministic topological order of the plan."""
+    return list(nx.lexicographical_topological_sort(g, key=lambda n: ("prep", "inputs", "cumsum", "intra", "wu",
+                                                                      "state", "output").index(n)))
 
 
 def _raw(node: ir.Node | None) -> str | None:
@@ -69,6 +61,7 @@ def emit(r: Rule, facts: Facts, digest: str) -> str:
     text += "\nimport torch\nimport triton\nimport triton.language as tl\n\n"
     text += "from unifattn.kernels.chunk import chunk_fwd\nfrom unifattn.kernels.utils import empty\n\n"
     text += f"GATE = {facts.gate!r}\nDELTA = {facts.delta}\nCOMPUTED = {tuple(computed)!r}\nRAW = {raw!r}\n"
+    text += f"PLAN = {tuple(s for s in order if s not in ('prep', 'inputs'))!r}   # launch order of the stages\n"
     if computed:
         text += "\n\n" + _prep_kernel(r, facts, computed, dims)
     text += "\n\n" + _forward(r, facts, computed)
@@ -175,7 +168,7 @@ def _forward(r: Rule, facts: Facts, computed: list[str]) -> str:
     beta = _per_value_head(beta, HV)
     return chunk_fwd(q, k, v.to(dtype), g, beta, gate=GATE, delta=DELTA, scale=scale,
                      initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                     tune=tune)
+                     tune=tune, stages=PLAN)
 
 
 def _per_value_head(x, HV):

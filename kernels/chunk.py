@@ -188,8 +188,39 @@ def _agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
     return float((a[m] - b[m]).abs().max()) <= tol * scale
 
 
+def chunk_stages(gate: str, delta: bool) -> dict[str, dict[str, str]]:
+    """The stages chunk_fwd runs for (gate, delta): stage -> {stage it reads from: tensor it reads}.
+
+    codegen builds its kernel plan (a DAG) from this and hands chunk_fwd a launch order.
+    """
+    gated, diagonal = gate != "none", gate == "diagonal"
+    stages: dict[str, dict[str, str]] = {}
+    if gated:
+        stages["cumsum"] = {}
+    if delta or diagonal:
+        stages["intra"] = {"cumsum": "gc"} if gated else {}
+    if delta:
+        stages["wu"] = {"intra": "Ai", **({"cumsum": "gc"} if gated else {})}
+    stages["state"] = {**({"wu": "w, u"} if delta else {}), **({"cumsum": "gc"} if gated else {})}
+    stages["output"] = {"state": "h" + (", v_new" if delta else ""), **({"intra": "Aqk"} if diagonal else {}),
+                        **({"cumsum": "gc"} if gated else {})}
+    return stages
+
+
+def _check_order(order, stages):
+    done = set()
+    for name in order:
+        if name not in stages or not set(stages[name]) <= done:
+            raise ValueError(f"stages: expected a launch order of {list(stages)} with every stage after the ones "
+                             f"it reads ({stages}); got {list(order)}")
+        done.add(name)
+    if done != set(stages):
+        raise ValueError(f"stages: expected all of {list(stages)}; got {list(order)}")
+
+
 def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = False, scale: float = 1.0,
-              initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64, tune=False):
+              initial_state=None, output_final_state=False, cu_seqlens=None, chunk_size=64, tune=False,
+              stages=None):
     """Chunkwise forward of an affine linear-attention recurrence (see the module docstring).
 
     Args:
@@ -207,6 +238,8 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
         chunk_size: 16, 32 or 64 rows per chunk.
         tune: on a GPU, pick each kernel's launch config among its candidates (probe-admitted, then
             fastest; remembered in tuned.json). Without it, a remembered choice or the first config runs.
+        stages: launch order of the stages of chunk_stages(gate, delta) (codegen's plan); default:
+            the order listed there. Checked: a stage must follow the stages it reads.
 
     Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] fp32 or None).
     Raises ValueError with expected / got for inconsistent arguments.
@@ -250,42 +283,56 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
             ht.copy_(h0 if h0 is not None else torch.zeros_like(ht))
         return o, ht
 
-    gc = Aqk = Ai = w = u = None
+    plan = chunk_stages(gate, DELTA)
+    order = tuple(plan) if stages is None else tuple(stages)
+    _check_order(order, plan)
+    c = dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0, gc=None, Aqk=None, Ai=None, w=None, u=None, v_new=None,
+             h=None, ht=None, o=None)
     shape_key = (H, HV, K, V, BT, GATE, DELTA, str(q.dtype), cu_seqlens is not None)
     per_chunk = lambda kwargs: (NT_grid, NB * HV)  # noqa: E731 - one program per (chunk, head)
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T)
-    if GATE:
-        gc = empty(g.shape, torch.float32, device)
+
+    def cumsum():
+        c["gc"] = empty(g.shape, torch.float32, device)
         _launch("cumsum", chunk_intra.chunk_cumsum_kernel, chunk_intra.CUMSUM_CONFIGS, per_chunk, shape_key,
-                dict(g=g, gc=gc, **common, HV=HV, K=K, BT=BT, BK=BK, GATE=GATE), V, ("gc",), tune=tune)
-    if DELTA or GATE == 2:
-        Aqk = empty((B, T, HV, BT), q.dtype, device) if GATE == 2 else None
-        Ai = empty((B, T, HV, BT), q.dtype, device) if DELTA else None
+                dict(g=g, gc=c["gc"], **common, HV=HV, K=K, BT=BT, BK=BK, GATE=GATE), V, ("gc",), tune=tune)
+
+    def intra():
+        c["Aqk"] = empty((B, T, HV, BT), q.dtype, device) if GATE == 2 else None
+        c["Ai"] = empty((B, T, HV, BT), q.dtype, device) if DELTA else None
         _launch("intra", chunk_intra.chunk_intra_kernel, chunk_intra.INTRA_CONFIGS, per_chunk, shape_key,
-                dict(q=q, k=k, gc=gc, beta=beta, Aqk=Aqk, Ai=Ai, **common, H=H, HV=HV, K=K, BT=BT, BC=BC, BK=BK,
-                     GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("Aqk", "Ai"), tune=tune)
-    if DELTA:
-        w = empty((B, T, HV, K), q.dtype, device)
-        u = empty((B, T, HV, V), q.dtype, device)
+                dict(q=q, k=k, gc=c["gc"], beta=beta, Aqk=c["Aqk"], Ai=c["Ai"], **common, H=H, HV=HV, K=K, BT=BT,
+                     BC=BC, BK=BK, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("Aqk", "Ai"), tune=tune)
+
+    def wu():
+        c["w"] = empty((B, T, HV, K), q.dtype, device)
+        c["u"] = empty((B, T, HV, V), q.dtype, device)
         _launch("wu", chunk_intra.chunk_wu_kernel, chunk_intra.WU_CONFIGS, per_chunk, shape_key,
-                dict(k=k, v=v, gc=gc, beta=beta, Ai=Ai, w=w, u=u, **common, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK,
-                     GATE=GATE, DOT_PREC=DOT_PREC), V, ("w", "u"), tune=tune)
+                dict(k=k, v=v, gc=c["gc"], beta=beta, Ai=c["Ai"], w=c["w"], u=c["u"], **common, H=H, HV=HV, K=K,
+                     V=V, BT=BT, BK=BK, GATE=GATE, DOT_PREC=DOT_PREC), V, ("w", "u"), tune=tune)
 
-    # sequential pass over chunks: states entering each chunk, v~ for delta rules
-    h = empty((n_chunks, HV, K, V), q.dtype, device)
-    v_new = empty(v.shape, v.dtype, device) if DELTA else None
-    ht = empty((N, HV, K, V), torch.float32, device) if output_final_state else None
-    _launch("state", chunk_state.chunk_state_kernel, chunk_state.STATE_CONFIGS,
-            lambda kwargs: (cdiv(V, kwargs["BV"]), N * HV), shape_key + (h0 is None, ht is None),
-            dict(k=k, v=u if DELTA else v, w=w, gc=gc, h=h, v_new=v_new, h0=h0, ht=ht,
-                 cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, T=T, H=H, HV=HV, K=K, V=V,
-                 BT=BT, BK=BK_STATE, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("h", "v_new", "ht"),
-            tune=tune)
+    def state():
+        # sequential pass over chunks: states entering each chunk, v~ for delta rules
+        c["h"] = empty((n_chunks, HV, K, V), q.dtype, device)
+        c["v_new"] = empty(v.shape, v.dtype, device) if DELTA else None
+        c["ht"] = empty((N, HV, K, V), torch.float32, device) if output_final_state else None
+        _launch("state", chunk_state.chunk_state_kernel, chunk_state.STATE_CONFIGS,
+                lambda kwargs: (cdiv(V, kwargs["BV"]), N * HV), shape_key + (h0 is None, c["ht"] is None),
+                dict(k=k, v=c["u"] if DELTA else v, w=c["w"], gc=c["gc"], h=c["h"], v_new=c["v_new"], h0=h0,
+                     ht=c["ht"], cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, T=T, H=H, HV=HV, K=K, V=V,
+                     BT=BT, BK=BK_STATE, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("h", "v_new", "ht"),
+                tune=tune)
 
-    o = empty(v.shape, v.dtype, device)
-    _launch("output", chunk_state.chunk_output_kernel, chunk_state.OUTPUT_CONFIGS,
-            lambda kwargs: (cdiv(V, kwargs["BV"]), NT_grid, NB * HV), shape_key,
-            dict(q=q, k=k, v=v_new if DELTA else v, gc=gc, h=h, Aqk=Aqk, o=o,
-                 cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=float(scale), T=T,
-                 H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, GATE=GATE, DOT_PREC=DOT_PREC), V, ("o",), tune=tune)
+    def output():
+        c["o"] = empty(v.shape, v.dtype, device)
+        _launch("output", chunk_state.chunk_output_kernel, chunk_state.OUTPUT_CONFIGS,
+                lambda kwargs: (cdiv(V, kwargs["BV"]), NT_grid, NB * HV), shape_key,
+                dict(q=q, k=k, v=c["v_new"] if DELTA else v, gc=c["gc"], h=c["h"], Aqk=c["Aqk"], o=c["o"],
+                     cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=float(scale), T=T,
+                     H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, GATE=GATE, DOT_PREC=DOT_PREC), V, ("o",), tune=tune)
+
+    run = {"cumsum": cumsum, "intra": intra, "wu": wu, "state": state, "output": output}
+    for name in order:
+        run[name]()
+    o, ht = c["o"], c["ht"]
     return o, ht

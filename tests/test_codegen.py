@@ -135,3 +135,19 @@ def test_concurrent_writers_do_not_corrupt(tmp_path):
     text = open(paths.pop()).read()
     assert text == codegen.source(ua.rules.gla, "recurrent")
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_chunk_plan_is_the_launch_order():
+    """The plan DAG comes from the pipeline's declared stages; its topological order is what runs."""
+    from unifattn.codegen.chunk import launch_order, plan
+    from unifattn.kernels.chunk import chunk_fwd
+    f = check(ua.rules.kda)
+    g = plan(f, [])
+    assert launch_order(g) == ["inputs", "cumsum", "intra", "wu", "state", "output"]
+    assert g.edges["intra", "wu"]["tensors"] == "Ai"
+    assert launch_order(plan(check(ua.rules.linear_attention), [])) == ["inputs", "state", "output"]
+    assert "PLAN = ('cumsum', 'intra', 'wu', 'state', 'output')" in codegen.source(ua.rules.kda, "chunk")
+    case = make_inputs(ua.rules.kda, T=8, K=4, V=4)
+    with pytest.raises(ValueError, match="every stage after the ones it reads"):
+        chunk_fwd(case["q"], case["k"], case["v"], case["g"], case["beta"], gate="diagonal", delta=True,
+                  stages=("cumsum", "wu", "intra", "state", "output"))
