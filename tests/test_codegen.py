@@ -151,3 +151,10 @@ def test_chunk_plan_is_the_launch_order():
     with pytest.raises(ValueError, match="every stage after the ones it reads"):
         chunk_fwd(case["q"], case["k"], case["v"], case["g"], case["beta"], gate="diagonal", delta=True,
                   stages=("cumsum", "wu", "intra", "state", "output"))
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
+def test_float64_inputs_point_to_the_reference_form(form):
+    case = make_inputs(ua.rules.kda, T=3, K=4, V=4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="use form='reference' for float64"):
+        ua.ops.linear_attention(ua.rules.kda, form=form, **case)

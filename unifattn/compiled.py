@@ -19,6 +19,9 @@ def run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, c
     if form == "chunk":
         require_chunk(r, facts)
     full = {"q": q, "k": k, "v": v, **inputs}
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        validate.fail(f"q, k, v for form={form!r}", "bf16, fp16 or fp32 (the generated kernels compute in fp32)",
+                      str(q.dtype), "use form='reference' for float64, or cast the inputs", TypeError)
     if any(torch.is_tensor(x) and x.requires_grad for x in list(full.values()) + [initial_state]) \
             and torch.is_grad_enabled():
         validate.fail(f"linear_attention(form={form!r})", "inputs that do not require grad (the generated "
