@@ -81,22 +81,32 @@ def depends_on_state(node: Node) -> bool:
     return any(n.op == "state" for n in walk([node]))
 
 
-def to_text(node: Node) -> str:
-    """Canonical one-line text of an expression (used for hashing and messages)."""
-    if node.op in ("input", "param"):
-        return node.name
-    if node.op == "state":
-        return "S"
-    if node.op == "const":
-        return repr(float(node.value))
-    if node.op == "pow":
-        return f"pow({to_text(node.args[0])}, {float(node.value)!r})"
-    sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}
-    if node.op in sym:
-        return f"({to_text(node.args[0])} {sym[node.op]} {to_text(node.args[1])})"
-    if node.op == "transpose":
-        return f"{to_text(node.args[0])}.T"
-    return f"{node.op}({', '.join(to_text(a) for a in node.args)})"
+def to_text(node: Node, names: dict[int, str] | None = None) -> str:
+    """Canonical one-line text of an expression (used for hashing and messages).
+
+    names maps id(node) -> a name to print instead of the node's expression (earlier statements),
+    which keeps the text linear in the rule's size even when values are reused many times.
+    """
+    names = names or {}
+
+    def go(n: Node) -> str:
+        if id(n) in names:
+            return names[id(n)]
+        if n.op in ("input", "param"):
+            return n.name
+        if n.op == "state":
+            return "S"
+        if n.op == "const":
+            return repr(float(n.value))
+        if n.op == "pow":
+            return f"pow({go(n.args[0])}, {float(n.value)!r})"
+        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}
+        if n.op in sym:
+            return f"({go(n.args[0])} {sym[n.op]} {go(n.args[1])})"
+        if n.op == "transpose":
+            return f"{go(n.args[0])}.T"
+        return f"{n.op}({', '.join(go(a) for a in n.args)})"
+    return go(node)
 
 
 # ---------------------------------------------------------------- constructors

@@ -252,8 +252,14 @@ class Rule:
         """Canonical text of the IR: same rule -> same text (cache keys, golden tests)."""
         lines = [f"rule {self.name} state={self.state_dims}"]
         lines += [f"input {i!r}" for i in self.inputs]
-        lines += [f"{s.target} = {ir.to_text(s.node)}" for s in self.statements]
-        lines += [f"return {ir.to_text(self.new_state)}, {ir.to_text(self.output)}"]
+        names: dict[int, str] = {}
+        for i, s in enumerate(self.statements):
+            if id(s.node) in names:                        # `x = y`: an alias, no new value
+                lines.append(f"%{i} {s.target} = {names[id(s.node)]}")
+                continue
+            lines.append(f"%{i} {s.target} = {ir.to_text(s.node, names)}")
+            names[id(s.node)] = f"%{i}"
+        lines += [f"return {ir.to_text(self.new_state, names)}, {ir.to_text(self.output, names)}"]
         return "\n".join(lines)
 
 

@@ -80,6 +80,7 @@ _MP = {
 _FUN = {"exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "sigmoid": sigmoid, "softplus": softplus,
         "logsigmoid": logsigmoid, "relu": relu}
 EPS = sp.Rational(1, 10 ** 6)          # ir.L2NORM_EPS, exactly
+MAX_TREE = 400                          # element-wise expressions larger than this (as trees) stay numeric
 
 
 def instance_env(inputs, dims: dict[str, int]) -> dict:
@@ -96,7 +97,7 @@ def instance_env(inputs, dims: dict[str, int]) -> dict:
 
 def evaluate(node: ir.Node, env: dict, memo: dict | None = None):
     """sympy value of node: Expr for scalars, Matrix (n x 1) for vectors, Matrix for matrices."""
-    memo = {} if memo is None else memo
+    memo = dict(env.get("__opaque__", {})) if memo is None else memo
     key = id(node)
     if key in memo:
         return memo[key]
@@ -154,6 +155,34 @@ def evaluate(node: ir.Node, env: dict, memo: dict | None = None):
     return out
 
 
+def tree_size(node: ir.Node, limit: int = 10 ** 6) -> int:
+    """Size of the expression as a tree (shared sub-DAGs counted each time they are used), capped."""
+    memo: dict[int, int] = {}
+    for n in ir.walk([node]):
+        memo[id(n)] = min(limit, 1 + sum(memo[id(a)] for a in n.args))
+    return memo[id(node)]
+
+
+def opaque_statements(statements, dims: dict[str, int], depends_on_state) -> dict:
+    """Fresh real symbols for the values of large state-free scalar / vector statements.
+
+    A statement whose expression, as a tree, exceeds MAX_TREE (nested reuse grows it
+    exponentially) becomes a symbol: proofs made with it hold for every value it can take, and
+    sympy's work stays the size of the rule.
+    """
+    out = {}
+    for i, st in enumerate(statements):
+        n = st.node
+        if n.op in ("input", "param", "const") or len(n.shape) > 1 or depends_on_state(n) or id(n) in out \
+                or tree_size(n) <= MAX_TREE:
+            continue
+        if not n.shape:
+            out[id(n)] = sp.Symbol(f"_{st.target}{i}", real=True)
+        else:
+            out[id(n)] = sp.Matrix([sp.Symbol(f"_{st.target}{i}_{j}", real=True) for j in range(dims[n.shape[0]])])
+    return out
+
+
 def _ew(x, y, f):
     mx, my = isinstance(x, sp.MatrixBase), isinstance(y, sp.MatrixBase)
     if mx and my:
@@ -201,7 +230,12 @@ def all_zero(exprs, rng) -> str | None:
 
 # ------------------------------------------------------------------ elementwise view + derivatives
 def elementwise(node: ir.Node):
-    """sympy expression of an element-wise expression with one real symbol per input (None if not element-wise)."""
+    """sympy expression of an element-wise expression with one real symbol per input.
+
+    None if the expression is not element-wise, or too large as a tree for symbolic work.
+    """
+    if tree_size(node) > MAX_TREE:
+        return None
     memo: dict = {}
 
     def go(n):

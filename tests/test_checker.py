@@ -530,3 +530,22 @@ def test_grammar_fixed_points(decay, write, decay_first, expected):
     mod, _ = load(src)
     got = check(getattr(mod, name)).transition
     assert got in expected if isinstance(expected, set) else got == expected
+
+
+def test_deeply_nested_preprocessing_is_checked_quickly(tmp_path):
+    """Reusing a value at every line grows its expression tree exponentially; the checker stays fast."""
+    body = "".join("    x = sigmoid(x) * x + x\n" for _ in range(40))
+    src = ("from unifattn.dsl import rule, Vec, Scalar, outer, sigmoid, exp\n"
+           "@rule(state=('K', 'V'))\n"
+           "def deep(S, q: Vec['K'], k: Vec['K'], v: Vec['V'], b: Scalar):\n"
+           "    x = b\n" + body +
+           "    S = exp(-x * x) * S + x * outer(k, v)\n"
+           "    return S, S.T @ q\n")
+    path = tmp_path / "deep_rule.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("deep_rule", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    f = check(mod.deep)                             # exponential before: never returned at depth 12
+    assert f.transition == "scalar" and "chunk" in f.forms
+    assert len(mod.deep.ir_text()) < 5000          # statements are referenced, not re-printed
