@@ -27,13 +27,7 @@ def run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, c
         validate.fail(f"linear_attention(form={form!r})", "inputs that do not require grad (the generated "
                       "backward is not there yet)", "a tensor with requires_grad=True",
                       "use form='reference' to train through the rule, or call under torch.no_grad()", RuntimeError)
-    for name, cond, why in facts.runtime_checks:
-        x = full[name]
-        if cond == "<= 0":
-            validate.nonpositive(name, x, why)
-        elif cond == "in (0, 1]" and x.numel() and bool(((x <= 0) | (x > 1)).any()):
-            validate.fail(name, f"values in (0, 1] ({why})", f"range [{float(x.min()):.4g}, {float(x.max()):.4g}]",
-                          f"parameterize {name} as sigmoid(...) or exp(-softplus(...))")
+    validate.finite({"initial_state": initial_state, **full}, facts.runtime_checks)
     if form == "recurrent":
         return _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_seqlens, inplace_state)
     from unifattn.codegen.chunk import run_chunk

@@ -40,11 +40,11 @@ def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output
         validate.fail("form", f"one of {FORMS}", repr(form), "pick form='chunk' for training, 'recurrent' for decoding")
     d = validate.linear_inputs(r, q, k, v, inputs, initial_state, cu_seqlens, scale)
     scale = d.K ** -0.5 if scale is None else float(scale)
-    validate.finite({"q": q, "k": k, "v": v, "initial_state": initial_state, **inputs})
     if inplace_state and form != "recurrent":
         validate.fail("inplace_state", "form='recurrent' (the decoding kernel updates the state in place)",
                       f"form={form!r}", "pass form='recurrent', or drop inplace_state")
     if form == "reference":
+        validate.finite({"q": q, "k": k, "v": v, "initial_state": initial_state, **inputs})
         return _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens)
     from unifattn import compiled  # codegen path: imported lazily, it pulls in triton
     return compiled.run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens,
