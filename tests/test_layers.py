@@ -213,7 +213,9 @@ def test_hybrid_lm_under_ddp(tmp_path):
     if not dist.is_available() or DEVICE != "cpu":
         pytest.skip("gloo DDP on the CPU")
     from torch.nn.parallel import DistributedDataParallel as DDP
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    import datetime
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=120))    # fail, never hang, if gloo stalls
     try:
         torch.manual_seed(8)
         lm = DDP(HybridLM(11, "LS", D_MODEL, 2, num_kv_heads=1, linear_form="reference", topk=4, index_heads=2,
