@@ -70,11 +70,24 @@ def test_unknown_rule_lists_the_builtin_rules(cli):
 def test_list(cli):
     p = cli("list")
     assert p.returncode == 0, p.stderr
-    got = dict(ln.split() for ln in p.stdout.strip().splitlines())
+    lines = [ln.split() for ln in p.stdout.strip().splitlines()]
+    got = {ln[0]: ln[1] for ln in lines if ln[1] != "selector,"}
     assert got == VERDICTS
+    assert {ln[0] for ln in lines if ln[1] == "selector,"} == {"lightning_indexer", "moba"}
 
 
 def test_no_command_is_a_usage_error(cli):
     p = cli()
     assert p.returncode != 0
     assert "usage" in p.stderr
+
+
+def test_show_selector_prints_topk_granularity_and_generated_kernel(tmp_path):
+    env = dict(os.environ, UNIFATTN_CACHE_DIR=str(tmp_path))
+    p = subprocess.run([sys.executable, "-m", "unifattn", "show", "lightning_indexer"], capture_output=True,
+                       text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "top-k            : 2048 per query, granularity token" in p.stdout
+    assert "(query)" in p.stdout and "(key)" in p.stdout
+    path = p.stdout.split("generated scoring: ")[1].strip()
+    assert path.startswith(str(tmp_path)) and os.path.exists(path)

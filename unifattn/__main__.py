@@ -1,16 +1,34 @@
-"""python -m unifattn show RULE | list: what the checker knows about a rule."""
+"""python -m unifattn show RULE | list: what the checker knows about a rule or selector."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 
+def show_selector(sel) -> int:
+    from unifattn.codegen.selector import source_path
+    print(f"selector {sel.name}  ({sel.where})")
+    if sel.doc:
+        print(f"  {sel.doc.splitlines()[0]}")
+    print("\n" + "\n".join("  " + ln for ln in sel.source.rstrip().splitlines()) + "\n")
+    gran = "token" if sel.block_size == 1 else f"block({sel.block_size})"
+    print(f"top-k            : {sel.topk} per query, granularity {gran}, causal")
+    print(f"always kept      : {', '.join(map(repr, sel.always)) or 'nothing'}")
+    print(f"inputs           : {', '.join(map(repr, sel.inputs))}")
+    print("output           : int32 indices [B, T, HKV, topk], ascending, -1 padded")
+    print(f"generated scoring: {source_path(sel)}")
+    return 0
+
+
 def show(name: str) -> int:
     import unifattn as ua
     from unifattn.dsl import check
+    if name in ua.rules.SELECTORS:
+        return show_selector(ua.rules.SELECTORS[name])
     r = ua.rules.BUILTIN.get(name)
     if r is None:
-        print(f"unknown rule {name!r}; built-in rules: {', '.join(ua.rules.BUILTIN)}", file=sys.stderr)
+        print(f"unknown rule {name!r}; built-in rules: {', '.join(ua.rules.BUILTIN)}; "
+              f"selectors: {', '.join(ua.rules.SELECTORS)}", file=sys.stderr)
         return 2
     f = check(r)
     print(f"rule {r.name}  ({r.where})")
@@ -46,7 +64,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("show", help="print a rule, its transition class, shapes, bounds and kernel forms")
     s.add_argument("rule")
-    sub.add_parser("list", help="list the built-in rules and their classes")
+    sub.add_parser("list", help="list the built-in rules (with their classes) and selectors")
     a = p.parse_args(argv)
     if a.cmd == "show":
         return show(a.rule)
@@ -54,6 +72,9 @@ def main(argv=None) -> int:
     from unifattn.dsl import check
     for name, r in ua.rules.BUILTIN.items():
         print(f"{name:18s} {check(r).transition}")
+    for name, sel in ua.rules.SELECTORS.items():
+        gran = "token" if sel.block_size == 1 else f"block({sel.block_size})"
+        print(f"{name:18s} selector, top-{sel.topk} {gran}")
     return 0
 
 
