@@ -157,7 +157,7 @@ class Sym:
         if ir.matmul_shape(self.node.shape, o.node.shape) is None:
             _fail("'@' operands whose inner dimensions agree",
                   f"{_fmt(self.node.shape)} @ {_fmt(o.node.shape)}",
-                  "transpose one side with .T (e.g. S.T @ k for a V-vector from a [K, V] state)")
+                  "check the dimensions, or transpose one side with .T (a rule reads its [K, V] state with S.T @ q)")
         return Sym(ir.matmul(self.node, o.node, _line()))
 
     def __rmatmul__(self, o):
