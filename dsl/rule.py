@@ -157,7 +157,7 @@ class Sym:
         if ir.matmul_shape(self.node.shape, o.node.shape) is None:
             _fail("'@' operands whose inner dimensions agree",
                   f"{_fmt(self.node.shape)} @ {_fmt(o.node.shape)}",
-                  "check the dimensions, or transpose one side with .T (a rule reads its [K, V] state with S.T @ q)")
+                  "check the dimensions, or transpose one side with .T (a rule reads its [K, V] state as S.T @ k)")
         return Sym(ir.matmul(self.node, o.node, _line()))
 
     def __rmatmul__(self, o):
