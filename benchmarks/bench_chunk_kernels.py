@@ -24,17 +24,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from unifattn.kernels.chunk import chunk_fwd
+from unifattn.kernels.chunk import CLASS_FLAGS, chunk_fwd
 from unifattn.testing.tolerance import assert_close
 
-CLASSES = {
-    "identity": ("none", False),
-    "scalar": ("scalar", False),
-    "diagonal": ("diagonal", False),
-    "delta": ("none", True),
-    "scalar_delta": ("scalar", True),
-    "diagonal_delta": ("diagonal", True),
-}
+CLASSES = CLASS_FLAGS
 
 
 def make_inputs(cls, B, T, H, K, V, dtype=torch.bfloat16, seed=0, device="cuda"):

@@ -32,6 +32,15 @@ from .utils import empty, interpreting, load_tuned, next_pow2, save_tuned, tuned
 log = logging.getLogger(__name__)
 
 GATES = {"none": 0, "scalar": 1, "diagonal": 2}
+# transition class -> (gate, delta): the flags chunk_fwd takes for each class the checker names
+CLASS_FLAGS = {
+    "identity": ("none", False),
+    "scalar": ("scalar", False),
+    "diagonal": ("diagonal", False),
+    "delta": ("none", True),
+    "scalar_delta": ("scalar", True),
+    "diagonal_delta": ("diagonal", True),
+}
 CHUNK_SIZES = (16, 32, 64)
 MAX_HEAD_DIM = 256
 

@@ -12,21 +12,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from unifattn.kernels import chunk as chunk_module
-from unifattn.kernels.chunk import chunk_fwd
+from unifattn.kernels.chunk import CLASS_FLAGS, chunk_fwd
 from unifattn.kernels.utils import poisoned
 from unifattn.testing.tolerance import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (gate, delta) of the six classes
-CLASSES = {
-    "identity": ("none", False),
-    "scalar": ("scalar", False),
-    "diagonal": ("diagonal", False),
-    "delta": ("none", True),
-    "scalar_delta": ("scalar", True),
-    "diagonal_delta": ("diagonal", True),
-}
+# (gate, delta) of the six classes, as the pipeline declares them
+CLASSES = CLASS_FLAGS
 GATED = [c for c, (gate, _) in CLASSES.items() if gate != "none"]
 
 

@@ -158,3 +158,12 @@ def test_float64_inputs_point_to_the_reference_form(form):
     case = make_inputs(ua.rules.kda, T=3, K=4, V=4, dtype=torch.float64)
     with pytest.raises(TypeError, match="use form='reference' for float64"):
         ua.ops.linear_attention(ua.rules.kda, form=form, **case)
+
+
+def test_checker_classes_map_to_the_pipeline_flags():
+    """dsl (which cannot import kernels) and the chunk pipeline name the same (gate, delta) per class."""
+    from unifattn.dsl.checker import CHUNK_CLASSES, GATE_OF
+    from unifattn.kernels.chunk import CLASS_FLAGS
+    assert set(CHUNK_CLASSES) == set(CLASS_FLAGS)
+    for cls, (gate, delta) in CLASS_FLAGS.items():
+        assert GATE_OF[cls] == gate and cls.endswith("delta") == delta
