@@ -88,7 +88,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rules", default=",".join(RULES))
-    ap.add_argument("--fla", default="linear_attention,gla,deltanet,kda",
+    ap.add_argument("--fla", default=",".join(RULES),
                     help="rules to time fla on (its first call autotunes for minutes: kda took 215 s)")
     a = ap.parse_args()
     fla_rules = set(a.fla.split(",")) if a.fla else set()
@@ -206,12 +206,14 @@ def _decode(H, K, V, dtype, dev):
         t = bench(lambda: mod.launch(x, heads, o, S, S, None, K ** -0.5, Bd, 1, H, K, V, 16, 4))
         t_f = None
         try:
-            from fla.ops.kda import fused_recurrent_kda
             if name == "kda":
-                t_f = bench(lambda: fused_recurrent_kda(q, k, v, g=e["g"], beta=e["beta"], initial_state=S,
-                                                        output_final_state=True))
+                from fla.ops.kda import fused_recurrent_kda as f_rec
+            else:
+                from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as f_rec
+            S_f = S.clone()
+            t_f = bench(lambda: f_rec(q, k, v, g=e["g"], beta=e["beta"], initial_state=S_f, output_final_state=True))
         except Exception as exc:  # noqa: BLE001
-            t_f = f"{type(exc).__name__}"
+            t_f = f"{type(exc).__name__}: {str(exc)[:60]}"
         dec.append((name, t, 2 * S.numel() * 4 / t / 1e9, t_f, t_op))
 
     for name, t, gbs, t_f, t_op in dec:

@@ -10,7 +10,7 @@ export UNIFATTN_CACHE_DIR=$LOG/cache
 parts=${*:-linear sparse select tests}
 for part in $parts; do
   case $part in
-    linear) timeout 300 python3 benchmarks/bench_linear.py --fla gla,deltanet 2>&1 | tee "$LOG/linear.log" ;;
+    linear) timeout ${LINEAR_S:-300} python3 benchmarks/bench_linear.py ${LINEAR_ARGS:-} 2>&1 | tee "$LOG/linear.log" ;;
     sparse) timeout 150 python3 benchmarks/bench_sparse_attention.py 2>&1 | tee "$LOG/sparse.log" ;;
     select) timeout 120 python3 benchmarks/bench_select.py --no-sweep 2>&1 | tee "$LOG/select.log" ;;
     tests) cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg &&
