@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # One device call for all GPU work (run from the repository root on the H200, `.whl` carried):
-#   bash benchmarks/h200.sh [linear|sparse|select|tests ...]   (default: all, in this order)
+#   bash benchmarks/h200.sh [linear|sparse|profile|select|tests ...]   (default: linear sparse tests)
 # Each part has its own time cap and writes its log to $OUT (or /tmp/h200) as it goes.
 set -u
 source benchmarks/gpu_env.sh
 LOG=${OUT:-/tmp/h200}
 mkdir -p "$LOG"
 export UNIFATTN_CACHE_DIR=$LOG/cache
-parts=${*:-linear sparse select tests}
+parts=${*:-linear sparse tests}
 for part in $parts; do
   case $part in
     linear) timeout ${LINEAR_S:-300} python3 benchmarks/bench_linear.py ${LINEAR_ARGS:-} 2>&1 | tee "$LOG/linear.log" ;;
-    sparse) timeout 150 python3 benchmarks/bench_sparse_attention.py 2>&1 | tee "$LOG/sparse.log" ;;
+    sparse) timeout ${SPARSE_S:-260} python3 benchmarks/bench_sparse.py 2>&1 | tee "$LOG/sparse.log" ;;
+    profile) timeout ${PROFILE_S:-130} python3 benchmarks/profile_linear.py 2>&1 | tee "$LOG/profile.log" ;;
     select) timeout 120 python3 benchmarks/bench_select.py --no-sweep 2>&1 | tee "$LOG/select.log" ;;
     tests) cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg &&
-             timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_chunk_kernels.py -k gpu 2>&1;
-             timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_sparse_attention.py -k "not random" 2>&1
+             timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_chunk_kernels.py -k gpu 2>&1;
+             timeout 80 python3 -m pytest -q -x -p no:cacheprovider tests/test_sparse_attention.py -k "not random" 2>&1
            ) | tee "$LOG/tests.log" ;;
     *) echo "unknown part $part" ;;
   esac

@@ -279,7 +279,7 @@ def sparse_config(pass_: str, BK: int, BV: int, BG: int) -> SparseConfig:
     """
     if interpreting():
         return SparseConfig(32, 1, 1)
-    # Chosen by benchmarks/bench_sparse_attention.py --sweep on an H200 (Triton 3.6,
+    # Chosen by benchmarks/bench_sparse.py --sweep on an H200 (Triton 3.6,
     # HQ=64, HKV=4, D=128, T=32768): fwd 64/4/2 16.9 ms vs 64/4/3 19.6, 32/4/3 24.4;
     # bwd (token, atomics) 64/4/2 92 ms vs 32/4/2 116; dkv 32..64/4/2 22 ms vs 128/8/2 28.
     wide = max(BK, BV) > 128 or BG > 32

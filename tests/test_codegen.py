@@ -103,6 +103,48 @@ def test_positive_log_gate_is_refused():
 
 
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
+@pytest.mark.parametrize("which", ["q", "v", "g", "beta", "initial_state"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_compiled_forms_reject_nan_and_inf(form, which, bad):
+    """The fused input scan (kernels.checks, Triton under the interpreter) names the tensor."""
+    case = make_inputs(ua.rules.kda, B=1, T=70, K=8, V=8, initial_state=True)
+    x = case[which].clone()
+    x.view(-1)[x.numel() - 1] = bad                      # the last element: the scan's tail block
+    case[which] = x
+    if which == "g" and bad == -float("inf"):
+        match = "g: expected finite values"
+    else:
+        match = rf"{which}: expected finite values; got 1 NaN/inf"
+    with pytest.raises(ValueError, match=match):
+        ua.ops.linear_attention(ua.rules.kda, form=form, **case)
+
+
+def test_check_inputs_false_skips_the_scan_only():
+    case = make_inputs(ua.rules.gla, T=4, K=4, V=4)
+    case["g"] = case["g"].abs() + 0.1
+    o, _ = ua.ops.linear_attention(ua.rules.gla, form="recurrent", check_inputs=False, **case)
+    assert o.shape == case["v"].shape
+    with pytest.raises(ValueError, match="v: expected"):       # shapes are still checked
+        ua.ops.linear_attention(ua.rules.gla, form="recurrent", check_inputs=False,
+                                **{**case, "v": case["v"][:, :2]})
+
+
+@pytest.mark.parametrize("rng", [None, "<= 0", "in (0, 1]"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scan_kernel_flags_each_tensor(rng, dtype):
+    from unifattn.kernels.checks import BLOCK, scan
+    good = {None: 0.5, "<= 0": -0.5, "in (0, 1]": 1.0}[rng]
+    xs = [torch.full((BLOCK + 3,), good, dtype=dtype) for _ in range(3)]
+    assert scan([(x, rng) for x in xs]) == 0
+    xs[1][BLOCK + 2] = float("nan")
+    outside = {None: float("inf"), "<= 0": 0.25, "in (0, 1]": 0.0}[rng]
+    xs[2][5] = outside
+    assert scan([(x, rng) for x in xs]) == 0b110
+    assert scan([(xs[0][::2], rng), (xs[1][::2], rng)]) == 0b10      # strided: torch fallback
+    assert scan([(torch.empty(0, dtype=dtype), rng)]) == 0
+
+
+@pytest.mark.parametrize("form", ["chunk", "recurrent"])
 def test_generated_source_is_deterministic_and_names_the_rule(form):
     r = ua.rules.kda
     a = codegen.source(r, form)

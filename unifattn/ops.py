@@ -24,7 +24,8 @@ def _expand_heads(x: torch.Tensor, H: int, HV: int) -> torch.Tensor:
 
 
 def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, form="reference", inplace_state=False, tune=False, **inputs):
+                     cu_seqlens=None, form="reference", inplace_state=False, tune=False, check_inputs=True,
+                     **inputs):
     """Run rule r over the sequences in q, k, v. Returns (o, final_state or None).
 
     inplace_state=True (form="recurrent", the decoding path) writes the final state into
@@ -32,6 +33,9 @@ def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output
     tune=True (form="chunk", GPU) picks launch configs for this shape once (each admitted only if it
     reproduces the default config's outputs) and remembers them on disk; otherwise the remembered
     choice, or the default config, runs.
+    check_inputs=False skips the scan for NaN/inf and out-of-range gates (one read of every input
+    and one host sync per call, kernels.checks): for decode loops whose inputs are known good.
+    Shapes, dtypes and devices are always checked.
     """
     if not isinstance(r, Rule):
         validate.fail("rule", "a rule declared with @unifattn.dsl.rule (e.g. unifattn.rules.kda)",
@@ -44,11 +48,12 @@ def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output
         validate.fail("inplace_state", "form='recurrent' (the decoding kernel updates the state in place)",
                       f"form={form!r}", "pass form='recurrent', or drop inplace_state")
     if form == "reference":
-        validate.finite({"q": q, "k": k, "v": v, "initial_state": initial_state, **inputs})
+        if check_inputs:
+            validate.finite({"q": q, "k": k, "v": v, "initial_state": initial_state, **inputs})
         return _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens)
     from unifattn import compiled  # codegen path: imported lazily, it pulls in triton
     return compiled.run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens,
-                        inplace_state=inplace_state, tune=tune)
+                        inplace_state=inplace_state, tune=tune, check_inputs=check_inputs)
 
 
 def _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens):

@@ -126,28 +126,26 @@ def finite(tensors: dict, ranges: tuple = ()):
     """Reject NaN / inf inputs (they would poison every later token silently) and values outside
     the ranges a rule's kernels need: ranges = ((name, "<= 0" | "in (0, 1]", why), ...).
 
-    One device-to-host sync for all checks; the slow, precise messages run only on failure.
+    One read-only pass per tensor and one device-to-host sync for the whole call
+    (kernels.checks.scan); the slow, precise messages run only on failure.
     """
-    flags, checks = [], []
-    for name, x in tensors.items():
-        if x is not None and x.numel():
-            flags.append(torch.isfinite(x).all())
-            checks.append(("finite", name, x, ""))
-    for name, cond, why in ranges:
-        x = tensors[name]
-        if x.numel():
-            flags.append((x <= 0).all() if cond == "<= 0" else ((x > 0) & (x <= 1)).all())
-            checks.append((cond, name, x, why))
-    if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+    from unifattn.kernels.checks import scan
+    cond = {name: (c, why) for name, c, why in ranges}
+    items = [(name, x) for name, x in tensors.items() if x is not None and x.numel()]
+    bad = scan([(x, cond.get(name, (None,))[0]) for name, x in items])
+    if not bad:
         return
-    for cond, name, x, why in checks:
-        if cond == "finite" and not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x)).sum())
-            fail(name, "finite values", f"{bad} NaN/inf element(s) in {_shape(x)}",
+    for i, (name, x) in enumerate(items):
+        if not bad >> min(i, 30) & 1:
+            continue
+        if not bool(torch.isfinite(x).all()):
+            n = int((~torch.isfinite(x)).sum())
+            fail(name, "finite values", f"{n} NaN/inf element(s) in {_shape(x)}",
                  f"find where {name} overflows upstream (e.g. a log of 0, an unclamped exp)")
-        if cond == "<= 0":
+        c, why = cond.get(name, (None, ""))
+        if c == "<= 0":
             nonpositive(name, x, why)
-        if cond == "in (0, 1]" and bool(((x <= 0) | (x > 1)).any()):
+        if c == "in (0, 1]" and bool(((x <= 0) | (x > 1)).any()):
             fail(name, f"values in (0, 1] ({why})", f"range [{float(x.min()):.4g}, {float(x.max()):.4g}]",
                  f"parameterize {name} as sigmoid(...) or exp(-softplus(...))")
 

@@ -1,4 +1,4 @@
-"""Sparse top-k attention against dense SDPA (and fla's parallel_nsa when it imports).
+"""Sparse top-k attention on one GPU, one run: selection, sparse attention, dense SDPA, fla's parallel_nsa.
 
 Shape (BENCHMARKS.md, sparse): B=1, T=32768, HQ=64, HKV=4, D=128, bf16.
 Cases: token top-k 2048 and 1024 (random causal sets that include the query's own
@@ -12,8 +12,15 @@ for our kernel the achieved TFLOP/s and the gather traffic in TB/s: each
 (2 * D * 2 bytes), forward and again in backward, which also scatters fp32
 dk, dv rows with atomics.
 
-    python benchmarks/bench_sparse_attention.py            # check + table
-    python benchmarks/bench_sparse_attention.py --sweep    # also time launch configs
+Also in the same run: both built-in selectors end to end at T=2048 (select -> sparse
+attention -> gradients vs the float32 dense masked reference), the lightning indexer's
+selection time (16 heads x 64 dims, top-2048) and MoBA's block selection at the benchmark
+shape, and the T=131072 forward (selection + sparse attention) with its peak memory.
+
+    python benchmarks/bench_sparse.py            # checks + table
+    python benchmarks/bench_sparse.py --sweep    # also time launch configs
+
+Earlier measurement (before selection joined this script):
 
 Measured 2026-11-29 on an H200 (torch 2.11, Triton 3.6; fla was not installed),
 after the T=2048 check passed for every case (rel. L2 errors 2.0e-3 to 2.5e-3):
@@ -35,6 +42,7 @@ profiled). Block granularity avoids the atomics (key-centric dk, dv): 4.2x.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -44,6 +52,11 @@ import triton
 from unifattn.kernels.sparse_attention import (SparseConfig, _sparse_bwd, _sparse_fwd, check_sparse_indices,
                                                sparse_attention)
 from unifattn.testing.tolerance import assert_close
+
+import unifattn as ua
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_select  # noqa: E402  (the indexer inputs and the SDPA baseline of the selection bench)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -133,6 +146,37 @@ def correctness(args, dev):
     return ok
 
 
+def selectors_end_to_end(dev, T=2048, HQ=16, HKV=2, D=128):
+    """select -> sparse attention -> gradients for both built-in selectors, vs the dense reference."""
+    torch.manual_seed(1)
+    q = torch.randn(1, T, HQ, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, T, HKV, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    do = torch.randn(1, T, HQ, D, device=dev, dtype=torch.bfloat16)
+    x = bench_select.inputs(T, seed=3)
+    ok = True
+    for name in ("lightning_indexer", "moba"):
+        if name == "lightning_indexer":
+            idx = ua.ops.select(ua.rules.lightning_indexer, topk=256, **x).expand(1, T, HKV, 256).contiguous()
+            bs = 1
+        else:
+            idx = ua.ops.select(ua.rules.moba, topk=8, q=q.detach(), kmean=k.detach())
+            bs = 64
+        ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        o_ref = reference(*ref_in, dense_mask(idx, T, bs))
+        g_ref = torch.autograd.grad(o_ref, ref_in, do.float())
+        o = ua.ops.sparse_attention(q, k, v, idx, block_size=bs if bs > 1 else None)
+        g = torch.autograd.grad(o, (q, k, v), do)
+        for what, a, r in zip(("o", "dq", "dk", "dv"), (o, *g), (o_ref, *g_ref)):
+            rel = float((a.float() - r).norm() / r.norm())
+            try:
+                assert_close(a, r, torch.bfloat16, f"{name} {what}")
+                status = "ok"
+            except AssertionError as e:
+                status, ok = f"FAIL: {e}", False
+            print(f"  e2e T={T} {name:>17} {what:>2}: rel L2 error {rel:.2e}  {status}")
+    return ok
+
+
 def cases(args):
     return [(f"token top-{n}", n, 1) for n in args.topk] + \
            [(f"block {args.blocks}x{args.block_size}", args.blocks, args.block_size)]
@@ -175,13 +219,14 @@ def main():
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--sweep", action="store_true", help="time every launch config on the first case")
     ap.add_argument("--no-check", action="store_true", help="skip the T=2048 correctness check")
+    ap.add_argument("--long-T", type=int, default=131072, help="the long-context forward (0: skip)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     dev = "cuda"
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
 
-    if not args.no_check and not correctness(args, dev):
+    if not args.no_check and not (correctness(args, dev) & selectors_end_to_end(dev)):
         print("correctness check FAILED: timings below are of a wrong kernel")
 
     B, T, HQ, HKV, D = 1, args.T, args.HQ, args.HKV, args.D
@@ -226,12 +271,54 @@ def main():
                 print(f"fla parallel_nsa failed: {type(e).__name__}: {str(e)[:300]}")
         del idx
 
+    # selection at the benchmark shape: the lightning indexer (16 x 64, top-2048) and MoBA (16 blocks of 64)
+    x = bench_select.inputs(T)
+    li = lambda: ua.ops.select(ua.rules.lightning_indexer, topk=2048, **x)  # noqa: E731
+    rows.append(("select: lightning indexer top-2048", bench(li), None, None, None))
+    mb = lambda: ua.ops.select(ua.rules.moba, topk=args.blocks, q=q.detach(), kmean=k.detach())  # noqa: E731
+    rows.append((f"select: moba top-{args.blocks}x{args.block_size}", bench(mb), None, None, None))
+    idx = li().expand(B, T, HKV, 2048).contiguous()
+    both = lambda: sparse_attention(q, k, v, li().expand(B, T, HKV, 2048), check_indices=False)  # noqa: E731
+    rows.append(("indexer + select + sparse top-2048", bench(both), bench(fwd_bwd(both, (q, k, v), do)), None, None))
+    del x, idx, q, k, v, do, qt, kt, vt, dot
+    torch.cuda.empty_cache()
+
+    long = long_context(args, dev) if args.long_T else None
+
     print(f"\nB={B} T={T} HQ={HQ} HKV={HKV} D={D} bf16; medians of do_bench; speedup = SDPA ms / ms")
-    print(f"{'kernel':<34}{'fwd ms':>9}{'fwd+bwd ms':>12}{'x fwd':>8}{'x f+b':>8}{'fwd TFLOP/s':>13}{'fwd gather TB/s':>17}")
+    print(f"{'kernel':<36}{'fwd ms':>9}{'fwd+bwd ms':>12}{'x fwd':>8}{'x f+b':>8}{'fwd TFLOP/s':>13}{'fwd gather TB/s':>17}")
     for name, f, fb, flops, gbytes in rows:
         tf = f"{flops / f / 1e9:.0f}" if flops else "-"
         tb = f"{gbytes / f / 1e9:.2f}" if gbytes else "-"
-        print(f"{name:<34}{f:>9.2f}{fb:>12.2f}{sd_f / f:>8.2f}{sd_fb / fb:>8.2f}{tf:>13}{tb:>17}")
+        fbs, xfb = (f"{fb:>12.2f}", f"{sd_fb / fb:>8.2f}") if fb else (f"{'-':>12}", f"{'-':>8}")
+        print(f"{name:<36}{f:>9.2f}{fbs}{sd_f / f:>8.2f}{xfb}{tf:>13}{tb:>17}")
+    sel = rows[-3][1]
+    print(f"\nindexer + selection (lightning, top-2048) = {sel / sd_f:.3f} x SDPA forward "
+          f"(target <= 0.25: {'MET' if sel <= sd_f / 4 else 'NOT MET'})")
+    if long:
+        print(f"\nT={args.long_T} (B=1, HQ={HQ}, HKV={HKV}, D={D}, lightning indexer 16x64, top-2048): "
+              f"select {long[0]:.2f} ms, sparse attention fwd {long[1]:.2f} ms, together {long[2]:.2f} ms; "
+              f"peak GPU memory {long[3]:.1f} GiB")
+
+
+def long_context(args, dev):
+    """T = args.long_T: lightning-indexer selection, then the sparse attention forward."""
+    T, HQ, HKV, D = args.long_T, args.HQ, args.HKV, args.D
+    torch.cuda.reset_peak_memory_stats()
+    q, k, v = (torch.randn(1, T, h, D, device=dev, dtype=torch.bfloat16) for h in (HQ, HKV, HKV))
+    x = bench_select.inputs(T)
+    sel = lambda: ua.ops.select(ua.rules.lightning_indexer, topk=2048, **x)  # noqa: E731
+    idx = sel().expand(1, T, HKV, 2048).contiguous()
+    with torch.no_grad():
+        t_sel = bench(sel)
+        t_att = bench(lambda: sparse_attention(q, k, v, idx, check_indices=False))
+        t_both = bench(lambda: sparse_attention(q, k, v, sel().expand(1, T, HKV, 2048), check_indices=False))
+        o = sparse_attention(q, k, v, idx)
+    assert bool(torch.isfinite(o).all()), "T=131072 forward gave non-finite output"
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    print(f"T={T}: select {t_sel:.2f} ms, sparse fwd {t_att:.2f} ms, both {t_both:.2f} ms, peak {peak:.1f} GiB",
+          flush=True)
+    return t_sel, t_att, t_both, peak
 
 
 def dense_mask_count(idx, bs):
