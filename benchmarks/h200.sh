@@ -6,7 +6,7 @@ set -u
 source benchmarks/gpu_env.sh
 LOG=${OUT:-/tmp/h200}
 mkdir -p "$LOG"
-export UNIFATTN_CACHE_DIR=$LOG/cache
+export UNIFATTN_CACHE_DIR=/tmp/ua_cache
 parts=${*:-linear sparse tests}
 for part in $parts; do
   case $part in

@@ -19,7 +19,7 @@ BLOCK = 4096
 
 
 @triton.jit
-def _scan_kernel(x, flags, n, BIT: tl.constexpr, RANGE: tl.constexpr, BLOCK: tl.constexpr):
+def _scan_kernel(x, flags, n, bit_value, RANGE: tl.constexpr, BLOCK: tl.constexpr):
     i_b = tl.program_id(0).to(tl.int64)
     o = i_b * BLOCK + tl.arange(0, BLOCK)
     m = o < n
@@ -31,7 +31,7 @@ def _scan_kernel(x, flags, n, BIT: tl.constexpr, RANGE: tl.constexpr, BLOCK: tl.
         bad = bad | (b_x <= 0) | (b_x > 1)
     n_bad = tl.sum((bad & m).to(tl.int32), axis=0)
     if n_bad > 0:
-        tl.atomic_or(flags, 1 << BIT)
+        tl.atomic_or(flags, bit_value)
 
 
 def _torch_ok(x: torch.Tensor, rng) -> torch.Tensor:
@@ -58,7 +58,7 @@ def scan(checks: list) -> int:
         if use_triton and x.is_contiguous() and x.device == dev and x.dtype in (torch.float32, torch.bfloat16,
                                                                                torch.float16):
             grid = (triton.cdiv(x.numel(), BLOCK),)
-            _scan_kernel[grid](x, flags, x.numel(), BIT=bit, RANGE=RANGES[rng], BLOCK=BLOCK, num_warps=4)
+            _scan_kernel[grid](x, flags, x.numel(), 1 << bit, RANGE=RANGES[rng], BLOCK=BLOCK, num_warps=4)
         else:
             flags |= (~_torch_ok(x, rng)).to(dev, torch.int32) << bit
     return int(flags.item())
