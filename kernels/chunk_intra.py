@@ -38,7 +38,9 @@ SPAN_LOG2 = tl.constexpr(96.0)
 
 # launch candidates, timed once per shape on a GPU (the first is used under the interpreter)
 CUMSUM_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2)]
-INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2), triton.Config({}, num_warps=8)]
+INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2), triton.Config({}, num_warps=8),
+                 triton.Config({"OFFDIAG": "fused"}, num_warps=4), triton.Config({"OFFDIAG": "fused"}, num_warps=2),
+                 triton.Config({"OFFDIAG": "fused"}, num_warps=1)]
 WU_CONFIGS = [
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
     triton.Config({"BV": 64}, num_warps=4, num_stages=3),
@@ -169,6 +171,95 @@ def _offdiag_block(
 
 
 @triton.jit
+def _gated_rows(x, gc, t0, T, i_s: tl.constexpr, o_k, m_k, s_x, s_g, BC: tl.constexpr):
+    """Rows of sub-chunk i_s: x [BC, BK] (input dtype), their cumulative gates [BC, BK] and row mask."""
+    o_r = t0 + i_s * BC + tl.arange(0, BC)
+    m_r = o_r < T
+    m = m_r[:, None] & m_k[None, :]
+    b_x = tl.load(x + o_r[:, None] * s_x + o_k[None, :], mask=m, other=0.)
+    b_g = tl.load(gc + o_r[:, None] * s_g + o_k[None, :], mask=m, other=0.)
+    return b_x, b_g, m_r
+
+
+@triton.jit
+def _anchor(gc, t0, T, i_s: tl.constexpr, o_k, m_k, s_g, BC: tl.constexpr):
+    """[BK] cumulative gate of the first row of sub-chunk i_s (clamped into the sequence)."""
+    return tl.load(gc + tl.minimum(t0 + i_s * BC, T - 1) * s_g + o_k, mask=m_k, other=0.)
+
+
+@triton.jit
+def _offdiag_diagonal_gate_4(
+    q, k, gc, t0, T, s_qk, s_g, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    NEED_KK: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """All six off-diagonal sub-blocks (i > j) of a 4-sub-chunk chunk with a per-channel gate, in one
+    pass over K: each sub-chunk's rows and gates are loaded once per K block, the row factor
+    2^(G_i - G_n(i)) once per query sub-chunk, and the gated tiles go to the dot in the input dtype
+    (as _offdiag_block's anchoring: both exponents <= 0). Returns (Aqk 10, 20, 21, 30, 31, 32, then
+    Akk in the same order), fp32, beta not applied."""
+    DT = k.dtype.element_ty
+    Aq10 = tl.zeros([BC, BC], dtype=tl.float32)
+    Aq20 = tl.zeros([BC, BC], dtype=tl.float32)
+    Aq21 = tl.zeros([BC, BC], dtype=tl.float32)
+    Aq30 = tl.zeros([BC, BC], dtype=tl.float32)
+    Aq31 = tl.zeros([BC, BC], dtype=tl.float32)
+    Aq32 = tl.zeros([BC, BC], dtype=tl.float32)
+    Ak10 = tl.zeros([BC, BC], dtype=tl.float32)
+    Ak20 = tl.zeros([BC, BC], dtype=tl.float32)
+    Ak21 = tl.zeros([BC, BC], dtype=tl.float32)
+    Ak30 = tl.zeros([BC, BC], dtype=tl.float32)
+    Ak31 = tl.zeros([BC, BC], dtype=tl.float32)
+    Ak32 = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k0, b_g0, m_0 = _gated_rows(k, gc, t0, T, 0, o_k, m_k, s_qk, s_g, BC)
+        b_k1, b_g1, m_1 = _gated_rows(k, gc, t0, T, 1, o_k, m_k, s_qk, s_g, BC)
+        b_k2, b_g2, m_2 = _gated_rows(k, gc, t0, T, 2, o_k, m_k, s_qk, s_g, BC)
+        b_k3, b_g3, m_3 = _gated_rows(k, gc, t0, T, 3, o_k, m_k, s_qk, s_g, BC)
+        b_n1 = _anchor(gc, t0, T, 1, o_k, m_k, s_g, BC)
+        b_n2 = _anchor(gc, t0, T, 2, o_k, m_k, s_g, BC)
+        b_n3 = _anchor(gc, t0, T, 3, o_k, m_k, s_g, BC)
+        # query side: rows after their sub-chunk's anchor
+        b_f1 = _exp2_masked(b_g1 - b_n1[None, :], m_1[:, None])
+        b_f2 = _exp2_masked(b_g2 - b_n2[None, :], m_2[:, None])
+        b_f3 = _exp2_masked(b_g3 - b_n3[None, :], m_3[:, None])
+        # key side: rows before the anchor of the query sub-chunk they meet
+        b_s10 = (b_k0 * _exp2_masked(b_n1[None, :] - b_g0, m_0[:, None])).to(DT)
+        b_s20 = (b_k0 * _exp2_masked(b_n2[None, :] - b_g0, m_0[:, None])).to(DT)
+        b_s21 = (b_k1 * _exp2_masked(b_n2[None, :] - b_g1, m_1[:, None])).to(DT)
+        b_s30 = (b_k0 * _exp2_masked(b_n3[None, :] - b_g0, m_0[:, None])).to(DT)
+        b_s31 = (b_k1 * _exp2_masked(b_n3[None, :] - b_g1, m_1[:, None])).to(DT)
+        b_s32 = (b_k2 * _exp2_masked(b_n3[None, :] - b_g2, m_2[:, None])).to(DT)
+        b_q1 = tl.load(q + (t0 + BC + tl.arange(0, BC))[:, None] * s_qk + o_k[None, :],
+                       mask=m_1[:, None] & m_k[None, :], other=0.)
+        b_q2 = tl.load(q + (t0 + 2 * BC + tl.arange(0, BC))[:, None] * s_qk + o_k[None, :],
+                       mask=m_2[:, None] & m_k[None, :], other=0.)
+        b_q3 = tl.load(q + (t0 + 3 * BC + tl.arange(0, BC))[:, None] * s_qk + o_k[None, :],
+                       mask=m_3[:, None] & m_k[None, :], other=0.)
+        b_r1 = (b_q1 * b_f1).to(DT)
+        b_r2 = (b_q2 * b_f2).to(DT)
+        b_r3 = (b_q3 * b_f3).to(DT)
+        Aq10 += _dot(b_r1, tl.trans(b_s10), DOT_PREC)
+        Aq20 += _dot(b_r2, tl.trans(b_s20), DOT_PREC)
+        Aq21 += _dot(b_r2, tl.trans(b_s21), DOT_PREC)
+        Aq30 += _dot(b_r3, tl.trans(b_s30), DOT_PREC)
+        Aq31 += _dot(b_r3, tl.trans(b_s31), DOT_PREC)
+        Aq32 += _dot(b_r3, tl.trans(b_s32), DOT_PREC)
+        if NEED_KK:
+            b_c1 = (b_k1 * b_f1).to(DT)
+            b_c2 = (b_k2 * b_f2).to(DT)
+            b_c3 = (b_k3 * b_f3).to(DT)
+            Ak10 += _dot(b_c1, tl.trans(b_s10), DOT_PREC)
+            Ak20 += _dot(b_c2, tl.trans(b_s20), DOT_PREC)
+            Ak21 += _dot(b_c2, tl.trans(b_s21), DOT_PREC)
+            Ak30 += _dot(b_c3, tl.trans(b_s30), DOT_PREC)
+            Ak31 += _dot(b_c3, tl.trans(b_s31), DOT_PREC)
+            Ak32 += _dot(b_c3, tl.trans(b_s32), DOT_PREC)
+    return Aq10, Aq20, Aq21, Aq30, Aq31, Aq32, Ak10, Ak20, Ak21, Ak30, Ak31, Ak32
+
+
+@triton.jit
 def _diag_block(
     q, k, gc, t0, T, i_i: tl.constexpr, s_qk, s_g,
     K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
@@ -275,11 +366,14 @@ def chunk_intra_kernel(
     q, k, gc, beta, Aqk, Ai, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BK: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, OFFDIAG: tl.constexpr = "blocks",
 ):
     """Aqk (diagonal gate) and Ai = (I + Akk)^-1 (delta rules) of one chunk. Grid (NT, B * HV)."""
     tl.static_assert(BT == BC or BT == 2 * BC or BT == 4 * BC)
     NC: tl.constexpr = BT // BC
+    # OFFDIAG "fused": the per-channel-gate, 4-sub-chunk case computes its six off-diagonal blocks
+    # in one pass (_offdiag_diagonal_gate_4); "blocks": one _offdiag_block call per block
+    FUSED: tl.constexpr = (OFFDIAG == "fused") and (GATE == 2) and (NC == 4)
     NEED_QK: tl.constexpr = GATE == 2
     NEED_KK: tl.constexpr = DELTA
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -308,22 +402,34 @@ def chunk_intra_kernel(
     s_A = HV * BT
 
     # --- sub-blocks of the chunk (q k^T stored at once, k k^T kept for the solve) ---
+    if FUSED:
+        (b_qk10, b_qk20, b_qk21, b_qk30, b_qk31, b_qk32,
+         b_kk10, b_kk20, b_kk21, b_kk30, b_kk31, b_kk32) = _offdiag_diagonal_gate_4(
+            q, k, gc, t0, T, s_qk, s_g, K, BC, BK, NEED_KK, DOT_PREC)
     b_qk00, b_kk00 = _diag_block(q, k, gc, t0, T, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
     if NEED_QK:
         _store_block(Aqk, b_qk00, t0, T, 0, 0, s_A, BC)
     if NC > 1:
-        b_qk10, b_kk10 = _offdiag_block(q, k, gc, t0, T, 1, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        if not FUSED:
+            b_qk10, b_kk10 = _offdiag_block(q, k, gc, t0, T, 1, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
         b_qk11, b_kk11 = _diag_block(q, k, gc, t0, T, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
         if NEED_QK:
             _store_block(Aqk, b_qk10, t0, T, 1, 0, s_A, BC)
             _store_block(Aqk, b_qk11, t0, T, 1, 1, s_A, BC)
     if NC > 2:
-        b_qk20, b_kk20 = _offdiag_block(q, k, gc, t0, T, 2, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
-        b_qk21, b_kk21 = _offdiag_block(q, k, gc, t0, T, 2, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        if not FUSED:
+            b_qk20, b_kk20 = _offdiag_block(q, k, gc, t0, T, 2, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
+            b_qk21, b_kk21 = _offdiag_block(q, k, gc, t0, T, 2, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
+            b_qk30, b_kk30 = _offdiag_block(q, k, gc, t0, T, 3, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
+            b_qk31, b_kk31 = _offdiag_block(q, k, gc, t0, T, 3, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
+            b_qk32, b_kk32 = _offdiag_block(q, k, gc, t0, T, 3, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
         b_qk22, b_kk22 = _diag_block(q, k, gc, t0, T, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
-        b_qk30, b_kk30 = _offdiag_block(q, k, gc, t0, T, 3, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
-        b_qk31, b_kk31 = _offdiag_block(q, k, gc, t0, T, 3, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
-        b_qk32, b_kk32 = _offdiag_block(q, k, gc, t0, T, 3, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
         b_qk33, b_kk33 = _diag_block(q, k, gc, t0, T, 3, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
         if NEED_QK:
             _store_block(Aqk, b_qk20, t0, T, 2, 0, s_A, BC)

@@ -171,6 +171,22 @@ def test_bf16(cls):
     check(make_inputs(cls, B=1, T=130, K=32, V=32, HV=2), dtype=torch.bfloat16, scale=32 ** -0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", ["diagonal", "diagonal_delta"])
+def test_fused_offdiagonal_intra_variant(cls, dtype, monkeypatch):
+    """The one-pass off-diagonal variant of chunk_intra_kernel (a tuning candidate on GPUs; the
+    interpreter runs the first candidate only, so put it first): ragged chunks, varlen, extremes."""
+    from unifattn.kernels import chunk_intra
+    fused = [c for c in chunk_intra.INTRA_CONFIGS if c.kwargs.get("OFFDIAG") == "fused"]
+    assert fused, "the candidate list lost its fused variant"
+    monkeypatch.setattr(chunk_intra, "INTRA_CONFIGS", fused[:1])
+    monkeypatch.setattr(chunk_module, "_TUNED", {})
+    scale = 32 ** -0.5
+    check(make_inputs(cls, B=2, T=150, K=32, V=16, HV=2), dtype=dtype, scale=scale)
+    check(make_inputs(cls, B=1, T=130, K=40, V=16, gates="mixed"), dtype=dtype, scale=scale)
+    check(make_inputs(cls, B=1, T=200, K=16, V=16, N=3), cu_seqlens=torch.tensor([0, 17, 100, 200]), dtype=dtype)
+
+
 @pytest.mark.parametrize("cls", ["identity", "diagonal_delta"])
 def test_fp16(cls):
     check(make_inputs(cls, B=1, T=100, K=32, V=32), dtype=torch.float16, scale=32 ** -0.5)

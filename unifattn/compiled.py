@@ -55,10 +55,14 @@ def _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_s
         ht = empty((d.N, d.HV, d.K, d.V), torch.float32, dev) if output_final_state else None
     BVfull = triton.next_power_of_2(d.V)
     if splittable_v(r, facts) and not interpreting():
-        BV = min(BVfull, 32 if d.K <= 64 else 16)
+        # H200 sweep (benchmarks/profile_linear.py, decode B=16 H=16 K=V=128): BV=32 on one warp was
+        # fastest for gated_deltanet and kda (2.25 / 2.10 TB/s against 2.0 for BV=16 on 2 warps)
+        BV = min(BVfull, 32 if d.K <= 128 else 16)
+        warps = 1 if BV * d.K <= 4096 else 4
     else:
         BV = BVfull
+        warps = 4 if BV * d.K >= 4096 else 2
     if d.N * d.HV and d.V:
         cu = None if cu_seqlens is None else _contig(cu_seqlens.to(torch.int32))
-        mod.launch(tensors, heads, o, h0, ht, cu, scale, d.N, d.T, d.HV, d.K, d.V, BV, 4 if BV * d.K >= 4096 else 2)
+        mod.launch(tensors, heads, o, h0, ht, cu, scale, d.N, d.T, d.HV, d.K, d.V, BV, warps)
     return o, (ht if (output_final_state or inplace_state) else None)
