@@ -260,6 +260,85 @@ def _offdiag_diagonal_gate_4(
 
 
 @triton.jit
+def _scalar_gate_factor(gc, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s_g, BC: tl.constexpr, STRICT: tl.constexpr):
+    """[BC, BC] 2^(G_r - G_s) for rows r of sub-chunk i_i and s of i_j (scalar gate), 0 where masked:
+    rows past T, and on a diagonal block (i_i == i_j) r <= s (STRICT) or r < s."""
+    o_c = tl.arange(0, BC)
+    o_r = t0 + i_i * BC + o_c
+    o_s = t0 + i_j * BC + o_c
+    m = (o_r < T)[:, None] & (o_s < T)[None, :]
+    if i_i == i_j:
+        if STRICT:
+            m = m & (o_c[:, None] > o_c[None, :])
+        else:
+            m = m & (o_c[:, None] >= o_c[None, :])
+    b_gr = tl.load(gc + o_r * s_g, mask=o_r < T, other=0.)
+    b_gs = tl.load(gc + o_s * s_g, mask=o_s < T, other=0.)
+    return _exp2_masked(b_gr[:, None] - b_gs[None, :], m)
+
+
+@triton.jit
+def _kk_all_4(k, gc, t0, T, s_qk, s_g, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """All ten k k^T sub-blocks (i >= j) of a 4-sub-chunk chunk without a per-channel gate, in one pass
+    over K (each sub-chunk's rows loaded once per K block), then the scalar gate 2^(G_r - G_s) and
+    the strict lower-triangular mask. Returns (00, 10, 11, 20, 21, 22, 30, 31, 32, 33), fp32."""
+    A00 = tl.zeros([BC, BC], dtype=tl.float32)
+    A10 = tl.zeros([BC, BC], dtype=tl.float32)
+    A11 = tl.zeros([BC, BC], dtype=tl.float32)
+    A20 = tl.zeros([BC, BC], dtype=tl.float32)
+    A21 = tl.zeros([BC, BC], dtype=tl.float32)
+    A22 = tl.zeros([BC, BC], dtype=tl.float32)
+    A30 = tl.zeros([BC, BC], dtype=tl.float32)
+    A31 = tl.zeros([BC, BC], dtype=tl.float32)
+    A32 = tl.zeros([BC, BC], dtype=tl.float32)
+    A33 = tl.zeros([BC, BC], dtype=tl.float32)
+    o_c = tl.arange(0, BC)
+    m_0 = (t0 + o_c) < T
+    m_1 = (t0 + BC + o_c) < T
+    m_2 = (t0 + 2 * BC + o_c) < T
+    m_3 = (t0 + 3 * BC + o_c) < T
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k0 = tl.load(k + (t0 + o_c)[:, None] * s_qk + o_k[None, :], mask=m_0[:, None] & m_k[None, :], other=0.)
+        b_k1 = tl.load(k + (t0 + BC + o_c)[:, None] * s_qk + o_k[None, :], mask=m_1[:, None] & m_k[None, :],
+                       other=0.)
+        b_k2 = tl.load(k + (t0 + 2 * BC + o_c)[:, None] * s_qk + o_k[None, :], mask=m_2[:, None] & m_k[None, :],
+                       other=0.)
+        b_k3 = tl.load(k + (t0 + 3 * BC + o_c)[:, None] * s_qk + o_k[None, :], mask=m_3[:, None] & m_k[None, :],
+                       other=0.)
+        A00 += _dot(b_k0, tl.trans(b_k0), DOT_PREC)
+        A10 += _dot(b_k1, tl.trans(b_k0), DOT_PREC)
+        A11 += _dot(b_k1, tl.trans(b_k1), DOT_PREC)
+        A20 += _dot(b_k2, tl.trans(b_k0), DOT_PREC)
+        A21 += _dot(b_k2, tl.trans(b_k1), DOT_PREC)
+        A22 += _dot(b_k2, tl.trans(b_k2), DOT_PREC)
+        A30 += _dot(b_k3, tl.trans(b_k0), DOT_PREC)
+        A31 += _dot(b_k3, tl.trans(b_k1), DOT_PREC)
+        A32 += _dot(b_k3, tl.trans(b_k2), DOT_PREC)
+        A33 += _dot(b_k3, tl.trans(b_k3), DOT_PREC)
+    m_s = (o_c[:, None] > o_c[None, :])
+    if GATE == 1:
+        A00 *= _scalar_gate_factor(gc, t0, T, 0, 0, s_g, BC, True)
+        A10 *= _scalar_gate_factor(gc, t0, T, 1, 0, s_g, BC, True)
+        A11 *= _scalar_gate_factor(gc, t0, T, 1, 1, s_g, BC, True)
+        A20 *= _scalar_gate_factor(gc, t0, T, 2, 0, s_g, BC, True)
+        A21 *= _scalar_gate_factor(gc, t0, T, 2, 1, s_g, BC, True)
+        A22 *= _scalar_gate_factor(gc, t0, T, 2, 2, s_g, BC, True)
+        A30 *= _scalar_gate_factor(gc, t0, T, 3, 0, s_g, BC, True)
+        A31 *= _scalar_gate_factor(gc, t0, T, 3, 1, s_g, BC, True)
+        A32 *= _scalar_gate_factor(gc, t0, T, 3, 2, s_g, BC, True)
+        A33 *= _scalar_gate_factor(gc, t0, T, 3, 3, s_g, BC, True)
+    else:
+        A00 = tl.where(m_s & m_0[:, None], A00, 0.)
+        A11 = tl.where(m_s & m_1[:, None], A11, 0.)
+        A22 = tl.where(m_s & m_2[:, None], A22, 0.)
+        A33 = tl.where(m_s & m_3[:, None], A33, 0.)
+    return A00, A10, A11, A20, A21, A22, A30, A31, A32, A33
+
+
+@triton.jit
 def _diag_block(
     q, k, gc, t0, T, i_i: tl.constexpr, s_qk, s_g,
     K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
@@ -372,8 +451,10 @@ def chunk_intra_kernel(
     tl.static_assert(BT == BC or BT == 2 * BC or BT == 4 * BC)
     NC: tl.constexpr = BT // BC
     # OFFDIAG "fused": the per-channel-gate, 4-sub-chunk case computes its six off-diagonal blocks
-    # in one pass (_offdiag_diagonal_gate_4); "blocks": one _offdiag_block call per block
+    # in one pass (_offdiag_diagonal_gate_4); "blocks": one _offdiag_block / _diag_block call per block
     FUSED: tl.constexpr = (OFFDIAG == "fused") and (GATE == 2) and (NC == 4)
+    # the same for k k^T without a per-channel gate: all ten blocks in one pass (_kk_all_4)
+    FUSED_KK: tl.constexpr = (OFFDIAG == "fused") and (GATE != 2) and DELTA and (NC == 4)
     NEED_QK: tl.constexpr = GATE == 2
     NEED_KK: tl.constexpr = DELTA
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -402,43 +483,47 @@ def chunk_intra_kernel(
     s_A = HV * BT
 
     # --- sub-blocks of the chunk (q k^T stored at once, k k^T kept for the solve) ---
-    if FUSED:
-        (b_qk10, b_qk20, b_qk21, b_qk30, b_qk31, b_qk32,
-         b_kk10, b_kk20, b_kk21, b_kk30, b_kk31, b_kk32) = _offdiag_diagonal_gate_4(
-            q, k, gc, t0, T, s_qk, s_g, K, BC, BK, NEED_KK, DOT_PREC)
-    b_qk00, b_kk00 = _diag_block(q, k, gc, t0, T, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
-    if NEED_QK:
-        _store_block(Aqk, b_qk00, t0, T, 0, 0, s_A, BC)
-    if NC > 1:
-        if not FUSED:
-            b_qk10, b_kk10 = _offdiag_block(q, k, gc, t0, T, 1, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                            DOT_PREC)
-        b_qk11, b_kk11 = _diag_block(q, k, gc, t0, T, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+    if FUSED_KK:
+        b_kk00, b_kk10, b_kk11, b_kk20, b_kk21, b_kk22, b_kk30, b_kk31, b_kk32, b_kk33 = _kk_all_4(
+            k, gc, t0, T, s_qk, s_g, K, BC, BK, GATE, DOT_PREC)
+    else:
+        if FUSED:
+            (b_qk10, b_qk20, b_qk21, b_qk30, b_qk31, b_qk32,
+             b_kk10, b_kk20, b_kk21, b_kk30, b_kk31, b_kk32) = _offdiag_diagonal_gate_4(
+                q, k, gc, t0, T, s_qk, s_g, K, BC, BK, NEED_KK, DOT_PREC)
+        b_qk00, b_kk00 = _diag_block(q, k, gc, t0, T, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
         if NEED_QK:
-            _store_block(Aqk, b_qk10, t0, T, 1, 0, s_A, BC)
-            _store_block(Aqk, b_qk11, t0, T, 1, 1, s_A, BC)
-    if NC > 2:
-        if not FUSED:
-            b_qk20, b_kk20 = _offdiag_block(q, k, gc, t0, T, 2, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                            DOT_PREC)
-            b_qk21, b_kk21 = _offdiag_block(q, k, gc, t0, T, 2, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                            DOT_PREC)
-            b_qk30, b_kk30 = _offdiag_block(q, k, gc, t0, T, 3, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                            DOT_PREC)
-            b_qk31, b_kk31 = _offdiag_block(q, k, gc, t0, T, 3, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                            DOT_PREC)
-            b_qk32, b_kk32 = _offdiag_block(q, k, gc, t0, T, 3, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                            DOT_PREC)
-        b_qk22, b_kk22 = _diag_block(q, k, gc, t0, T, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
-        b_qk33, b_kk33 = _diag_block(q, k, gc, t0, T, 3, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
-        if NEED_QK:
-            _store_block(Aqk, b_qk20, t0, T, 2, 0, s_A, BC)
-            _store_block(Aqk, b_qk21, t0, T, 2, 1, s_A, BC)
-            _store_block(Aqk, b_qk22, t0, T, 2, 2, s_A, BC)
-            _store_block(Aqk, b_qk30, t0, T, 3, 0, s_A, BC)
-            _store_block(Aqk, b_qk31, t0, T, 3, 1, s_A, BC)
-            _store_block(Aqk, b_qk32, t0, T, 3, 2, s_A, BC)
-            _store_block(Aqk, b_qk33, t0, T, 3, 3, s_A, BC)
+            _store_block(Aqk, b_qk00, t0, T, 0, 0, s_A, BC)
+        if NC > 1:
+            if not FUSED:
+                b_qk10, b_kk10 = _offdiag_block(q, k, gc, t0, T, 1, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                                DOT_PREC)
+            b_qk11, b_kk11 = _diag_block(q, k, gc, t0, T, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+            if NEED_QK:
+                _store_block(Aqk, b_qk10, t0, T, 1, 0, s_A, BC)
+                _store_block(Aqk, b_qk11, t0, T, 1, 1, s_A, BC)
+        if NC > 2:
+            if not FUSED:
+                b_qk20, b_kk20 = _offdiag_block(q, k, gc, t0, T, 2, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                                DOT_PREC)
+                b_qk21, b_kk21 = _offdiag_block(q, k, gc, t0, T, 2, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                                DOT_PREC)
+                b_qk30, b_kk30 = _offdiag_block(q, k, gc, t0, T, 3, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                                DOT_PREC)
+                b_qk31, b_kk31 = _offdiag_block(q, k, gc, t0, T, 3, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                                DOT_PREC)
+                b_qk32, b_kk32 = _offdiag_block(q, k, gc, t0, T, 3, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                                DOT_PREC)
+            b_qk22, b_kk22 = _diag_block(q, k, gc, t0, T, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+            b_qk33, b_kk33 = _diag_block(q, k, gc, t0, T, 3, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+            if NEED_QK:
+                _store_block(Aqk, b_qk20, t0, T, 2, 0, s_A, BC)
+                _store_block(Aqk, b_qk21, t0, T, 2, 1, s_A, BC)
+                _store_block(Aqk, b_qk22, t0, T, 2, 2, s_A, BC)
+                _store_block(Aqk, b_qk30, t0, T, 3, 0, s_A, BC)
+                _store_block(Aqk, b_qk31, t0, T, 3, 1, s_A, BC)
+                _store_block(Aqk, b_qk32, t0, T, 3, 2, s_A, BC)
+                _store_block(Aqk, b_qk33, t0, T, 3, 3, s_A, BC)
 
     if DELTA:
         # --- Ai = (I + Diag(beta) Akk)^-1, blockwise: invert diagonal blocks, merge with matmuls ---

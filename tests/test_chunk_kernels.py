@@ -172,10 +172,10 @@ def test_bf16(cls):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cls", ["diagonal", "diagonal_delta"])
+@pytest.mark.parametrize("cls", ["diagonal", "diagonal_delta", "delta", "scalar_delta"])
 def test_fused_offdiagonal_intra_variant(cls, dtype, monkeypatch):
-    """The one-pass off-diagonal variant of chunk_intra_kernel (a tuning candidate on GPUs; the
-    interpreter runs the first candidate only, so put it first): ragged chunks, varlen, extremes."""
+    """The one-pass variants of chunk_intra_kernel (tuning candidates on GPUs; the interpreter runs
+    the first candidate only, so put it first): ragged chunks, varlen, extreme gates."""
     from unifattn.kernels import chunk_intra
     fused = [c for c in chunk_intra.INTRA_CONFIGS if c.kwargs.get("OFFDIAG") == "fused"]
     assert fused, "the candidate list lost its fused variant"
