@@ -166,7 +166,15 @@ def _tune(key, candidates, run, outputs, timer=None):
     reference = [o.detach().clone() for o in outputs]
     admitted, times = [], []
     for c in candidates:
-        run(c)
+        if c is not candidates[0]:
+            try:
+                run(c)
+            except Exception as exc:  # noqa: BLE001 - a candidate that does not compile is skipped, not fatal
+                log.warning("chunk kernel config %s skipped for %s: %s: %s", _plain(c), key, type(exc).__name__,
+                            str(exc)[:200])
+                continue
+        else:
+            run(c)
         if c is not candidates[0] and not all(_agrees(o, r) for o, r in zip(outputs, reference)):
             log.warning("chunk kernel config %s rejected for %s: its outputs differ from the reference config's",
                         _plain(c), key)

@@ -290,6 +290,21 @@ def test_tuner_admits_only_configs_that_match_the_probe_and_remembers_the_choice
     assert again == best, "a second call (or process) reads the choice from tuned.json without timing"
 
 
+def test_tuner_skips_a_candidate_that_fails_to_compile(tmp_path, monkeypatch):
+    from unifattn.kernels import chunk as chunk_mod
+    monkeypatch.setenv("UNIFATTN_CACHE_DIR", str(tmp_path))
+    out = torch.zeros(4)
+    candidates = [({"BV": 16}, 4, 1), ({"BV": 32}, 4, 1), ({"BV": 64}, 4, 1)]
+
+    def run(c):
+        if c[0]["BV"] == 32:
+            raise RuntimeError("PassManager::run failed")     # what a Triton compile error looks like
+        out.fill_(1.0)
+
+    best = chunk_mod._tune(("probe", 2), candidates, run, [out], timer=lambda fn: (fn(), 1.0)[1])
+    assert best[0]["BV"] == 16, "ties go to the first admitted candidate; the failing one is never chosen"
+
+
 def test_launch_runs_the_default_config_until_asked_to_tune(tmp_path, monkeypatch):
     """A first call compiles one config per kernel; tune=True chooses, and later calls reuse the choice."""
     import triton
