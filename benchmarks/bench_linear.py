@@ -220,7 +220,7 @@ def _decode(H, K, V, dtype, dev):
         x = {"q": q, "k": k, "v": v, **e}
         heads = {n: x[n].shape[2] for n in ("q", "k", "v", *e) if x[n].dim() >= 3}
         o = torch.empty_like(v)
-        t = bench(lambda: mod.launch(x, heads, o, S, S, None, K ** -0.5, Bd, 1, H, K, V, 32, 1))  # the op's launch
+        t = bench(lambda: mod.launch(x, heads, o, S, S, None, K ** -0.5, Bd, 1, H, K, V, 16, 2))  # the op's launch
         t_f = None
         try:
             if name == "kda":

@@ -12,6 +12,7 @@ its tile before it writes it).
 from __future__ import annotations
 
 import os
+import weakref
 
 from unifattn.dsl import ir
 from unifattn.dsl.checker import Facts
@@ -42,8 +43,19 @@ def header(r: Rule, facts: Facts, form: str, pas: str, digest: str, plan: str = 
     return "\n".join(lines) + "\n"
 
 
+_SPLITTABLE: "weakref.WeakKeyDictionary[Rule, bool]" = weakref.WeakKeyDictionary()
+
+
 def splittable_v(r: Rule, facts: Facts) -> bool:
-    """True when value columns evolve independently (V may be split over programs)."""
+    """True when value columns evolve independently (V may be split over programs). Cached per rule:
+    the decoding path asks on every token."""
+    hit = _SPLITTABLE.get(r)
+    if hit is None:
+        hit = _SPLITTABLE[r] = _splittable_v(r, facts)
+    return hit
+
+
+def _splittable_v(r: Rule, facts: Facts) -> bool:
     if facts.transition == "recurrent_only":
         return False
     V = r.state_dims[1]

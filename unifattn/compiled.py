@@ -55,10 +55,11 @@ def _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_s
         ht = empty((d.N, d.HV, d.K, d.V), torch.float32, dev) if output_final_state else None
     BVfull = triton.next_power_of_2(d.V)
     if splittable_v(r, facts) and not interpreting():
-        # H200 sweep (benchmarks/profile_linear.py, decode B=16 H=16 K=V=128): BV=32 on one warp was
-        # fastest for gated_deltanet and kda (2.25 / 2.10 TB/s against 2.0 for BV=16 on 2 warps)
-        BV = min(BVfull, 32 if d.K <= 128 else 16)
-        warps = 1 if BV * d.K <= 4096 else 4
+        # H200, decode B=16 H=16 K=V=128: BV=16 on 2 warps, 16.5 / 17.0 us (gated_deltanet / kda, state
+        # updated in place). The sweep of benchmarks/profile_linear.py (separate in/out states) favoured
+        # BV=32 on one warp (14.9 / 16.0 us), but in place that gave 22.7 / 16.9 us: kept BV=16.
+        BV = min(BVfull, 32 if d.K <= 64 else 16)
+        warps = 4 if BV * d.K >= 4096 else 2
     else:
         BV = BVfull
         warps = 4 if BV * d.K >= 4096 else 2
