@@ -7,6 +7,20 @@ source benchmarks/gpu_env.sh
 LOG=${OUT:-/tmp/h200}
 mkdir -p "$LOG"
 export UNIFATTN_CACHE_DIR=/tmp/ua_cache
+# Compiled kernels and autotuning results (ours and fla's: minutes of compiling per machine) travel
+# between device calls and sessions: this call unpacks .gpucache/triton_cache.tgz.* when carried and
+# returns the cache it leaves in $OUT (split in 15 MiB parts). Next call: copy the parts from the
+# device tool's files folder into .gpucache/ (git-excluded) and carry ".gpucache".
+export TRITON_CACHE_DIR=/tmp/triton_cache
+mkdir -p "$TRITON_CACHE_DIR"
+if ls .gpucache/triton_cache.tgz.* >/dev/null 2>&1; then
+  cat .gpucache/triton_cache.tgz.* | tar xzf - -C "$TRITON_CACHE_DIR" && echo "warm Triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) entries"
+fi
+save_cache() {
+  [ -n "${OUT:-}" ] || return 0
+  tar czf - -C "$TRITON_CACHE_DIR" . | split -b 15m -a 1 - "$OUT/triton_cache.tgz." && ls -la "$OUT"/triton_cache.tgz.*
+}
+trap save_cache EXIT
 parts=${*:-linear sparse tests}
 for part in $parts; do
   case $part in
