@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for all GPU work (run from the repository root on the H200, `.whl` carried):
-#   bash benchmarks/h200.sh [linear|sparse|profile|select|tests ...]   (default: linear sparse tests)
+#   bash benchmarks/h200.sh [linear|sparse|rules|profile|select|tests ...]   (default: linear sparse rules tests)
 # Each part has its own time cap and writes its log to $OUT (or /tmp/h200) as it goes.
 set -u
 source benchmarks/gpu_env.sh
@@ -21,11 +21,12 @@ save_cache() {
   tar czf - -C "$TRITON_CACHE_DIR" . | split -b 15m -a 1 - "$OUT/triton_cache.tgz." && ls -la "$OUT"/triton_cache.tgz.*
 }
 trap save_cache EXIT
-parts=${*:-linear sparse tests}
+parts=${*:-linear sparse rules tests}
 for part in $parts; do
   case $part in
     linear) timeout ${LINEAR_S:-300} python3 benchmarks/bench_linear.py ${LINEAR_ARGS:-} 2>&1 | tee "$LOG/linear.log" ;;
     sparse) timeout ${SPARSE_S:-260} python3 benchmarks/bench_sparse.py 2>&1 | tee "$LOG/sparse.log" ;;
+    rules) timeout ${RULES_S:-200} python3 benchmarks/check_rules_gpu.py 2>&1 | tee "$LOG/rules.log" ;;
     profile) timeout ${PROFILE_S:-130} python3 benchmarks/profile_linear.py 2>&1 | tee "$LOG/profile.log" ;;
     select) timeout 120 python3 benchmarks/bench_select.py --no-sweep 2>&1 | tee "$LOG/select.log" ;;
     tests) cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg &&
