@@ -368,8 +368,9 @@ def test_empty_sequence():
 
 @settings(max_examples=12, deadline=None)
 @given(T=st.integers(1, 70), topk=st.integers(1, 24), n=st.sampled_from([1, 4, 16]),
-       ns=st.integers(0, 3), nl=st.integers(0, 3), seed=st.integers(0, 2 ** 16))
-def test_property_select_equals_reference(T, topk, n, ns, nl, seed):
+       ns=st.integers(0, 3), nl=st.integers(0, 3), seed=st.integers(0, 2 ** 16),
+       impl=st.sampled_from(["torch", "radix"]))
+def test_property_select_equals_reference(T, topk, n, ns, nl, seed, impl):
     always = tuple(a for a in ((sink(ns) if ns else None), (local(nl) if nl else None)) if a)
     if sum(a.n for a in always) > topk:
         topk = sum(a.n for a in always)
@@ -377,10 +378,90 @@ def test_property_select_equals_reference(T, topk, n, ns, nl, seed):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-2, 3, (1, T, 2, 4), generator=g).float().to(DEVICE)
     k = torch.randint(-2, 3, (1, T, 1, 4), generator=g).float().to(DEVICE)
+    from unifattn.select import SelectConfig
     with poisoned():
-        idx = select(sel, q=q, k=k)
+        idx = select(sel, q=q, k=k, config=SelectConfig(topk_impl=impl))
     assert torch.equal(idx.cpu(), select_reference(sel, q=q, k=k).cpu())
     check_selection(idx, reference_scores(sel, q=q, k=k), topk, tol=0.0)
+
+
+# --------------------------------------------------------------------------- radix top-k (kernels.topk)
+def _radix():
+    from unifattn.select import SelectConfig
+    return SelectConfig(topk_impl="radix", query_tile=23)     # several tiles, ragged last one
+
+
+@pytest.mark.parametrize("topk", [1, 7, 40, 64])
+def test_radix_select_equals_reference_with_ties(topk):
+    x = li_inputs(2, 64, HI=2, DI=4, seed=7, ints=True)     # a handful of integer scores: many ties
+    with poisoned():
+        idx = select(lightning_indexer, topk=topk, config=_radix(), **x)
+    assert torch.equal(idx.cpu(), select_reference(lightning_indexer, topk=topk, **x).cpu())
+
+
+def test_radix_select_forced_padded_blocks_varlen():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 60, 8, generator=g).to(DEVICE)
+    k = torch.randn(1, 60, 8, generator=g).to(DEVICE)
+    k[:, :2] = -100 * q.mean(1, keepdim=True).sign()        # kept only by sink(2): +inf scores
+    with poisoned():
+        assert torch.equal(select(dot_forced, q=q, k=k, config=_radix()).cpu(),
+                           select_reference(dot_forced, q=q, k=k).cpu())
+    x = li_inputs(1, 20, seed=2)
+    with poisoned():
+        idx = select(lightning_indexer, config=_radix(), **x)                 # topk 2048 > T: -1 padding
+    assert torch.equal(idx.cpu(), select_reference(lightning_indexer, **x).cpu())
+    qm = torch.randint(-2, 3, (2, 100, 4, 8), generator=g).float().to(DEVICE)
+    km = torch.randint(-2, 3, (2, 100, 2, 8), generator=g).float().to(DEVICE)
+    with poisoned():
+        assert torch.equal(select(_small_moba, q=qm, kmean=km, config=_radix()).cpu(),
+                           select_reference(_small_moba, q=qm, kmean=km).cpu())
+    lens = [30, 0, 1, 57, 12]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    x = li_inputs(1, sum(lens), seed=9, ints=True)
+    with poisoned():
+        packed = select(lightning_indexer, topk=10, cu_seqlens=cu.to(DEVICE), config=_radix(), **x)
+    assert torch.equal(packed.cpu(), select_reference(lightning_indexer, topk=10, cu_seqlens=cu, **x).cpu())
+
+
+@pytest.mark.parametrize("W, topk", [(7, 4), (1500, 200), (3000, 2048), (2100, 2100), (2500, 1)])
+def test_radix_rows_equal_torch_topk_over_many_blocks(W, topk):
+    """Rows longer than the kernel's block: ties, -0.0 against +0.0, +inf kept, -inf never kept."""
+    from unifattn.kernels.topk import topk_rows
+    from unifattn.select import _finish
+    g = torch.Generator().manual_seed(W)
+    s = torch.round(torch.randn(2, 5, W, generator=g) * 2) / 2
+    tail = torch.rand(2, 5, W - W // 2, generator=g) < 0.7
+    s[:, :, W // 2:] = torch.where(tail, float("-inf"), s[:, :, W // 2:])
+    s[0, 0, 0] = float("inf")
+    s[1, 1, :3], s[1, 1, 3:6] = -0.0, 0.0
+    bblk = torch.tensor([0, 3, 3, 5, 9], dtype=torch.int32)
+    out = torch.full((5, 2, topk), -7, dtype=torch.int32, device=DEVICE)
+    topk_rows(s.to(DEVICE), out, bblk.to(DEVICE), 11, topk)
+    col, valid = _topk_rows(s, topk)
+    want = _finish(col + (11 - bblk.long())[None, :, None], valid).permute(1, 0, 2)
+    assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("k", [1, 5, 1100])
+def test_radix_kth_on_a_digit_boundary(k):
+    """Exactly k scores of 2.0 among 1.0s: the k-th key is the smallest with its top byte, so every
+    pass must take the largest digit whose suffix count reaches k (not exceeds it)."""
+    from unifattn.kernels.topk import topk_rows
+    W = 2300
+    g = torch.Generator().manual_seed(k)
+    where = torch.randperm(W, generator=g)[:k]
+    s = torch.ones(1, 1, W)
+    s[0, 0, where] = 2.0
+    out = torch.full((1, 1, k), -7, dtype=torch.int32, device=DEVICE)
+    topk_rows(s.to(DEVICE), out, torch.zeros(1, dtype=torch.int32, device=DEVICE), 0, k)
+    assert out.flatten().tolist() == sorted(where.tolist())
+
+
+def test_radix_config_is_checked():
+    from unifattn.select import SelectConfig
+    with pytest.raises(ValueError, match="topk_impl: expected 'torch' or 'radix'"):
+        SelectConfig(topk_impl="bitonic")
 
 
 def _plain_dot(q: Vec["D"], k: Vec["D"]):

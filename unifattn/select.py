@@ -293,8 +293,15 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
     rows = p.B * p.T
     out = empty((rows, p.HKV, topk), torch.int32, p.device)
     bblk = p.q_bblk.to(p.device)
+    radix = config is not None and getattr(config, "topk_impl", "torch") == "radix"
+    if radix:
+        from unifattn.kernels.topk import topk_rows
+        bblk32 = bblk.to(torch.int32).contiguous()
 
     def on_tile(q0, q1, c0, s):
+        if radix:                                                            # ascending, -1 padded, in place
+            topk_rows(s, out[q0:q1], bblk32[q0:q1], c0, topk)
+            return
         col, valid = _topk_rows(s, topk)                                     # [HKV, nq, topk]
         rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
         out[q0:q1] = _finish(rel, valid).permute(1, 0, 2)
