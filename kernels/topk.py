@@ -13,7 +13,7 @@ program:
    whose key equals it (a running count over the row): already ascending, no sort.
 
 -inf marks a non-candidate: a row with at most k candidates keeps them all and pads with -1.
-Every pass reads the row again (from L2 for the tiles select() makes); nothing is sorted.
+Five passes read the row (the first radix pass also counts the candidates); nothing is sorted.
 """
 from __future__ import annotations
 
@@ -38,9 +38,11 @@ def _keys(s_row, o, m):
 
 @triton.jit
 def _digit_pick(s_row, W, prefix, k_left, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
-    """One radix pass: (digit, keys above it among the matching ones) for the bits at SHIFT."""
+    """One radix pass over the bits at SHIFT: (digit, keys above it among the matching ones, and the
+    number of candidates in the row, i.e. keys above -inf's, which the first pass needs)."""
     o_b = tl.arange(0, 512)
     b_h = tl.zeros([512], dtype=tl.int32)
+    n_valid = 0
     for i0 in range(0, W, BLOCK):
         o = i0 + tl.arange(0, BLOCK)
         b_k = _keys(s_row, o, o < W)
@@ -51,11 +53,12 @@ def _digit_pick(s_row, W, prefix, k_left, SHIFT: tl.constexpr, BLOCK: tl.constex
         # keys that do not match go to bin 256 (a bin nobody reads): no histogram mask needed
         b_d = tl.where(match, (b_k >> SHIFT) & 255, 256).to(tl.int32)
         b_h += tl.histogram(b_d, 512)
+        n_valid += tl.sum((b_k > KEY_NEG_INF).to(tl.int32), 0)
     b_h = tl.where(o_b < 256, b_h, 0)
     b_suf = tl.cumsum(b_h, 0, reverse=True)                     # keys with digit >= d
     d = tl.max(tl.where(b_suf >= k_left, o_b, -1), 0)
     above = tl.sum(tl.where(o_b == d, b_suf - b_h, 0), 0)      # keys with digit > d
-    return d, above
+    return d, above, n_valid
 
 
 @triton.jit
@@ -67,29 +70,21 @@ def topk_rows_kernel(s, out, bblk, c0, W, nq, HKV, TOPK, BLOCK: tl.constexpr):
     o_row = out + (i_q.to(tl.int64) * HKV + i_h) * TOPK
     shift_col = c0 - tl.load(bblk + i_q)
 
-    # candidates: keys above the key of -inf
-    n_valid = 0
-    for i0 in range(0, W, BLOCK):
-        o = i0 + tl.arange(0, BLOCK)
-        b_k = _keys(s_row, o, o < W)
-        n_valid += tl.sum((b_k > KEY_NEG_INF).to(tl.int32), 0)
-
+    # the first radix pass also counts the candidates (keys above -inf's)
+    d, above, n_valid = _digit_pick(s_row, W, 0, TOPK, 24, BLOCK)
     # at most TOPK candidates: keep all (every key above -inf's, none rationed)
     kth = n_valid.to(tl.int64) * 0 + KEY_NEG_INF
     k_eq = n_valid * 0
     if n_valid > TOPK:
-        k_left = n_valid * 0 + TOPK
-        prefix = n_valid.to(tl.int64) * 0
-        d, above = _digit_pick(s_row, W, prefix, k_left, 24, BLOCK)
-        prefix += d.to(tl.int64) << 24
-        k_left -= above
-        d, above = _digit_pick(s_row, W, prefix, k_left, 16, BLOCK)
+        prefix = d.to(tl.int64) << 24
+        k_left = TOPK - above
+        d, above, _ = _digit_pick(s_row, W, prefix, k_left, 16, BLOCK)
         prefix += d.to(tl.int64) << 16
         k_left -= above
-        d, above = _digit_pick(s_row, W, prefix, k_left, 8, BLOCK)
+        d, above, _ = _digit_pick(s_row, W, prefix, k_left, 8, BLOCK)
         prefix += d.to(tl.int64) << 8
         k_left -= above
-        d, above = _digit_pick(s_row, W, prefix, k_left, 0, BLOCK)
+        d, above, _ = _digit_pick(s_row, W, prefix, k_left, 0, BLOCK)
         prefix += d.to(tl.int64)
         k_left -= above
         # prefix is the TOPK-th largest key: keep every greater one and the k_left first equal to it
