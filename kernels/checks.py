@@ -43,6 +43,12 @@ def _torch_ok(x: torch.Tensor, rng) -> torch.Tensor:
     return ok
 
 
+def _on(dev: torch.device):
+    """The tensor's CUDA device as the current one for a launch (a no-op context elsewhere)."""
+    import contextlib
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
 def scan(checks: list) -> int:
     """checks: [(tensor, range)], range None, "<= 0" or "in (0, 1]". Returns a bit mask, bit
     min(i, 30) set when checks[i] holds a NaN/inf or a value outside its range (one host sync)."""
@@ -58,7 +64,8 @@ def scan(checks: list) -> int:
         if use_triton and x.is_contiguous() and x.device == dev and x.dtype in (torch.float32, torch.bfloat16,
                                                                                torch.float16):
             grid = (triton.cdiv(x.numel(), BLOCK),)
-            _scan_kernel[grid](x, flags, x.numel(), 1 << bit, RANGE=RANGES[rng], BLOCK=BLOCK, num_warps=4)
+            with _on(dev):                      # Triton launches on the current device, not the tensor's
+                _scan_kernel[grid](x, flags, x.numel(), 1 << bit, RANGE=RANGES[rng], BLOCK=BLOCK, num_warps=4)
         else:
             flags |= (~_torch_ok(x, rng)).to(dev, torch.int32) << bit
     return int(flags.item())

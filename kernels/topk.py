@@ -117,4 +117,6 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
         raise RuntimeError("topk_rows: expected CUDA tensors (or TRITON_INTERPRET=1); got " + str(s.device))
     if HKV * nq == 0:
         return
-    topk_rows_kernel[(HKV * nq,)](s, out, bblk, c0, W, nq, HKV, topk, BLOCK=BLOCK, num_warps=4)
+    from unifattn.kernels.checks import _on
+    with _on(s.device):                      # Triton launches on the current device, not the tensor's
+        topk_rows_kernel[(HKV * nq,)](s, out, bblk, c0, W, nq, HKV, topk, BLOCK=BLOCK, num_warps=4)

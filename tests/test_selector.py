@@ -458,6 +458,18 @@ def test_radix_kth_on_a_digit_boundary(k):
     assert out.flatten().tolist() == sorted(where.tolist())
 
 
+def test_more_inf_scores_than_topk_keep_the_lowest_columns():
+    """Scores that overflow to +inf tie: both top-k paths keep the lowest columns (found in review)."""
+    from unifattn.kernels.topk import topk_rows
+    from unifattn.select import _finish
+    s = torch.tensor([[[INF, INF, INF, 0.0, 0.0]]])
+    col, valid = _topk_rows(s, 2)
+    assert _finish(col, valid).flatten().tolist() == [0, 1]
+    out = torch.full((1, 1, 2), -7, dtype=torch.int32, device=DEVICE)
+    topk_rows(s.to(DEVICE), out, torch.zeros(1, dtype=torch.int32, device=DEVICE), 0, 2)
+    assert out.flatten().tolist() == [0, 1]
+
+
 def test_radix_config_is_checked():
     from unifattn.select import SelectConfig
     with pytest.raises(ValueError, match="topk_impl: expected 'torch' or 'radix'"):

@@ -218,9 +218,10 @@ def _topk_rows(s: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     W = s.shape[-1]
     k = min(topk, W)
     vals, idx = torch.topk(s, k, dim=-1, sorted=False)
-    # the k-th value decides alone unless it is tied with a score left out
+    # the k-th value decides alone unless it is tied with a score left out (+inf included: scores
+    # that overflow tie there too; -inf is never kept, so ties there do not matter)
     thr = vals.min(-1, keepdim=True).values
-    amb = (torch.isfinite(thr) & ((s >= thr).sum(-1, keepdim=True) > k)).squeeze(-1)
+    amb = ((thr > float("-inf")) & ((s >= thr).sum(-1, keepdim=True) > k)).squeeze(-1)
     if bool(amb.any()):
         where = amb.nonzero(as_tuple=True)
         sub = s[where]
