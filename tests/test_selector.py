@@ -470,6 +470,32 @@ def test_more_inf_scores_than_topk_keep_the_lowest_columns():
     assert out.flatten().tolist() == [0, 1]
 
 
+@settings(max_examples=25, deadline=None)
+@given(W=st.integers(1, 1300), topk=st.integers(1, 1400), kind=st.sampled_from(["normal", "ties", "bits"]),
+       seed=st.integers(0, 2 ** 16))
+def test_property_radix_rows_equal_a_sort(W, topk, kind, seed):
+    """Brute force: sort by (score descending, column ascending), -0.0 == +0.0, -inf never kept."""
+    from unifattn.kernels.topk import topk_rows
+    g = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        s = torch.randn(1, 2, W, generator=g)
+    elif kind == "ties":
+        s = torch.randint(-3, 4, (1, 2, W), generator=g).float() / 2
+    else:      # arbitrary finite bit patterns: every exponent and sign, denormals included
+        bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, 2, W), generator=g, dtype=torch.int64).to(torch.int32)
+        s = bits.view(torch.float32)
+        s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+    special = torch.tensor([float("inf"), -float("inf"), -0.0, 0.0, 3.4e38, -3.4e38])
+    pick = torch.randint(0, W, (min(W, 8),), generator=g)
+    s[0, 0, pick] = special[torch.randint(0, 6, (pick.numel(),), generator=g)]
+    out = torch.full((2, 1, topk), -7, dtype=torch.int32, device=DEVICE)
+    topk_rows(s.to(DEVICE), out, torch.zeros(2, dtype=torch.int32, device=DEVICE), 0, topk)
+    for r in range(2):
+        row = [(float(x) + 0.0, c) for c, x in enumerate(s[0, r].tolist()) if x != -float("inf")]
+        keep = sorted(c for _, c in sorted(row, key=lambda p: (-p[0], p[1]))[:topk])
+        assert out[r, 0].tolist() == keep + [-1] * (topk - len(keep))
+
+
 def test_radix_config_is_checked():
     from unifattn.select import SelectConfig
     with pytest.raises(ValueError, match="topk_impl: expected 'torch' or 'radix'"):
