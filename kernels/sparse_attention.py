@@ -71,16 +71,25 @@ def check_sparse_indices(indices: torch.Tensor, block_size: int, bos: torch.Tens
     key (token) / key block (block_size > 1) with no duplicates in a list.
 
     Positions are relative to the start of the query's sequence (bos, from cu_seqlens).
-    Costs one elementwise pass and one sort along topk (skipped when topk == 1).
+    Costs a few elementwise passes (int32, no copies of indices) and one host sync. Lists in the
+    order select() writes (valid entries strictly ascending, -1 only after them) are duplicate-free
+    by that order; any other list is sorted along topk to look for duplicates.
     """
     B, T = indices.shape[:2]
     t = torch.arange(T, device=indices.device, dtype=torch.int64)
     if bos is not None:
         t = t - bos.to(torch.int64)
-    t = t.view(1, T, 1, 1)
-    first = indices.to(torch.int64) * block_size          # first key of each entry
-    bad = (indices < -1) | (first > t)
-    if bool(bad.any()):
+    t = t.to(torch.int32).view(1, T, 1, 1)
+    # entry j is causal when its first key j * block_size <= t, i.e. j <= t // block_size (no product:
+    # a huge entry must not wrap around)
+    last = t if block_size == 1 else torch.div(t, block_size, rounding_mode="floor")
+    bad = (indices < -1) | (indices > last)
+    flags = [bad.any()]
+    if indices.shape[-1] > 1:
+        x0, x1 = indices[..., :-1], indices[..., 1:]
+        flags.append((~(((x1 > x0) & (x0 >= 0)) | (x1 == -1))).any())
+    flags = torch.stack(flags).tolist()
+    if flags[0]:
         b, i, h, j = (int(x) for x in bad.nonzero()[0])
         val, lim = int(indices[b, i, h, j]), int(t.view(-1)[i])
         what = "key position" if block_size == 1 else f"key block (of {block_size} keys)"
@@ -89,7 +98,7 @@ def check_sparse_indices(indices: torch.Tensor, block_size: int, bos: torch.Tens
             f"{name}[{b}, {i}, {h}, {j}] = {val}: expected -1 or a {what} in [0, {limit}] "
             f"(causal: at or before query position {lim} of its sequence), got {val}; "
             "fix: clamp or mask future and out-of-range entries to -1")
-    if indices.shape[-1] > 1:
+    if len(flags) > 1 and flags[1]:                   # some list is not in select()'s order: sort
         srt = indices.sort(dim=-1).values
         dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
         if bool(dup.any()):

@@ -244,6 +244,33 @@ def test_error_duplicates():
         sparse_attention(q, k, v, idx)
 
 
+@pytest.mark.parametrize("row, ok", [
+    ([1, 3, 4, -1], True),          # select()'s order: checked without a sort
+    ([3, 1, -1, 4], True),          # any other order: sorted, no duplicate
+    ([1, 3, 3, -1], False),         # ascending with a repeat
+    ([4, -1, 2, 4], False),         # unordered with a repeat
+    ([-1, -1, -1, -1], True),
+])
+def test_duplicate_check_in_and_out_of_select_order(row, ok):
+    from unifattn.kernels.sparse_attention import check_sparse_indices
+    idx = torch.full((1, 8, 1, 4), -1, dtype=torch.int32, device=DEVICE)
+    idx[0, 7, 0] = torch.tensor(row, dtype=torch.int32)
+    if ok:
+        check_sparse_indices(idx, 1, None)
+    else:
+        with pytest.raises(ValueError, match="more than once"):
+            check_sparse_indices(idx, 1, None)
+
+
+def test_huge_block_entry_is_out_of_range_not_wrapped():
+    """j * block_size would wrap in int32 for j near 2^31 / 64: the check compares j with t // 64."""
+    from unifattn.kernels.sparse_attention import check_sparse_indices
+    idx = torch.full((1, 8, 1, 2), -1, dtype=torch.int32, device=DEVICE)
+    idx[0, 7, 0, 0] = 2 ** 26                               # 64 * 2^26 = 2^32 wraps to 0 in int32
+    with pytest.raises(ValueError, match=r"in \[0, 0\]"):
+        check_sparse_indices(idx, 64, None)
+
+
 def test_error_indices_dtype_and_shape():
     q, k, v, idx = _inputs()
     with pytest.raises(TypeError, match=r"indices: expected int32 of shape \[B, T, HKV, topk\] = \[1, 16, 2, \*\], "
