@@ -100,7 +100,8 @@ def sparse_attention(q, k, v, indices, *, block_size=None, scale=None, cu_seqlen
 
     q [B, T, HQ, D]; k, v [B, T, HKV, D]; indices int32 [B, T, HKV, topk] shared by the HQ / HKV query
     heads of a group; -1 entries are skipped and a row with no key gives zeros. check_indices=False
-    skips the range, causality and duplicate check (a sort only for lists not in select()'s order); out-of-range entries are still never read.
+    skips the range, causality and duplicate check (a sort only for lists not in select()'s order);
+    out-of-range entries are still never read.
     """
     from unifattn.kernels.sparse_attention import sparse_attention as _sparse
     return _sparse(q, k, v, indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
