@@ -102,11 +102,13 @@ def test_positive_log_gate_is_refused():
         ua.ops.linear_attention(ua.rules.gla, form="chunk", **case)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")    # the interpreter's numpy computes on the NaNs first
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
 @pytest.mark.parametrize("which", ["q", "v", "g", "beta", "initial_state"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_compiled_forms_reject_nan_and_inf(form, which, bad):
-    """The fused input scan (kernels.checks, Triton under the interpreter) names the tensor."""
+    """The input scan (kernels.checks, Triton under the interpreter) names the tensor. It runs after
+    the kernels (their fresh outputs are dropped), or before them for an in-place state update."""
     case = make_inputs(ua.rules.kda, B=1, T=70, K=8, V=8, initial_state=True)
     x = case[which].clone()
     x.view(-1)[x.numel() - 1] = bad                      # the last element: the scan's tail block
@@ -117,6 +119,17 @@ def test_compiled_forms_reject_nan_and_inf(form, which, bad):
         match = rf"{which}: expected finite values; got 1 NaN/inf"
     with pytest.raises(ValueError, match=match):
         ua.ops.linear_attention(ua.rules.kda, form=form, **case)
+
+
+def test_inplace_decode_with_bad_input_leaves_the_state_untouched():
+    case = make_inputs(ua.rules.kda, B=1, T=1, K=8, V=8, initial_state=True)
+    S = case.pop("initial_state").clone()
+    before = S.clone()
+    case["k"] = case["k"].clone()
+    case["k"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="k: expected finite values"):
+        ua.ops.linear_attention(ua.rules.kda, form="recurrent", initial_state=S, inplace_state=True, **case)
+    assert torch.equal(S, before), "the scan must run before an in-place update"
 
 
 def test_check_inputs_false_skips_the_scan_only():

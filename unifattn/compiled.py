@@ -27,13 +27,22 @@ def run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, c
         validate.fail(f"linear_attention(form={form!r})", "inputs that do not require grad (the generated "
                       "backward is not there yet)", "a tensor with requires_grad=True",
                       "use form='reference' to train through the rule, or call under torch.no_grad()", RuntimeError)
-    if check_inputs:
+    # The input scan syncs with the host. Run after the kernels, that sync also covers them, and the GPU
+    # no longer idles while the host launches the forward; the fresh outputs of a bad call are dropped
+    # before the error. An in-place state update (or tuning, which remembers what it measured) must
+    # not see bad inputs at all: there the scan runs first.
+    scan_first = inplace_state or tune
+    if check_inputs and scan_first:
         validate.finite({"initial_state": initial_state, **full}, facts.runtime_checks)
     if form == "recurrent":
-        return _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_seqlens, inplace_state)
-    from unifattn.codegen.chunk import run_chunk
-    return run_chunk(codegen.module(r, "chunk"), r, facts, full, d, scale, initial_state, output_final_state,
-                     cu_seqlens, tune=tune)
+        out = _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_seqlens, inplace_state)
+    else:
+        from unifattn.codegen.chunk import run_chunk
+        out = run_chunk(codegen.module(r, "chunk"), r, facts, full, d, scale, initial_state, output_final_state,
+                        cu_seqlens, tune=tune)
+    if check_inputs and not scan_first:
+        validate.finite({"initial_state": initial_state, **full}, facts.runtime_checks)
+    return out
 
 
 def _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_seqlens, inplace_state):
