@@ -34,8 +34,9 @@ def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output
     reproduces the default config's outputs) and remembers them on disk; otherwise the remembered
     choice, or the default config, runs.
     check_inputs=False skips the scan for NaN/inf and out-of-range gates (one read of every input
-    and one host sync per call, kernels.checks): for decode loops whose inputs are known good.
-    Shapes, dtypes and devices are always checked.
+    and one host sync per call, kernels.checks; it runs after the kernels, whose outputs a bad call
+    never returns, and before them when inplace_state or tune is set): for decode loops whose inputs
+    are known good. Shapes, dtypes and devices are always checked.
     """
     if not isinstance(r, Rule):
         validate.fail("rule", "a rule declared with @unifattn.dsl.rule (e.g. unifattn.rules.kda)",
