@@ -24,7 +24,7 @@ import triton.language as tl
 from unifattn.kernels.utils import interpreting
 
 BLOCK = 1024
-KEY_NEG_INF = 8388607        # _keys of -inf: bits 0xFF800000 -> (-8388608 ^ 0x7FFFFFFF) + 2^31
+KEY_NEG_INF = tl.constexpr(8388607)   # _keys of -inf: bits 0xFF800000 -> (-8388608 ^ 0x7FFFFFFF) + 2^31
 
 
 @triton.jit
