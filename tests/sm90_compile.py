@@ -102,7 +102,30 @@ def recurrent():
     return ok
 
 
-PARTS = {"topk": topk, "scan": scan, "intra": intra, "recurrent": recurrent}
+def prep():
+    """The generated preparation kernel of every chunkable rule that has one (gates, activations)."""
+    import importlib.util
+
+    import unifattn as ua
+    from unifattn import codegen
+    from unifattn.dsl import check
+    ok = []
+    for name, r in ua.rules.BUILTIN.items():
+        if "chunk" not in check(r).forms:
+            continue
+        path = codegen.source_path(r, "chunk")
+        spec = importlib.util.spec_from_file_location(f"_sm90_chunk_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        fns = [v for k, v in vars(mod).items() if k.endswith("_chunk_prep") and isinstance(v, JITFunction)]
+        for fn in fns:
+            ptr = {a: ("*bf16" if a in ("q", "k", "v") else "*fp32") for a in fn.arg_names
+                   if a not in ("HV", "K", "V", "BK", "BV") and not a.startswith("H_")}
+            ok.append(compile_one(f"{name} chunk prep", fn, ptr, dict(BK=128, BV=128)))
+    return ok
+
+
+PARTS = {"topk": topk, "scan": scan, "intra": intra, "recurrent": recurrent, "prep": prep}
 
 
 def main():
