@@ -127,7 +127,8 @@ def _launch(name, kernel, configs, grid, key, args, V, writes, tune=False):
 
     def run(c):
         kwargs, num_warps, num_stages = c
-        kernel[grid(kwargs)](**args, **kwargs, num_warps=num_warps, num_stages=num_stages)
+        kernel[grid(kwargs)](**{**args, **kwargs}, num_warps=num_warps, num_stages=num_stages)   # a config's
+        # constexprs override the call's defaults (the intra kernel's BK)
 
     if interpreting() or len(candidates) == 1:
         return run(candidates[0])

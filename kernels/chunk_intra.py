@@ -40,7 +40,12 @@ SPAN_LOG2 = tl.constexpr(96.0)
 CUMSUM_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2)]
 INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2), triton.Config({}, num_warps=8),
                  triton.Config({"OFFDIAG": "fused"}, num_warps=4), triton.Config({"OFFDIAG": "fused"}, num_warps=2),
-                 triton.Config({"OFFDIAG": "fused"}, num_warps=1)]
+                 triton.Config({"OFFDIAG": "fused"}, num_warps=1), triton.Config({"OFFDIAG": "fused"}, num_warps=8),
+                 triton.Config({"OFFDIAG": "fused", "BK": 32}, num_warps=4),
+                 triton.Config({"OFFDIAG": "fused", "BK": 32}, num_warps=8)]
+# ptxas on sm_90 (benchmarks/ptxas_report.py, K=128): with BK=64 the fused variant spills 0.8-3.9 KB per
+# thread on 1-4 warps for the per-channel-gate classes (1 KB on 8 warps for kda); BK=32 halves the
+# tiles it holds. The tuner times them; the first config stays the untuned default.
 WU_CONFIGS = [
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
     triton.Config({"BV": 64}, num_warps=4, num_stages=3),

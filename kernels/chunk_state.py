@@ -30,6 +30,11 @@ from .chunk_intra import _chunk_bounds, _dot, _exp2_masked
 # illegal memory access. ALGORITHMS.md 6b: Hopper miscompiles; only configs that passed stay.
 STATE_CONFIGS = [
     triton.Config({"BV": 32}, num_warps=4, num_stages=1),
+    # ptxas on sm_90 (benchmarks/ptxas_report.py, K=V=128): the first spills 72-432 B for every gated or
+    # delta class; 8 warps holds the same tile without spills. Untimed: the tuner decides (and its probe
+    # rejects a config whose states differ, as two did for the gate-free class on the H200)
+    triton.Config({"BV": 32}, num_warps=8, num_stages=1),
+    triton.Config({"BV": 32}, num_warps=8, num_stages=2),
 ]
 OUTPUT_CONFIGS = [
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),

@@ -8,6 +8,7 @@ Prints one line per kernel variant and exits 1 if any fails to compile.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import time
@@ -36,6 +37,12 @@ def signature(fn, pointers: dict, constexprs: dict, scalars: dict | None = None)
             consts[name] = constexprs.get(name)
         else:
             sig[name] = (scalars or {}).get(name, "i32")
+    for p in fn.params:                       # constexpr parameters left at their defaults
+        if p.is_constexpr and p.name not in consts and p.name not in pointers and p.name not in constexprs:
+            default = getattr(p, "default", None)
+            if default is not None and default is not inspect.Parameter.empty:
+                sig[p.name] = "constexpr"
+                consts[p.name] = default
     return fn, sig, consts
 
 

@@ -178,12 +178,14 @@ def test_fused_offdiagonal_intra_variant(cls, dtype, monkeypatch):
     the first candidate only, so put it first): ragged chunks, varlen, extreme gates."""
     from unifattn.kernels import chunk_intra
     fused = [c for c in chunk_intra.INTRA_CONFIGS if c.kwargs.get("OFFDIAG") == "fused"]
-    assert fused, "the candidate list lost its fused variant"
-    monkeypatch.setattr(chunk_intra, "INTRA_CONFIGS", fused[:1])
-    monkeypatch.setattr(chunk_module, "_TUNED", {})
+    small_bk = [c for c in fused if c.kwargs.get("BK") == 32]
+    assert fused and small_bk, "the candidate list lost its fused variants"
     scale = 32 ** -0.5
-    check(make_inputs(cls, B=2, T=150, K=32, V=16, HV=2), dtype=dtype, scale=scale)
-    check(make_inputs(cls, B=1, T=130, K=40, V=16, gates="mixed"), dtype=dtype, scale=scale)
+    for cfg in (fused[0], small_bk[0]):        # BK from the call (64), and from the config (32)
+        monkeypatch.setattr(chunk_intra, "INTRA_CONFIGS", [cfg])
+        monkeypatch.setattr(chunk_module, "_TUNED", {})
+        check(make_inputs(cls, B=2, T=150, K=32, V=16, HV=2), dtype=dtype, scale=scale)
+        check(make_inputs(cls, B=1, T=130, K=40, V=16, gates="mixed"), dtype=dtype, scale=scale)
     check(make_inputs(cls, B=1, T=200, K=16, V=16, N=3), cu_seqlens=torch.tensor([0, 17, 100, 200]), dtype=dtype)
 
 

@@ -1,0 +1,84 @@
+"""Registers and spills of the chunk kernels' launch candidates on Hopper, without a GPU.
+
+    python benchmarks/ptxas_report.py          # TRITON_INTERPRET must be unset
+
+Compiles each candidate of kernels/chunk_intra.py and kernels/chunk_state.py for sm_90 (Triton's
+frontend and the bundled ptxas run on the CPU) at K = V = 128, bf16, chunk 64, and prints ptxas'
+register count and spill bytes per class. A config that spills, or that holds 255 registers on 4
+warps, is a poor candidate before any timing; the numbers come from this machine's Triton, which
+may differ from the GPU's.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from sm90_compile import signature  # noqa: E402
+
+from unifattn.kernels import chunk_intra, chunk_state  # noqa: E402
+
+CLASSES = {"identity": (0, False), "scalar": (1, False), "diagonal": (2, False), "delta": (0, True),
+           "scalar_delta": (1, True), "diagonal_delta": (2, True)}
+PTXAS = [os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", p)
+         for p in ("ptxas-blackwell", "ptxas")]
+
+
+def ptxas_info(kernel) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    for exe in PTXAS:
+        out = subprocess.run([exe, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+        if out.returncode == 0:
+            regs = re.search(r"Used (\d+) registers", out.stderr)
+            spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+            return f"{regs.group(1) if regs else '?':>3} regs, {spill.group(1) if spill else '?':>4} B spilled"
+    return "ptxas failed: " + out.stderr.strip().splitlines()[-1][:80]
+
+
+def report(label, fn, pointers, constexprs, configs, scalars=None):
+    for cfg in configs:
+        kw = dict(constexprs, **cfg.kwargs)
+        jit_fn, sig, consts = signature(fn, pointers, kw, scalars)
+        try:
+            k = triton.compile(ASTSource(jit_fn, sig, constexprs=consts),
+                               target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            info = ptxas_info(k)
+        except Exception as exc:  # noqa: BLE001
+            info = f"compile failed: {type(exc).__name__}"
+        print(f"  {label:28s} {str(cfg.kwargs):22s} w{cfg.num_warps} s{cfg.num_stages}: {info}", flush=True)
+
+
+def main():
+    for cls, (gate, delta) in CLASSES.items():
+        print(cls)
+        if gate == 2 or delta:
+            report("intra", chunk_intra.chunk_intra_kernel,
+                   {"q": "*bf16", "k": "*bf16", "gc": "*fp32" if gate else None, "beta": "*fp32" if delta else None,
+                    "Aqk": "*bf16" if gate == 2 else None, "Ai": "*bf16" if delta else None, "cu_seqlens": None,
+                    "chunk_indices": None},
+                   dict(H=16, HV=16, K=128, BT=64, BC=16, BK=64, GATE=gate, DELTA=delta, IS_VARLEN=False,
+                        DOT_PREC="tf32"), chunk_intra.INTRA_CONFIGS)
+        report("state", chunk_state.chunk_state_kernel,
+               {"k": "*bf16", "v": "*bf16", "w": "*bf16" if delta else None, "gc": "*fp32" if gate else None,
+                "h": "*bf16", "v_new": "*bf16" if delta else None, "h0": None, "ht": None, "cu_seqlens": None,
+                "chunk_offsets": None},
+               dict(H=16, HV=16, K=128, V=128, BT=64, BK=128, GATE=gate, DELTA=delta, USE_INITIAL_STATE=False,
+                    STORE_FINAL_STATE=False, IS_VARLEN=False, DOT_PREC="tf32"), chunk_state.STATE_CONFIGS)
+        report("output", chunk_state.chunk_output_kernel,
+               {"q": "*bf16", "k": "*bf16", "v": "*bf16", "gc": "*fp32" if gate else None, "h": "*bf16",
+                "Aqk": "*bf16" if gate == 2 else None, "o": "*bf16", "cu_seqlens": None, "chunk_indices": None},
+               dict(H=16, HV=16, K=128, V=128, BT=64, BK=64, GATE=gate, IS_VARLEN=False, DOT_PREC="tf32"),
+               chunk_state.OUTPUT_CONFIGS, {"scale": "fp32"})
+
+
+if __name__ == "__main__":
+    main()
