@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One device call for all GPU work (run from the repository root on the H200, `.whl` carried):
-#   bash benchmarks/h200.sh [linear|sparse|rules|profile|select|tests ...]   (default: linear sparse rules tests)
+#   bash benchmarks/h200.sh [linear|sparse|rules|probe|profile|select|tests ...]   (default: linear sparse rules tests)
 # Each part has its own time cap and writes its log to $OUT (or /tmp/h200) as it goes.
 # On a cold machine `linear` alone needs ~590 s (our tuning ~100 s, fla's first kda call ~215 s
 # of autotuning), so plan calls around the Triton cache this script returns (see below):
 #   1. LINEAR_S=585 bash benchmarks/h200.sh linear      (cold; warms ours and fla's kernels)
 #   2. bash benchmarks/h200.sh linear sparse            (warm cache carried: the one-run tables)
-#   3. bash benchmarks/h200.sh rules tests profile      (GPU correctness of every rule and config)
+#   3. bash benchmarks/h200.sh rules tests probe        (GPU correctness of every rule and config;
+#      probe: candidate configs in child processes, a fault cannot stop the call)
 set -u
 source benchmarks/gpu_env.sh
 LOG=${OUT:-/tmp/h200}
@@ -32,6 +33,7 @@ for part in $parts; do
     linear) timeout ${LINEAR_S:-300} python3 benchmarks/bench_linear.py ${LINEAR_ARGS:-} 2>&1 | tee "$LOG/linear.log" ;;
     sparse) timeout ${SPARSE_S:-260} python3 benchmarks/bench_sparse.py 2>&1 | tee "$LOG/sparse.log" ;;
     rules) timeout ${RULES_S:-200} python3 benchmarks/check_rules_gpu.py 2>&1 | tee "$LOG/rules.log" ;;
+    probe) timeout ${PROBE_S:-240} python3 benchmarks/diag_chunk_configs.py 2>&1 | tee "$LOG/probe.log" ;;
     profile) timeout ${PROFILE_S:-130} python3 benchmarks/profile_linear.py 2>&1 | tee "$LOG/profile.log" ;;
     select) timeout 120 python3 benchmarks/bench_select.py --no-sweep 2>&1 | tee "$LOG/select.log" ;;
     tests) cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg &&
