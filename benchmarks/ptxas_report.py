@@ -57,7 +57,26 @@ def report(label, fn, pointers, constexprs, configs, scalars=None):
         print(f"  {label:28s} {str(cfg.kwargs):22s} w{cfg.num_warps} s{cfg.num_stages}: {info}", flush=True)
 
 
+def sparse():
+    """Sparse attention passes at the benchmark shape (G = 16, D = 128, bf16), around the defaults."""
+    from triton import Config
+
+    from unifattn.kernels import sparse_kernels as sk
+    meta = dict(HQ=64, HKV=4, G=16, K=128, V=128, BG=16, BK=128, BV=128, PREC="tf32", UPCAST=False, IS_VARLEN=False)
+    print("sparse attention (token top-k, block 1; G=16, D=128)")
+    fwd_cfgs = [Config({"BS": bs}, num_warps=w, num_stages=st) for bs, w, st in ((64, 4, 2), (64, 8, 2), (32, 4, 2))]
+    report("fwd", sk.sparse_attn_fwd_kernel,
+           {"q": "*bf16", "k": "*bf16", "v": "*bf16", "indices": "*i32", "bos": None, "o": "*bf16", "lse": "*fp32"},
+           dict(meta, BLOCK=1), fwd_cfgs, {"scale": "fp32"})
+    bwd_cfgs = [Config({"BS": bs}, num_warps=w, num_stages=st) for bs, w, st in ((64, 4, 2), (64, 8, 2), (32, 4, 2))]
+    report("bwd (dq + atomic dk, dv)", sk.sparse_attn_bwd_kernel,
+           {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "do": "*bf16", "lse": "*fp32", "dlse": None,
+            "indices": "*i32", "bos": None, "dq": "*fp32", "dk": "*fp32", "dv": "*fp32", "delta": "*fp32"},
+           dict(meta, BLOCK=1, HAS_DLSE=False, DKV=True), bwd_cfgs, {"scale": "fp32"})
+
+
 def main():
+    sparse()
     for cls, (gate, delta) in CLASSES.items():
         print(cls)
         if gate == 2 or delta:
