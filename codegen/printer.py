@@ -26,6 +26,23 @@ def literal(x: float) -> str:
     return s
 
 
+# element-wise ops of one argument: Triton text with {x} for the operand. Where Python and Triton differ:
+# softplus keeps torch's threshold (x > 20 is x), logsigmoid is written in its stable form.
+UNARY = {
+    "neg": "(-{x})",
+    "exp": "tl.exp({x})",
+    "log": "tl.log({x})",
+    "sqrt": "tl.sqrt({x})",
+    "sigmoid": "(1.0 / (1.0 + tl.exp(-({x}))))",
+    "softplus": "tl.where({x} > 20.0, {x}, tl.log(1.0 + tl.exp(tl.minimum({x}, 20.0))))",
+    "logsigmoid": "(tl.minimum({x}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({x}))))",
+    "relu": "tl.maximum({x}, 0.0)",
+    "heaviside": "tl.where({x} > 0.0, 1.0, 0.0)",
+    "sum": "tl.sum({x}, axis=0)",
+    "transpose": "tl.trans({x})",
+}
+
+
 class Printer:
     """names: id(node) -> Triton variable holding that node's value (inputs, params, statements)."""
 
@@ -49,24 +66,8 @@ class Printer:
         if op == "diag":
             raise NotImplementedError("diag(x) is printed only as the left factor of '@'")
         x = self(n.args[0]) if n.args else ""
-        if op == "neg":
-            return f"(-{x})"
-        if op == "exp":
-            return f"tl.exp({x})"
-        if op == "log":
-            return f"tl.log({x})"
-        if op == "sqrt":
-            return f"tl.sqrt({x})"
-        if op == "sigmoid":
-            return f"(1.0 / (1.0 + tl.exp(-({x}))))"
-        if op == "softplus":
-            return f"tl.where({x} > 20.0, {x}, tl.log(1.0 + tl.exp(tl.minimum({x}, 20.0))))"
-        if op == "logsigmoid":
-            return f"(tl.minimum({x}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({x}))))"
-        if op == "relu":
-            return f"tl.maximum({x}, 0.0)"
-        if op == "heaviside":
-            return f"tl.where({x} > 0.0, 1.0, 0.0)"
+        if op in UNARY:
+            return UNARY[op].format(x=x)
         if op == "pow":
             c = n.value
             if c == 2:
@@ -78,13 +79,9 @@ class Printer:
             return f"tl.exp({literal(c)} * tl.log({x}))"
         if op == "l2norm":
             return f"({x} / tl.sqrt(tl.sum({x} * {x}, axis=0) + {literal(ir.L2NORM_EPS)}))"
-        if op == "sum":
-            return f"tl.sum({x}, axis=0)"
         if op == "outer":
             a, b = self(n.args[0]), self(n.args[1])
             return f"({a}[:, None] * {b}[None, :])"
-        if op == "transpose":
-            return f"tl.trans({x})"
         raise AssertionError(f"no Triton form for op {op}")  # pragma: no cover
 
     def _arg(self, x: ir.Node, parent: ir.Node) -> str:

@@ -63,6 +63,19 @@ def _key_tile(p_idx, i_n, t_local, NK, BLOCK: tl.constexpr, BS: tl.constexpr):
     return b_pos, m_n
 
 
+@triton.jit
+def _query_program(bos, T, HKV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Grid (T, B * HKV) of the query-side passes: (token, batch, KV head, start of the token's
+    sequence (indices are relative to it), position in that sequence, flat token row)."""
+    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    if IS_VARLEN:
+        i_s = tl.load(bos + i_t).to(tl.int64)
+    else:
+        i_s = i_t * 0
+    return i_t, i_b, i_h, i_s, i_t - i_s, i_b * T + i_t
+
+
 @triton.heuristics({"IS_VARLEN": lambda a: a["bos"] is not None})
 @triton.jit
 def sparse_attn_fwd_kernel(
@@ -74,15 +87,7 @@ def sparse_attn_fwd_kernel(
     BG: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // HKV, i_bh % HKV
-    # start of this token's sequence: indices are relative to it
-    if IS_VARLEN:
-        i_s = tl.load(bos + i_t).to(tl.int64)
-    else:
-        i_s = 0
-    t_local = i_t - i_s
-    i_row = i_b * T + i_t                      # flat token row of this query
+    i_t, i_b, i_h, i_s, t_local, i_row = _query_program(bos, T, HKV, IS_VARLEN)
 
     o_g, o_k, o_v = tl.arange(0, BG), tl.arange(0, BK), tl.arange(0, BV)
     m_g, m_k, m_v = o_g < G, o_k < K, o_v < V
@@ -136,14 +141,7 @@ def sparse_attn_bwd_kernel(
     PREC: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
     DKV: tl.constexpr,  # True: also scatter dk, dv (fp32 atomics); False: store delta for the dkv kernel
 ):
-    i_t, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    i_b, i_h = i_bh // HKV, i_bh % HKV
-    if IS_VARLEN:
-        i_s = tl.load(bos + i_t).to(tl.int64)
-    else:
-        i_s = 0
-    t_local = i_t - i_s
-    i_row = i_b * T + i_t
+    i_t, i_b, i_h, i_s, t_local, i_row = _query_program(bos, T, HKV, IS_VARLEN)
 
     o_g, o_k, o_v = tl.arange(0, BG), tl.arange(0, BK), tl.arange(0, BV)
     m_g, m_k, m_v = o_g < G, o_k < K, o_v < V

@@ -53,7 +53,8 @@ def _digit_pick(s_row, W, prefix, k_left, SHIFT: tl.constexpr, BLOCK: tl.constex
         # keys that do not match go to bin 256 (a bin nobody reads): no histogram mask needed
         b_d = tl.where(match, (b_k >> SHIFT) & 255, 256).to(tl.int32)
         b_h += tl.histogram(b_d, 512)
-        n_valid += tl.sum((b_k > KEY_NEG_INF).to(tl.int32), 0)
+        if SHIFT == 24:                                          # only the first pass counts
+            n_valid += tl.sum((b_k > KEY_NEG_INF).to(tl.int32), 0)
     b_h = tl.where(o_b < 256, b_h, 0)
     b_suf = tl.cumsum(b_h, 0, reverse=True)                     # keys with digit >= d
     d = tl.max(tl.where(b_suf >= k_left, o_b, -1), 0)

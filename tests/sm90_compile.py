@@ -132,7 +132,27 @@ def prep():
     return ok
 
 
-PARTS = {"topk": topk, "scan": scan, "intra": intra, "recurrent": recurrent, "prep": prep}
+def sparse():
+    """Sparse attention forward and backward (token and block lists, varlen or not)."""
+    from unifattn.kernels import sparse_kernels as sk
+    meta = dict(HQ=64, HKV=4, G=16, K=128, V=128, BG=16, BK=128, BV=128, PREC="tf32", UPCAST=False, BS=64)
+    ok = []
+    for block, varlen in ((1, False), (64, True)):
+        bos = "*i64" if varlen else None
+        ok.append(compile_one(f"sparse_attn_fwd_kernel block={block} varlen={varlen}", sk.sparse_attn_fwd_kernel,
+                              {"q": "*bf16", "k": "*bf16", "v": "*bf16", "indices": "*i32", "bos": bos,
+                               "o": "*bf16", "lse": "*fp32"},
+                              dict(meta, BLOCK=block, IS_VARLEN=varlen), {"scale": "fp32"}))
+        ok.append(compile_one(f"sparse_attn_bwd_kernel block={block} varlen={varlen}", sk.sparse_attn_bwd_kernel,
+                              {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "do": "*bf16", "lse": "*fp32",
+                               "dlse": None, "indices": "*i32", "bos": bos, "dq": "*fp32", "dk": "*fp32",
+                               "dv": "*fp32", "delta": "*fp32"},
+                              dict(meta, BLOCK=block, IS_VARLEN=varlen, HAS_DLSE=False, DKV=block == 1),
+                              {"scale": "fp32"}))
+    return ok
+
+
+PARTS = {"topk": topk, "scan": scan, "intra": intra, "recurrent": recurrent, "prep": prep, "sparse": sparse}
 
 
 def main():
