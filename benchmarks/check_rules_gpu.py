@@ -1,12 +1,13 @@
 """Every built-in rule, in every form the checker gives it, against the float64 reference on a GPU.
 
-    python benchmarks/check_rules_gpu.py          # on the H200: part `rules` of benchmarks/h200.sh
+    python benchmarks/check_rules_gpu.py [--shard I/N]   # on the H200: part `rules` of benchmarks/h200.sh
 
 The CPU suite runs the same comparisons under the Triton interpreter at small shapes; this runs
 them compiled for the GPU at shapes that use whole tiles and ragged chunks (K = V = 64 and 128,
 T = 1, 200 and 1000 with an initial state, varlen, grouped value heads), in fp32, bf16 and fp16
 (tolerances from the one table, outputs NaN-poisoned before the launch). Prints one line per
-case and a summary; exits 1 when any case fails.
+case and a summary; exits 1 when any case fails. `--shard I/N` takes every N-th rule from the I-th
+(h200.sh runs N processes side by side: compiling is CPU work, and the machine has 16 cores).
 """
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ CASES = [  # (B, T, H, HV, K, V, initial_state, cu_seqlens)
 def main():
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
+    shard, shards = 0, 1
+    if len(sys.argv) == 3 and sys.argv[1] == "--shard":
+        shard, shards = (int(x) for x in sys.argv[2].split("/"))
     os.environ.setdefault("UNIFATTN_CACHE_DIR", tempfile.mkdtemp())
     failed = []
     n = 0
-    for name, r in ua.rules.BUILTIN.items():
+    for name, r in list(ua.rules.BUILTIN.items())[shard::shards]:
         for form in [f for f in ("chunk", "recurrent") if f in check(r).forms]:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 for i, (B, T, H, HV, K, V, h0, cu) in enumerate(CASES):

@@ -32,13 +32,16 @@ for part in $parts; do
   case $part in
     linear) timeout ${LINEAR_S:-300} python3 benchmarks/bench_linear.py ${LINEAR_ARGS:-} 2>&1 | tee "$LOG/linear.log" ;;
     sparse) timeout ${SPARSE_S:-260} python3 benchmarks/bench_sparse.py 2>&1 | tee "$LOG/sparse.log" ;;
-    rules) timeout ${RULES_S:-200} python3 benchmarks/check_rules_gpu.py 2>&1 | tee "$LOG/rules.log" ;;
+    rules) for i in 0 1 2 3; do
+             timeout ${RULES_S:-200} python3 benchmarks/check_rules_gpu.py --shard $i/4 > "$LOG/rules.$i.log" 2>&1 &
+           done; wait; cat "$LOG"/rules.?.log | tee "$LOG/rules.log"
+           grep -h "cases match" "$LOG"/rules.?.log ;;
     probe) timeout ${PROBE_S:-240} python3 benchmarks/diag_chunk_configs.py 2>&1 | tee "$LOG/probe.log" ;;
     profile) timeout ${PROFILE_S:-130} python3 benchmarks/profile_linear.py 2>&1 | tee "$LOG/profile.log" ;;
     select) timeout 120 python3 benchmarks/bench_select.py --no-sweep 2>&1 | tee "$LOG/select.log" ;;
     tests) cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg &&
-             timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_chunk_kernels.py -k gpu 2>&1;
-             timeout 80 python3 -m pytest -q -x -p no:cacheprovider tests/test_sparse_attention.py -k "not random" 2>&1
+             timeout ${TESTS_S:-100} python3 -m pytest -q -x -p no:cacheprovider tests/test_chunk_kernels.py -k gpu 2>&1;
+             timeout ${STESTS_S:-80} python3 -m pytest -q -x -p no:cacheprovider tests/test_sparse_attention.py -k "not random" 2>&1
            ) | tee "$LOG/tests.log" ;;
     *) echo "unknown part $part" ;;
   esac
