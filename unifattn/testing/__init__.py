@@ -33,6 +33,10 @@ def make_inputs(r, *, B=1, T=16, H=1, HV=None, K=8, V=8, dtype=torch.float32, de
     dims = {r.state_dims[0]: K, r.state_dims[1]: V}
     checks = {name: cond for name, cond, _ in f.runtime_checks}
     unit_key = f.delta and f.key is not None and f.key.op == "input"
+    # a low-rank term a b^T taken raw from the inputs: b a unit vector and a = -c b, c in (0, 1), keep
+    # the transition Diag(exp g) + a b^T a contraction (random a, b grow the state ~K-fold per step)
+    lowrank = tuple(x.name for x in (f.lowrank or ()) if x.op == "input")
+    lowrank = lowrank if len(lowrank) == 2 else ()
     out = {}
     for s in r.inputs:
         tail = tuple(dims[d] for d in s.shape)
@@ -43,14 +47,20 @@ def make_inputs(r, *, B=1, T=16, H=1, HV=None, K=8, V=8, dtype=torch.float32, de
             x = uni(0.5, 1.0, *shape)
         elif f.beta is not None and f.beta.op == "input" and f.beta.name == s.name:
             x = uni(0.0, 1.0, *shape)
-        elif s.name == "k" and unit_key:
+        elif (s.name == "k" and unit_key) or (lowrank and s.name == lowrank[1]):
             x = torch.nn.functional.normalize(rnd(*shape), dim=-1)
+        elif lowrank and s.name == lowrank[0]:
+            x = None  # filled from b below
         elif s.kind == "param":
             x = 0.5 * rnd(*shape)
         else:
             x = rnd(*shape)
-        out[s.name] = x.to(dtype if s.name in ("q", "k", "v") else torch.float32 if dtype != torch.float64
-                           else torch.float64).to(device)
+        out[s.name] = x
+    if lowrank:
+        out[lowrank[0]] = -uni(0.0, 1.0, *out[lowrank[1]].shape[:-1], 1) * out[lowrank[1]]
+    for name, x in out.items():
+        out[name] = x.to(dtype if name in ("q", "k", "v") else torch.float32 if dtype != torch.float64
+                         else torch.float64).to(device)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     if initial_state:
         out["initial_state"] = (0.5 * rnd(N, HV, K, V)).to(torch.float64 if dtype == torch.float64
