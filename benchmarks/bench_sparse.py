@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import triton
 
 from unifattn.kernels.sparse_attention import (SparseConfig, _sparse_bwd, _sparse_fwd, check_sparse_indices,
-                                               sparse_attention)
+                                               sparse_attention, sparse_config)
 from unifattn.testing.tolerance import assert_close
 
 import unifattn as ua
@@ -185,6 +185,11 @@ def selectors_end_to_end(dev, T=2048, HQ=16, HKV=2, D=128):
     return ok
 
 
+def _bwd_cfg(D, G):
+    c = sparse_config("bwd", max(16, D), max(16, D), max(16, 1 << (G - 1).bit_length()))
+    return c.BS, c.num_warps, c.num_stages
+
+
 def cases(args):
     return [(f"token top-{n}", n, 1) for n in args.topk] + \
            [(f"block {args.blocks}x{args.block_size}", args.blocks, args.block_size)]
@@ -267,6 +272,14 @@ def main():
         f, fb = bench(ours), bench(fwd_bwd(ours, (q, k, v), do))
         rows.append((f"ours {name}", f, fb, 4 * nkeys * (HQ // HKV) * D, nkeys * 2 * D * 2))
         if name.startswith("token"):
+            # the backward pass alone: dk, dv scattered with paired (default) vs scalar fp32 atomics
+            qd, kd, vd = q.detach(), k.detach(), v.detach()
+            o0, lse0 = _sparse_fwd(qd, kd, vd, idx, None, bs, scale)
+            runs = {v2: (lambda c=SparseConfig(*_bwd_cfg(D, HQ // HKV), atomic_v2=v2):
+                         _sparse_bwd(qd, kd, vd, o0, lse0, do, None, idx, None, bs, scale, c)) for v2 in (True, False)}
+            diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(runs[True](), runs[False]()))
+            print(f"{name}: backward pass {bench(runs[True]):.2f} ms with paired atomics, {bench(runs[False]):.2f} ms "
+                  f"with scalar ones (max |difference| {diff:.1e})")
             chk = bench(lambda: check_sparse_indices(idx, bs, None))
             big = torch.iinfo(torch.int32).max
             asc = torch.where(idx < 0, big, idx).sort(-1).values
