@@ -1,6 +1,6 @@
 """Every built-in rule, in every form the checker gives it, against the float64 reference on a GPU.
 
-    python benchmarks/check_rules_gpu.py [--shard I/N]   # on the H200: part `rules` of benchmarks/h200.sh
+    python benchmarks/check_rules_gpu.py [--shard I/N] [--rules NAME ...]   # part `rules` of benchmarks/h200.sh
 
 The CPU suite runs the same comparisons under the Triton interpreter at small shapes; this runs
 them compiled for the GPU at shapes that use whole tiles and ragged chunks (K = V = 64 and 128,
@@ -11,6 +11,7 @@ case and a summary; exits 1 when any case fails. `--shard I/N` takes every N-th 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -32,13 +33,16 @@ CASES = [  # (B, T, H, HV, K, V, initial_state, cu_seqlens)
 def main():
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    shard, shards = 0, 1
-    if len(sys.argv) == 3 and sys.argv[1] == "--shard":
-        shard, shards = (int(x) for x in sys.argv[2].split("/"))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shard", default="0/1", help="I/N: every N-th rule from the I-th")
+    ap.add_argument("--rules", nargs="*", help="only these rules")
+    a = ap.parse_args()
+    shard, shards = (int(x) for x in a.shard.split("/"))
     os.environ.setdefault("UNIFATTN_CACHE_DIR", tempfile.mkdtemp())
     failed = []
     n = 0
-    for name, r in list(ua.rules.BUILTIN.items())[shard::shards]:
+    chosen = [(n, r) for n, r in ua.rules.BUILTIN.items() if not a.rules or n in a.rules]
+    for name, r in chosen[shard::shards]:
         for form in [f for f in ("chunk", "recurrent") if f in check(r).forms]:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 for i, (B, T, H, HV, K, V, h0, cu) in enumerate(CASES):
