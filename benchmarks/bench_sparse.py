@@ -190,6 +190,24 @@ def _bwd_cfg(D, G):
     return c.BS, c.num_warps, c.num_stages
 
 
+def smoke_atomics(dev) -> int:
+    """Paired vs scalar atomics on a small token case: 0 when dq, dk, dv agree (run in a child process
+    before the bench, so a fault cannot take the bench's table with it)."""
+    torch.manual_seed(0)
+    T, HQ, HKV, D = 512, 16, 2, 128
+    q, k, v, do = (torch.randn(1, T, h, D, device=dev, dtype=torch.bfloat16) for h in (HQ, HKV, HKV, HQ))
+    idx = random_indices(1, T, HKV, 64, device=dev)
+    o, lse = _sparse_fwd(q, k, v, idx, None, 1, D ** -0.5)
+    c = SparseConfig(*_bwd_cfg(D, HQ // HKV))
+    got = [_sparse_bwd(q, k, v, o, lse, do, None, idx, None, 1, D ** -0.5, SparseConfig(c.BS, c.num_warps,
+                                                                                         c.num_stages, v2))
+           for v2 in (True, False)]
+    torch.cuda.synchronize()
+    err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(*got))
+    print(f"paired vs scalar atomics: max relative difference {err:.1e}")
+    return 0 if err < 1e-4 else 1
+
+
 def cases(args):
     return [(f"token top-{n}", n, 1) for n in args.topk] + \
            [(f"block {args.blocks}x{args.block_size}", args.blocks, args.block_size)]
@@ -233,10 +251,22 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time every launch config on the first case")
     ap.add_argument("--no-check", action="store_true", help="skip the T=2048 correctness check")
     ap.add_argument("--long-T", type=int, default=131072, help="the long-context forward (0: skip)")
+    ap.add_argument("--smoke-atomics", action="store_true",
+                    help="only check paired vs scalar atomics in the token backward (exit 1 if they differ)")
+    ap.add_argument("--scalar-atomics", action="store_true", help="the token backward with scalar atomics")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     dev = "cuda"
+    if args.smoke_atomics:
+        sys.exit(smoke_atomics(dev))
+    if args.scalar_atomics:
+        import dataclasses
+
+        import unifattn.kernels.sparse_attention as sa
+        plain = sa.sparse_config
+        sa.sparse_config = lambda *a: dataclasses.replace(plain(*a), atomic_v2=False)
+        print("token backward: scalar fp32 atomics (--scalar-atomics)")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
 
     if not args.no_check and not (correctness(args, dev) & selectors_end_to_end(dev)):

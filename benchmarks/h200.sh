@@ -29,7 +29,10 @@ parts=${*:-linear sparse rules tests}
 for part in $parts; do
   case $part in
     linear) timeout ${LINEAR_S:-300} python3 benchmarks/bench_linear.py ${LINEAR_ARGS:-} 2>&1 | tee "$LOG/linear.log" ;;
-    sparse) timeout ${SPARSE_S:-260} python3 benchmarks/bench_sparse.py 2>&1 | tee "$LOG/sparse.log" ;;
+    sparse) # paired atomics (inline PTX) checked in a child first: a fault there must not cost the table
+            flag=; timeout 120 python3 benchmarks/bench_sparse.py --smoke-atomics 2>&1 | tee "$LOG/sparse.log"
+            [ "${PIPESTATUS[0]}" = 0 ] || flag=--scalar-atomics
+            timeout ${SPARSE_S:-260} python3 benchmarks/bench_sparse.py $flag 2>&1 | tee -a "$LOG/sparse.log" ;;
     rules) for i in 0 1 2 3; do    # shard logs stay in /tmp: the device tool returns at most 8 files
              timeout ${RULES_S:-200} python3 benchmarks/check_rules_gpu.py --shard $i/4 ${RULES_ARGS:-} \
                > /tmp/rules.$i.log 2>&1 &
@@ -38,10 +41,21 @@ for part in $parts; do
     probe) timeout ${PROBE_S:-240} python3 benchmarks/diag_chunk_configs.py 2>&1 | tee "$LOG/probe.log" ;;
     profile) timeout ${PROFILE_S:-130} python3 benchmarks/profile_linear.py 2>&1 | tee "$LOG/profile.log" ;;
     select) timeout ${SELECT_S:-150} python3 benchmarks/bench_select.py ${SELECT_ARGS:---no-sweep} 2>&1 | tee "$LOG/select.log" ;;
-    tests) cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg &&
-             timeout ${TESTS_S:-100} python3 -m pytest -q -x -p no:cacheprovider tests/test_chunk_kernels.py -k gpu 2>&1;
-             timeout ${STESTS_S:-80} python3 -m pytest -q -x -p no:cacheprovider tests/test_sparse_attention.py -k "not random" 2>&1
-           ) | tee "$LOG/tests.log" ;;
+    tests) # GPU tests side by side (compiling is CPU work): every launch config per chunk class, the
+           # sparse kernels, and RULES_ARGS' rules vs float64 (e.g. RULES_ARGS="--rules dplr")
+           cp -r tests benchmarks /tmp/ua_pkg/ && (cd /tmp/ua_pkg && {
+             for c in identity scalar diagonal delta scalar_delta diagonal_delta; do
+               timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider \
+                 "tests/test_chunk_kernels.py::test_every_launch_config_gpu[$c-64]" \
+                 "tests/test_chunk_kernels.py::test_every_launch_config_gpu[$c-128]" > /tmp/tests.$c.log 2>&1 &
+             done
+             timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_sparse_attention.py \
+               -k "not random" > /tmp/tests.sparse.log 2>&1 &
+             [ -n "${RULES_ARGS:-}" ] && timeout ${TESTS_S:-150} python3 benchmarks/check_rules_gpu.py $RULES_ARGS \
+               > /tmp/tests.rules.log 2>&1 &
+             wait
+             for f in /tmp/tests.*.log; do echo "== $f"; tail -n 15 "$f"; done
+           }) 2>&1 | tee "$LOG/tests.log" ;;
     *) echo "unknown part $part" ;;
   esac
 done
