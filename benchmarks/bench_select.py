@@ -93,13 +93,11 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     a = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    # the indexer's 16 heads are stacked into the scoring tile's rows: block_rows = 16 x queries
     cfgs = [SelectConfig()] if a.no_sweep else [
-        SelectConfig(),
-        SelectConfig(block_rows=64, block_s=64, num_warps=4),
-        SelectConfig(block_rows=128, block_s=128, num_warps=8),
-        SelectConfig(block_rows=256, block_s=64, num_warps=8),
-        SelectConfig(block_rows=256, block_s=128, num_warps=8),
+        SelectConfig(block_t=64, block_s=64, num_warps=4),
+        SelectConfig(block_t=64, block_s=128, num_warps=4),
+        SelectConfig(block_t=128, block_s=64, num_warps=8),
+        SelectConfig(block_t=128, block_s=128, num_warps=8),
     ]
     if not a.no_check:
         for cfg in cfgs:
@@ -121,10 +119,10 @@ def main():
         del x
         torch.cuda.empty_cache()
 
-    print(f"\n{'T':>7} {'rows':>4} {'BS':>4} {'warps':>5} {'score ms':>9} {'select ms':>10} {'radix ms':>9} "
+    print(f"\n{'T':>7} {'BT':>4} {'BS':>4} {'warps':>5} {'score ms':>9} {'select ms':>10} {'radix ms':>9} "
           f"{'/ SDPA':>7} {'peak GiB':>9}")
     for T, cfg, s_ms, t_ms, r_ms, peak in rows:
-        print(f"{T:>7} {cfg.block_rows:>4} {cfg.block_s:>4} {cfg.num_warps:>5} {s_ms:>9.2f} {t_ms:>10.2f} "
+        print(f"{T:>7} {cfg.block_t:>4} {cfg.block_s:>4} {cfg.num_warps:>5} {s_ms:>9.2f} {t_ms:>10.2f} "
               f"{r_ms:>9.2f} {min(t_ms, r_ms) / base:>7.3f} {peak:>9.2f}")
     best = min((r for r in rows if r[0] == 32768), key=lambda r: min(r[3], r[4]), default=None)
     if best:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 import triton
 
 from unifattn.kernels.sparse_attention import (SparseConfig, _sparse_bwd, _sparse_fwd, check_sparse_indices,
-                                               sparse_attention, sparse_config)
+                                               sparse_attention)
 from unifattn.testing.tolerance import assert_close
 
 import unifattn as ua
@@ -185,27 +185,31 @@ def selectors_end_to_end(dev, T=2048, HQ=16, HKV=2, D=128):
     return ok
 
 
-def _bwd_cfg(D, G):
-    c = sparse_config("bwd", max(16, D), max(16, D), max(16, 1 << (G - 1).bit_length()))
-    return c.BS, c.num_warps, c.num_stages
-
-
-def smoke_atomics(dev) -> int:
-    """Paired vs scalar atomics on a small token case: 0 when dq, dk, dv agree (run in a child process
-    before the bench, so a fault cannot take the bench's table with it)."""
-    torch.manual_seed(0)
-    T, HQ, HKV, D = 512, 16, 2, 128
-    q, k, v, do = (torch.randn(1, T, h, D, device=dev, dtype=torch.bfloat16) for h in (HQ, HKV, HKV, HQ))
-    idx = random_indices(1, T, HKV, 64, device=dev)
-    o, lse = _sparse_fwd(q, k, v, idx, None, 1, D ** -0.5)
-    c = SparseConfig(*_bwd_cfg(D, HQ // HKV))
-    got = [_sparse_bwd(q, k, v, o, lse, do, None, idx, None, 1, D ** -0.5, SparseConfig(c.BS, c.num_warps,
-                                                                                         c.num_stages, v2))
-           for v2 in (True, False)]
-    torch.cuda.synchronize()
-    err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(*got))
-    print(f"paired vs scalar atomics: max relative difference {err:.1e}")
-    return 0 if err < 1e-4 else 1
+def select_breakdown(x):
+    """Where the lightning indexer's selection time goes: the scoring kernel alone, and the radix
+    top-k kernel alone on the last query tile (random scores) at a few launch shapes (indices checked identical)."""
+    from unifattn.kernels import topk as tk
+    score_ms = bench(bench_select.scoring_only(x, SelectConfig()))
+    print(f"select breakdown: scoring kernel alone {score_ms:.2f} ms (every query tile)")
+    T = x["qi"].shape[1]
+    R = min(4096, T)
+    # the last query tile as select() sees it: R = 4096 queries x T columns, -inf right of each query
+    pos = torch.arange(T - R, T, device=x["qi"].device)
+    s = torch.randn(1, R, T, device=pos.device)
+    s = torch.where(torch.arange(T, device=pos.device)[None, None, :] > pos[None, :, None], float("-inf"), s)
+    bblk = torch.zeros(s.shape[1], dtype=torch.int32, device=s.device)
+    outs = {}
+    for block, warps in ((1024, 4), (2048, 8), (4096, 16), (1024, 8)):
+        out = torch.empty(s.shape[1], 1, 2048, dtype=torch.int32, device=s.device)
+        run = lambda o=out, b=block, w=warps: tk.topk_rows_kernel[(s.shape[1],)](  # noqa: E731
+            s, o, bblk, 0, s.shape[2], s.shape[1], 1, 2048, BLOCK=b, num_warps=w)
+        run()
+        outs[(block, warps)] = out
+        same = torch.equal(out, outs[(1024, 4)])
+        print(f"  radix top-k kernel, last tile ({R} x {T}), BLOCK={block} warps={warps}: {bench(run):.3f} ms"
+              + ("" if same else " (INDICES DIFFER)"))
+    vals = lambda: torch.topk(s, min(2048, T), dim=-1, sorted=False)  # noqa: E731
+    print(f"  torch.topk alone, same tile: {bench(vals):.3f} ms")
 
 
 def cases(args):
@@ -251,22 +255,10 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time every launch config on the first case")
     ap.add_argument("--no-check", action="store_true", help="skip the T=2048 correctness check")
     ap.add_argument("--long-T", type=int, default=131072, help="the long-context forward (0: skip)")
-    ap.add_argument("--smoke-atomics", action="store_true",
-                    help="only check paired vs scalar atomics in the token backward (exit 1 if they differ)")
-    ap.add_argument("--scalar-atomics", action="store_true", help="the token backward with scalar atomics")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     dev = "cuda"
-    if args.smoke_atomics:
-        sys.exit(smoke_atomics(dev))
-    if args.scalar_atomics:
-        import dataclasses
-
-        import unifattn.kernels.sparse_attention as sa
-        plain = sa.sparse_config
-        sa.sparse_config = lambda *a: dataclasses.replace(plain(*a), atomic_v2=False)
-        print("token backward: scalar fp32 atomics (--scalar-atomics)")
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
 
     if not args.no_check and not (correctness(args, dev) & selectors_end_to_end(dev)):
@@ -302,14 +294,6 @@ def main():
         f, fb = bench(ours), bench(fwd_bwd(ours, (q, k, v), do))
         rows.append((f"ours {name}", f, fb, 4 * nkeys * (HQ // HKV) * D, nkeys * 2 * D * 2))
         if name.startswith("token"):
-            # the backward pass alone: dk, dv scattered with paired (default) vs scalar fp32 atomics
-            qd, kd, vd = q.detach(), k.detach(), v.detach()
-            o0, lse0 = _sparse_fwd(qd, kd, vd, idx, None, bs, scale)
-            runs = {v2: (lambda c=SparseConfig(*_bwd_cfg(D, HQ // HKV), atomic_v2=v2):
-                         _sparse_bwd(qd, kd, vd, o0, lse0, do, None, idx, None, bs, scale, c)) for v2 in (True, False)}
-            diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(runs[True](), runs[False]()))
-            print(f"{name}: backward pass {bench(runs[True]):.2f} ms with paired atomics, {bench(runs[False]):.2f} ms "
-                  f"with scalar ones (max |difference| {diff:.1e})")
             chk = bench(lambda: check_sparse_indices(idx, bs, None))
             big = torch.iinfo(torch.int32).max
             asc = torch.where(idx < 0, big, idx).sort(-1).values
@@ -340,6 +324,7 @@ def main():
                      None))
     except Exception as e:   # noqa: BLE001 - the radix kernel is new on this GPU: report, go on
         print(f"radix top-k failed: {type(e).__name__}: {str(e)[:300]}")
+    select_breakdown(x)
     mb = lambda: ua.ops.select(ua.rules.moba, topk=args.blocks, q=q.detach(), kmean=k.detach())  # noqa: E731
     rows.append((f"select: moba top-{args.blocks}x{args.block_size}", bench(mb), None, None, None))
     idx = li().expand(B, T, HKV, 2048).contiguous()

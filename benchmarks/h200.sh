@@ -29,10 +29,7 @@ parts=${*:-linear sparse rules tests}
 for part in $parts; do
   case $part in
     linear) timeout ${LINEAR_S:-300} python3 benchmarks/bench_linear.py ${LINEAR_ARGS:-} 2>&1 | tee "$LOG/linear.log" ;;
-    sparse) # paired atomics (inline PTX) checked in a child first: a fault there must not cost the table
-            flag=; timeout 120 python3 benchmarks/bench_sparse.py --smoke-atomics 2>&1 | tee "$LOG/sparse.log"
-            [ "${PIPESTATUS[0]}" = 0 ] || flag=--scalar-atomics
-            timeout ${SPARSE_S:-260} python3 benchmarks/bench_sparse.py $flag 2>&1 | tee -a "$LOG/sparse.log" ;;
+    sparse) timeout ${SPARSE_S:-260} python3 benchmarks/bench_sparse.py 2>&1 | tee "$LOG/sparse.log" ;;
     rules) for i in 0 1 2 3; do    # shard logs stay in /tmp: the device tool returns at most 8 files
              timeout ${RULES_S:-200} python3 benchmarks/check_rules_gpu.py --shard $i/4 ${RULES_ARGS:-} \
                > /tmp/rules.$i.log 2>&1 &

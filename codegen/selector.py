@@ -14,17 +14,11 @@ Values live in registers with these layouts (kinds):
     qv   a query vector over D          [BT, BD]   (lanes >= D hold 0)
     kv   a key vector over D            [BD, BS]   (loaded transposed: q @ k is tl.dot(qv, kv))
 
-Indexer heads (Heads[...] inputs) are reduced by a sum / '@'. When every value
-that depends on the head belongs to the query (the lightning indexer: q_th . k_s),
-the heads are stacked into the rows of the tile: [BT * NHP_H, ...] with row r the
-query r // NHP_H and head r % NHP_H, so `qi @ ki` is one tensor-core dot with
-BT * NHP_H rows, and the reduction is tl.sum over a reshape [BT, NHP_H, ...]
-(padded heads masked to 0). Otherwise (a key-side input with a head axis, a head
-sum inside another) the reduction is a loop `for i_h_H in range(NH_H)`.
-Values that do not depend on the head are computed once outside (query ones are
-broadcast to the stacked rows where used), key-only values once per program
-(outside the loop over the G query heads of a KV head). The printer owns no
-decisions: the checker (dsl.selector.analyze) already rejected what has no tile form.
+Indexer heads (Heads[...] inputs) are a loop `for i_h_H in range(NH_H)` opened by
+the sum / '@' that reduces them; values that do not depend on the head are
+computed before the loop, key-only values once per program (outside the loop
+over the G query heads of a KV head). The printer owns no decisions: the
+checker (dsl.selector.analyze) already rejected what has no tile form.
 """
 from __future__ import annotations
 
@@ -40,7 +34,7 @@ from .printer import Printer, literal
 
 __all__ = ["SelectConfig", "source", "source_path", "module", "TEMPLATE_VERSION"]
 
-TEMPLATE_VERSION = "score-2"
+TEMPLATE_VERSION = "score-1"
 _FLT_MAX = "3.4028234663852886e+38"
 
 
@@ -49,8 +43,6 @@ class SelectConfig:
     """Launch configuration of the scoring + top-k pipeline.
 
     block_t / block_s: queries / key columns per scoring program (>= 16, powers of 2).
-    block_rows: (query, indexer head) rows per program where heads are stacked into the tile's
-        rows (see codegen.selector): block_t becomes block_rows // heads (at least 1).
     query_tile: queries scored before each top-k (None: as many as fit max_tile_elems).
     max_tile_elems: bound on HKV * query_tile * columns of the fp32 score buffer.
     topk_impl: "torch" (torch.topk, tie repair, sort) or "radix" (kernels.topk: one Triton
@@ -58,7 +50,6 @@ class SelectConfig:
     """
     block_t: int = 64
     block_s: int = 64
-    block_rows: int = 128
     num_warps: int = 4
     num_stages: int = 2
     query_tile: int | None = None
@@ -66,7 +57,7 @@ class SelectConfig:
     topk_impl: str = "torch"
 
     def __post_init__(self):
-        for name in ("block_t", "block_s", "block_rows"):
+        for name in ("block_t", "block_s"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0):
                 raise ValueError(f"SelectConfig.{name}: expected a power of two >= 16; got {v!r}. Fix: use 64")
@@ -94,8 +85,8 @@ Inputs are [rows, heads, *dims] (query side) or [columns, heads, *dims] (key sid
 contiguous; s_<x>_row / s_<x>_head are their strides (head stride 0: no head axis).
 
 How it is parallelized: one program per (BT queries, BS key columns, KV head).
-Key-side values are loaded once per program; the G query heads of the KV head are
-a loop accumulating into [BT, BS]; indexer heads are $heads_how.
+Key-side values are loaded once per program; the G query heads of the KV head,
+and the indexer heads inside the score, are loops accumulating into [BT, BS].
 """
 import triton
 import triton.language as tl
@@ -146,14 +137,13 @@ $body
 
 def launch(x, o, q_pos, q_bblk, q0, c0, NQ, W, HKV, G, dims, BLOCK, NSINK, NLOCAL, PREC, cfg):
     """x: input name -> (tensor, row stride, head stride); dims: dimension name -> size."""
-    BT = $block_t
-    grid = (triton.cdiv(NQ, BT), triton.cdiv(W, cfg.block_s), HKV)
+    grid = (triton.cdiv(NQ, cfg.block_t), triton.cdiv(W, cfg.block_s), HKV)
     $kernel[grid](
         $call_ptrs,
         $call_strides,
         o, q_pos, q_bblk, q0, c0, NQ, W,
         $call_dims
-        G=G, BLOCK=BLOCK, NSINK=NSINK, NLOCAL=NLOCAL, BT=BT, BS=cfg.block_s, PREC=PREC,
+        G=G, BLOCK=BLOCK, NSINK=NSINK, NLOCAL=NLOCAL, BT=cfg.block_t, BS=cfg.block_s, PREC=PREC,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 ''')
@@ -171,16 +161,14 @@ class _Val:
 class _Block:
     _count = 0
 
-    def __init__(self, indent: int, head: str | None = None, stacked: bool = False):
+    def __init__(self, indent: int, head: str | None = None):
         self.indent, self.head, self.lines, self.last = indent, head, [], None
         self.var = f"i_h_{head}" if head else None
-        self.stacked = stacked                # rows are (query, head) pairs: no loop
         _Block._count += 1
         self.uid = _Block._count              # memo key: ids of dead loops could be reused
 
 
 _SHAPE = {"c": "[1, 1]", "q": "[BT, 1]", "k": "[1, BS]", "p": "[BT, BS]"}
-_COLS = {"q": "1", "p": "BS"}                  # columns of a query-side kind (qv: BD_<dim>)
 
 
 def _shape(v: _Val) -> str:
@@ -189,10 +177,6 @@ def _shape(v: _Val) -> str:
     if v.kind == "kv":
         return f"[BD_{v.dim}, BS]"
     return _SHAPE[v.kind]
-
-
-def _cols(v: _Val) -> str:
-    return f"BD_{v.dim}" if v.kind == "qv" else _COLS[v.kind]
 
 
 def _combine(vals) -> tuple[str, str | None]:
@@ -217,7 +201,6 @@ class _Emitter:
         for st in sel.statements:
             self.stmt_names.setdefault(id(st.node), st.target)
         self.specs = {s.name: s for s in sel.inputs}
-        self.stacked_heads: set = set()
 
     # ---------------------------------------------------------------- helpers
     def _name(self, base: str) -> str:
@@ -237,14 +220,9 @@ class _Emitter:
         var = self._name(self.stmt_names.get(id(n)) or base or n.op)
         if kind == "qv" and not raw:
             expr = f"tl.where(m_d_{dim}[None, :], {expr}, 0.0)"
-        elif kind == "qv" and blk.stacked:                   # raw stacked rows: padded heads load 0 too
-            pass
         elif kind == "kv" and not raw:
             expr = f"tl.where(m_d_{dim}[:, None], {expr}, 0.0)"
-        shape = _shape(_Val("", kind, dim))
-        if blk.stacked and kind != "kv":
-            shape = shape.replace("[BT,", f"[BT * NHP_{blk.head},")
-        blk.lines.append(f"{var} = {expr}" + (f"  # {shape}" if kind in ("qv", "kv") else ""))
+        blk.lines.append(f"{var} = {expr}" + (f"  # {_shape(_Val('', kind, dim))}" if kind in ("qv", "kv") else ""))
         return _Val(var, kind, dim, raw)
 
     @staticmethod
@@ -263,17 +241,7 @@ class _Emitter:
         blk, key = self._block(n, loop)
         if key not in self.memo:
             self.memo[key] = self._value(n, blk)
-        v = self.memo[key]
-        if loop is not None and loop.stacked and blk is not loop and v.kind in ("q", "qv", "p"):
-            # a per-query value used among stacked (query, head) rows: repeat it for every head
-            ekey = (id(n), loop.uid, "rows")
-            if ekey not in self.memo:
-                H = loop.head
-                expr = (f"tl.reshape(tl.broadcast_to({self._f32(v)}[:, None, :], [BT, NHP_{H}, {_cols(v)}]), "
-                        f"[BT * NHP_{H}, {_cols(v)}])")
-                self.memo[ekey] = self._emit(loop, n, expr, v.kind, v.dim, raw=False, base="rows")
-            return self.memo[ekey]
-        return v
+        return self.memo[key]
 
     def _value(self, n: ir.Node, blk: _Block) -> _Val:
         op, inf = n.op, self.info[id(n)]
@@ -321,13 +289,11 @@ class _Emitter:
         s = self.specs[n.name]
         query = s.side == "query"
         row, hd, m_row = ("o_qrow", "i_hq", "m_t") if query else ("o_krow", "i_hkv", "m_s")
-        if blk.stacked and query:
-            row, m_row = f"o_hrow_{blk.head}", f"m_hrow_{blk.head}"
         off = f"{n.name}_ptr + {row}{{r}} * s_{n.name}_row + {hd} * s_{n.name}_head"
         feats = [d for d in s.shape if d not in self.sel.head_dims]
         if s.heads:
             inner = f" * D_{feats[0]}" if feats else ""
-            off += f" + o_hh_{blk.head}{{r}}{inner}" if blk.stacked else f" + {blk.var}{inner}"
+            off += f" + {blk.var}{inner}"
         if not feats:                                          # one number per row (and head)
             ptr = off.format(r="")
             expr = f"tl.load({ptr}, mask={m_row}, other=0.0).to(tl.float32)" + ("[:, None]" if query else "[None, :]")
@@ -341,22 +307,9 @@ class _Emitter:
         expr = f"tl.load({ptr}, mask=m_d_{d}[:, None] & {m_row}[None, :], other=0.0)"
         return self._emit(blk, n, expr, "kv", d, raw=True, base=n.name)
 
-    def _stackable(self, n: ir.Node, H: str) -> bool:
-        """Heads of H can be rows of the tile: every input with that axis is on the query side and
-        no other head reduction sits inside."""
-        for m in ir.walk(list(n.args)):
-            if m is not n and self.info[id(m)].contracts_head:
-                return False
-            if m.op == "input" and H in m.shape and self.specs[m.name].side != "query":
-                return False
-        return True
-
     def _head_sum(self, n: ir.Node, blk: _Block) -> _Val:
-        """sum over an indexer head dimension H: stacked rows reduced by one tl.sum, or a loop over H
-        accumulating the per-head term."""
+        """sum over an indexer head dimension H: a loop over H accumulating the per-head term."""
         H = n.args[0].shape[0] if n.op == "sum" else n.args[0].shape[-1]
-        if self._stackable(n, H):
-            return self._stacked_sum(n, blk, H)
         loop = _Block(blk.indent + 1, H)
         loop.last = n.line                     # the line is commented once, above the loop
         if n.op == "sum":
@@ -377,29 +330,6 @@ class _Emitter:
         blk.lines.append(f"    {acc} += {self._f32(term)}")
         return _Val(acc, term.kind, term.dim)
 
-    def _term(self, n: ir.Node, loop: _Block) -> _Val:
-        if n.op == "sum":
-            return self.value(n.args[0], loop)
-        a, b = (self.value(x, loop) for x in n.args)           # '@' contracting H: sum_h a_h * b_h
-        kind, dim = _combine([a, b])
-        prod = ir.Node("mul", n.args, (), line=n.line)
-        return self._emit(loop, prod, f"{self._f32(a)} * {self._f32(b)}", kind, dim, base="term")
-
-    def _stacked_sum(self, n: ir.Node, blk: _Block, H: str) -> _Val:
-        rows = _Block(blk.indent, H, stacked=True)
-        rows.last = blk.last
-        self.stacked_heads.add(H)
-        term = self._term(n, rows)
-        if term.kind not in ("q", "qv", "p"):                  # pragma: no cover - _stackable keeps keys out
-            raise AssertionError(f"stacked head sum of a {term.kind} value")
-        blk.lines += rows.lines
-        blk.last = rows.last
-        cols = _cols(term)
-        acc = self._name(self.stmt_names.get(id(n)) or "sum")
-        blk.lines.append(f"{acc} = tl.sum(tl.reshape(tl.where(m_hh_{H}[:, None], {self._f32(term)}, 0.0), "
-                         f"[BT, NHP_{H}, {cols}]), axis=1)")
-        return _Val(acc, term.kind, term.dim)
-
 
 # --------------------------------------------------------------------------- emit / cache
 def kernel_name(sel: Selector) -> str:
@@ -414,23 +344,6 @@ def _dims(sel: Selector) -> tuple[list[str], list[str]]:
             if d not in lst:
                 lst.append(d)
     return feats, heads
-
-
-_STACKED_ROWS = """\
-    # stacked rows: (query o_hr // NHP_{H}, indexer head o_hr % NHP_{H}), BT * NHP_{H} of them
-    o_hr_{H} = tl.arange(0, BT * NHP_{H})
-    o_hh_{H} = o_hr_{H} % NHP_{H}
-    m_hh_{H} = o_hh_{H} < NH_{H}
-    m_hrow_{H} = (i_t * BT + o_hr_{H} // NHP_{H} < NQ) & m_hh_{H}
-    o_hrow_{H} = (q0 + i_t * BT + o_hr_{H} // NHP_{H}).to(tl.int64)"""
-
-
-def _heads_how(heads, stacked) -> str:
-    if not heads:
-        return "absent"
-    if set(heads) <= stacked:
-        return "stacked into the rows ([BT * NHP, ...], one dot)"
-    return "loops" if not stacked else "stacked into the rows where only the query has them, else loops"
 
 
 def _header(sel: Selector, digest: str) -> str:
@@ -454,7 +367,6 @@ def source(sel: Selector) -> str:
     em = _Emitter(sel)
     score = em.value(sel.score)
     feats, heads = _dims(sel)
-    stacked = [h for h in heads if h in em.stacked_heads]
     ind2, ind3 = " " * 8, " " * 12
     pre = [ind2 + "# key side: shared by the G query heads of KV head i_hkv"] + [ind2 + ln for ln in em.pre.lines]
     names = [s.name for s in sel.inputs]
@@ -464,17 +376,13 @@ def source(sel: Selector) -> str:
         ptrs=", ".join(f"{x}_ptr" for x in names),
         strides=", ".join(f"s_{x}_row, s_{x}_head" for x in names),
         dims=" ".join([f"D_{d}: tl.constexpr, BD_{d}: tl.constexpr," for d in feats]
-                      + [f"NH_{h}: tl.constexpr, NHP_{h}: tl.constexpr," for h in heads]),
-        features="\n".join([f"    o_d_{d} = tl.arange(0, BD_{d})\n    m_d_{d} = o_d_{d} < D_{d}" for d in feats]
-                           + [_STACKED_ROWS.format(H=h) for h in heads if h in em.stacked_heads]),
-        heads_how=_heads_how(heads, em.stacked_heads),
-        block_t=(f"max(1, cfg.block_rows // triton.next_power_of_2(dims[{stacked[0]!r}]))" if stacked
-                 else "cfg.block_t"),
+                      + [f"NH_{h}: tl.constexpr," for h in heads]),
+        features="\n".join(f"    o_d_{d} = tl.arange(0, BD_{d})\n    m_d_{d} = o_d_{d} < D_{d}" for d in feats),
         pre="\n".join(pre), body="\n".join(ind3 + ln for ln in em.body.lines), score=score.expr,
         call_ptrs=", ".join(f"x[{x!r}][0]" for x in names),
         call_strides=", ".join(f"x[{x!r}][1], x[{x!r}][2]" for x in names),
         call_dims=" ".join([f"D_{d}=dims[{d!r}], BD_{d}=max(16, triton.next_power_of_2(dims[{d!r}]))," for d in feats]
-                           + [f"NH_{h}=dims[{h!r}], NHP_{h}=triton.next_power_of_2(dims[{h!r}])," for h in heads]),
+                           + [f"NH_{h}=dims[{h!r}]," for h in heads]),
     )
     return _header(sel, digest) + text
 

@@ -221,10 +221,8 @@ def _sparse_bwd(q, k, v, o, lse, do, dlse, indices, bos, block_size, scale,
         # fp32 accumulators for the scattered key gradients; zero is their meaning
         dk32 = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv32 = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        v2 = cfg.atomic_v2 and not interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9
         sparse_attn_bwd_kernel[(T, B * HKV)](
-            q, k, v, o, do, lse, dlse, indices, bos, dq, dk32, dv32, None, scale, **meta, DKV=True,
-            ATOMIC_V2=v2, **launch)
+            q, k, v, o, do, lse, dlse, indices, bos, dq, dk32, dv32, None, scale, **meta, DKV=True, **launch)
         dk, dv = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
         return dq, dk.copy_(dk32), dv.copy_(dv32)
     # block granularity: dq and delta per query, then dk, dv per key block

@@ -47,42 +47,6 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scatter_add(ptrs, vals, mask, V2: tl.constexpr):
-    """*ptrs += vals where mask: fp32, relaxed, device scope. With V2 (compiled for sm_90+, never under
-    the interpreter) each pair of elements a thread holds goes out as one red.global.add.v2.f32 when
-    the two addresses are adjacent and 8-byte aligned (the tensor-core accumulator layout holds
-    column pairs), halving the atomic operations; any other pair as two scalar reds, so the result
-    never depends on the layout the compiler picks."""
-    if V2:
-        tl.inline_asm_elementwise(
-            asm="""{
-            .reg .pred p0, p1, pv, npv, s0, s1;
-            .reg .b64 nxt, lo;
-            setp.ne.b32 p0, $6, 0;
-            setp.ne.b32 p1, $7, 0;
-            add.s64 nxt, $2, 4;
-            and.b64 lo, $2, 7;
-            setp.eq.s64 pv, nxt, $3;
-            setp.eq.and.s64 pv, lo, 0, pv;
-            and.pred pv, pv, p0;
-            and.pred pv, pv, p1;
-            not.pred npv, pv;
-            and.pred s0, npv, p0;
-            and.pred s1, npv, p1;
-            @pv red.relaxed.gpu.global.add.v2.f32 [$2], {$4, $5};
-            @s0 red.relaxed.gpu.global.add.f32 [$2], $4;
-            @s1 red.relaxed.gpu.global.add.f32 [$3], $5;
-            mov.b32 $0, 0;
-            mov.b32 $1, 0;
-            }""",
-            constraints="=r,=r,l,l,f,f,r,r",
-            args=[ptrs.to(tl.int64, bitcast=True), vals, mask.to(tl.int32)],
-            dtype=tl.int32, is_pure=False, pack=2)
-    else:
-        tl.atomic_add(ptrs, vals, mask=mask, sem="relaxed")
-
-
-@triton.jit
 def _key_tile(p_idx, i_n, t_local, NK, BLOCK: tl.constexpr, BS: tl.constexpr):
     """Positions (relative to the sequence start) and validity of keys i_n .. i_n+BS-1."""
     o_n = i_n + tl.arange(0, BS)
@@ -176,7 +140,6 @@ def sparse_attn_bwd_kernel(
     BG: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DLSE: tl.constexpr,
     DKV: tl.constexpr,  # True: also scatter dk, dv (fp32 atomics); False: store delta for the dkv kernel
-    ATOMIC_V2: tl.constexpr = False,  # dk, dv scattered in pairs (_scatter_add; sm_90+, compiled only)
 ):
     i_t, i_b, i_h, i_s, t_local, i_row = _query_program(bos, T, HKV, IS_VARLEN)
 
@@ -226,8 +189,8 @@ def sparse_attn_bwd_kernel(
             b_dv = _dot(b_pT.to(b_do.dtype), b_do, PREC, UPCAST)
             b_dk = _dot(b_dsT.to(b_q.dtype), b_q, PREC, UPCAST) * scale
             m_kv = m_n[:, None]
-            _scatter_add(dv + o_kv[:, None] * V + o_v[None, :], b_dv, m_kv & m_v[None, :], ATOMIC_V2)
-            _scatter_add(dk + o_kv[:, None] * K + o_k[None, :], b_dk, m_kv & m_k[None, :], ATOMIC_V2)
+            tl.atomic_add(dv + o_kv[:, None] * V + o_v[None, :], b_dv, mask=m_kv & m_v[None, :], sem="relaxed")
+            tl.atomic_add(dk + o_kv[:, None] * K + o_k[None, :], b_dk, mask=m_kv & m_k[None, :], sem="relaxed")
 
     tl.store(dq + o_qh[:, None] * K + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty),
              mask=m_g[:, None] & m_k[None, :])
@@ -298,12 +261,10 @@ def sparse_attn_dkv_kernel(
 
 @dataclass(frozen=True)
 class SparseConfig:
-    """Launch configuration of one pass: keys per tile, warps, pipeline stages; atomic_v2: the token
-    backward scatters dk, dv with paired fp32 atomics (used on sm_90+ only, never under the interpreter)."""
+    """Launch configuration of one pass: keys per tile, warps, pipeline stages."""
     BS: int
     num_warps: int
     num_stages: int
-    atomic_v2: bool = True
 
 
 def sparse_config(pass_: str, BK: int, BV: int, BG: int) -> SparseConfig:

@@ -149,36 +149,23 @@ def sparse():
                                "dv": "*fp32", "delta": "*fp32"},
                               dict(meta, BLOCK=block, IS_VARLEN=varlen, HAS_DLSE=False, DKV=block == 1),
                               {"scale": "fp32"}))
-        if block == 1:                          # paired atomics: inline PTX that ptxas must accept
-            ok.append(compile_one(f"sparse_attn_bwd_kernel block=1 varlen={varlen} atomic_v2",
-                                  sk.sparse_attn_bwd_kernel,
-                                  {"q": "*bf16", "k": "*bf16", "v": "*bf16", "o": "*bf16", "do": "*bf16",
-                                   "lse": "*fp32", "dlse": None, "indices": "*i32", "bos": bos, "dq": "*fp32",
-                                   "dk": "*fp32", "dv": "*fp32", "delta": "*fp32"},
-                                  dict(meta, BLOCK=1, IS_VARLEN=varlen, HAS_DLSE=False, DKV=True, ATOMIC_V2=True),
-                                  {"scale": "fp32"}))
     return ok
 
 
 def select():
     """The generated scoring kernels of both built-in selectors at the benchmark's shapes (the lightning
-    indexer's 16 heads stacked into 128 rows; MoBA's GQA group loop), bf16 operands."""
+    indexer's loop over 16 heads; MoBA's GQA group loop), bf16 operands."""
     import unifattn as ua
     from unifattn.codegen import selector as cgs
     ok = []
     for name, sel, dims, G in (("lightning_indexer", ua.rules.lightning_indexer, {"DI": 64, "HI": 16}, 1),
                                ("moba", ua.rules.moba, {"D": 128}, 16)):
-        mod = cgs.module(sel)
-        fn = getattr(mod, cgs.kernel_name(sel))
+        fn = getattr(cgs.module(sel), cgs.kernel_name(sel))
         ptr = {f"{s.name}_ptr": "*bf16" for s in sel.inputs}
         ptr.update(o="*fp32", q_pos="*i32", q_bblk="*i32")
-        const = dict(G=G, BLOCK=sel.block_size, NSINK=sel.n_sink, NLOCAL=sel.n_local, BS=64, PREC="tf32")
+        const = dict(G=G, BLOCK=sel.block_size, NSINK=sel.n_sink, NLOCAL=sel.n_local, BT=64, BS=64, PREC="tf32")
         for d, n in dims.items():
-            if d.startswith("H"):
-                const.update({f"NH_{d}": n, f"NHP_{d}": n})
-            else:
-                const.update({f"D_{d}": n, f"BD_{d}": n})
-        const["BT"] = 128 // dims.get("HI", 1) if "HI" in dims else 64
+            const.update({f"NH_{d}": n} if d.startswith("H") else {f"D_{d}": n, f"BD_{d}": n})
         for warps in (4, 8):
             ok.append(compile_one(f"{name} score warps={warps}", fn, ptr, const, options=dict(num_warps=warps)))
     return ok

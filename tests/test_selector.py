@@ -264,31 +264,18 @@ def test_scores_exotic():
 
 @selector(topk=4, granularity="token", keys=("ki", "kw"))
 def _mixed_heads(qi: Heads["H", "D"], sq: Scalar, w: Heads["H"], ki: Vec["D"], kw: Heads["H"]):
-    # heads only on the query side: stacked into the tile's rows, a per-query scalar repeated per head;
-    # a key-side input with the head axis: a loop over heads
+    # a per-query scalar inside a head sum; a key-side input with the head axis
     return sum_heads(w * sq * relu(qi @ ki)) + sum_heads(kw * relu(qi @ ki))
 
 
 @pytest.mark.parametrize("H", [1, 3, 16])
-def test_scores_stacked_and_looped_heads(H):
-    from unifattn.codegen import selector as cgs
-    text = cgs.source(_mixed_heads)
-    assert "tl.reshape(tl.where(m_hh_H" in text and "for i_h_H in range(NH_H):" in text
+def test_scores_query_and_key_side_heads(H):
     g = torch.Generator().manual_seed(H)
     B, T, D = 2, 45, 16
     x = dict(qi=torch.randn(B, T, H, D, generator=g), sq=torch.randn(B, T, generator=g),
              w=torch.randn(B, T, H, generator=g), ki=torch.randn(B, T, D, generator=g),
              kw=torch.randn(B, T, H, generator=g))
     _compare_scores(_mixed_heads, **{k: v.to(DEVICE) for k, v in x.items()})
-
-
-def test_stacked_rows_per_program():
-    from unifattn.select import SelectConfig
-    x = li_inputs(1, 50, HI=16, seed=4)
-    ref = select(lightning_indexer, topk=9, **x)
-    for rows in (16, 32, 256):                    # 1, 2 and 16 queries per program
-        got = select(lightning_indexer, topk=9, config=SelectConfig(block_rows=rows, block_s=16), **x)
-        assert torch.equal(got, ref), rows
 
 
 # --------------------------------------------------------------------------- selection
@@ -558,7 +545,7 @@ def lightning_indexer_fn(qi: Heads["HI", "DI"], ki: Vec["DI"], w: Heads["HI"]):
 
 # Process replay: the kernel text below the header is pinned. A deliberate template or
 # printer change updates this digest (print it from the failing assertion) in the same commit.
-GOLDEN_LI_BODY = "3021dc27f197733c"
+GOLDEN_LI_BODY = "8c21338a0617b67d"
 
 
 def test_golden_kernel_text():

@@ -35,8 +35,10 @@ def make_inputs(r, *, B=1, T=16, H=1, HV=None, K=8, V=8, dtype=torch.float32, de
     unit_key = f.delta and f.key is not None and f.key.op == "input"
     # a low-rank term a b^T taken raw from the inputs: b a unit vector and a = -c b, c in (0, 1), keep
     # the transition Diag(exp g) + a b^T a contraction (random a, b grow the state ~K-fold per step)
+    # (two distinct per-token value-head inputs only: q, k have H heads; a b^T with a = b is no contraction)
     lowrank = tuple(x.name for x in (f.lowrank or ()) if x.op == "input")
-    lowrank = lowrank if len(lowrank) == 2 else ()
+    per_token = {s.name for s in r.inputs if s.kind != "param"}
+    lowrank = lowrank if len(set(lowrank)) == 2 and set(lowrank) <= per_token - {"q", "k", "v"} else ()
     out = {}
     for s in r.inputs:
         tail = tuple(dims[d] for d in s.shape)
