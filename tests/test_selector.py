@@ -474,6 +474,22 @@ def test_radix_kth_on_a_digit_boundary(k):
     assert out.flatten().tolist() == sorted(where.tolist())
 
 
+@pytest.mark.parametrize("low_bits", [2, 6, 8, 12])
+def test_radix_keys_differing_in_low_bits(low_bits):
+    """Scores one ulp apart (their keys differ only in the lowest bits, where the 6-bit passes and
+    the last 2-bit pass decide), with repeats: the kept set is that of a stable sort."""
+    from unifattn.kernels.topk import topk_rows
+    W, k = 1500, 333
+    g = torch.Generator().manual_seed(low_bits)
+    steps = torch.randint(0, 2 ** low_bits, (W,), generator=g, dtype=torch.int32)
+    s = (torch.tensor(1.5).view(torch.int32) + steps).view(torch.float32)
+    s = torch.where(torch.rand(W, generator=g) < 0.5, -s, s).view(1, 1, W)
+    out = torch.full((1, 1, k), -7, dtype=torch.int32, device=DEVICE)
+    topk_rows(s.to(DEVICE), out, torch.zeros(1, dtype=torch.int32, device=DEVICE), 0, k)
+    order = sorted(range(W), key=lambda c: (-float(s[0, 0, c]), c))   # best first, ties to the lower column
+    assert out.flatten().tolist() == sorted(order[:k])
+
+
 def test_more_inf_scores_than_topk_keep_the_lowest_columns():
     """Scores that overflow to +inf tie: both top-k paths keep the lowest columns (found in review)."""
     from unifattn.kernels.topk import topk_rows
