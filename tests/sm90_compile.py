@@ -67,9 +67,13 @@ def topk():
 
 def scan():
     from unifattn.kernels import checks as m
-    return [compile_one(f"_scan_kernel {dt} range {r}", m._scan_kernel, {"x": f"*{dt}", "flags": "*i32"},
-                        {"RANGE": r, "BLOCK": m.BLOCK})
-            for dt in ("fp32", "bf16", "fp16") for r in (0, 1, 2)]
+    ptr = {f"x{i}": f"*{dt}" for i, dt in enumerate(("fp32", "bf16", "fp16", "fp32", "bf16", "fp16", "fp32", "bf16"))}
+    ptr["flags"] = "*i32"
+    ranges = {f"R{i}": i % 3 for i in range(m.SLOTS)}
+    return [compile_one(f"_scan_kernel {nt} tensors", m._scan_kernel,
+                        {**ptr, **{f"x{i}": None for i in range(nt, m.SLOTS)}},
+                        {**ranges, "NT": nt, "BLOCK": m.BLOCK})
+            for nt in (1, 5, m.SLOTS)]
 
 
 def intra():

@@ -157,6 +157,28 @@ def test_scan_kernel_flags_each_tensor(rng, dtype):
     assert scan([(torch.empty(0, dtype=dtype), rng)]) == 0
 
 
+def test_scan_one_launch_many_tensors():
+    """Ten tensors of mixed dtypes, sizes and ranges (two launches of up to 8): each bad element is
+    found in its own tensor, at a block's first and last element and in a tensor shorter than a block."""
+    from unifattn.kernels.checks import BLOCK, scan
+    dts = [torch.float32, torch.bfloat16, torch.float16]
+    sizes = [1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK, 7, 2 * BLOCK + 5, 1, BLOCK, 5]
+    rngs = [None, "<= 0", "in (0, 1]"]
+    good = {None: 0.5, "<= 0": -0.5, "in (0, 1]": 1.0}
+    xs = [(torch.full((n,), good[rngs[i % 3]], dtype=dts[i % 3]), rngs[i % 3]) for i, n in enumerate(sizes)]
+    assert scan(xs) == 0
+    for i in range(len(xs)):
+        for where in (0, sizes[i] - 1, sizes[i] // 2):
+            x, rng = xs[i]
+            keep = float(x[where])
+            x[where] = float("nan") if where % 2 else {None: float("-inf"), "<= 0": 1.0, "in (0, 1]": 1.5}[rng]
+            assert scan(xs) == 1 << i, (i, where)
+            x[where] = keep
+    xs[2][0][0] = float("nan")
+    xs[9][0][4] = float("inf")
+    assert scan(xs) == (1 << 2) | (1 << 9)
+
+
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
 def test_generated_source_is_deterministic_and_names_the_rule(form):
     r = ua.rules.kda
