@@ -20,34 +20,51 @@ shape, and the T=131072 forward (selection + sparse attention) with its peak mem
     python benchmarks/bench_sparse.py            # checks + table
     python benchmarks/bench_sparse.py --sweep    # also time launch configs
 
-Measured 2026-11-29 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), one run, after
-every check passed (random index sets and both selectors end to end, T=2048: o, dq, dk, dv
-within 2.0e-3 to 2.5e-3 relative L2 of the float32 dense reference):
+Measured 2026-11-29 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), one run (session 7,
+call 4), after every check passed (random index sets and both selectors end to end, T=2048: o, dq,
+dk, dv within 2.0e-3 to 2.5e-3 relative L2 of the float32 dense reference):
 
     kernel                                 fwd ms  fwd+bwd ms   x fwd   x f+b  fwd TFLOP/s  gather TB/s
-    SDPA causal GQA (dense)                 29.15      127.18    1.00    1.00          604            -
-    ours token top-2048                     16.98      108.36    1.72    1.17          125         7.84
-    ours token top-1024                      8.74       54.74    3.34    2.32          124         7.74
-    ours block 16x64                         8.97       28.30    3.25    4.49          117         7.31
-    fla parallel_nsa block 16x64            10.39       35.88    2.80    3.54            -            -
-    select: lightning indexer top-2048      28.71           -    1.02       -            -            -
-    select: moba top-16x64                   7.56           -    3.86       -            -            -
-    indexer + select + sparse top-2048      44.84      134.89    0.65    0.94            -            -
+    SDPA causal GQA (dense)                 29.23      127.08    1.00    1.00          602            -
+    ours token top-2048                     16.91      107.79    1.73    1.18          126         7.88
+    ours token top-1024                      8.72       54.49    3.35    2.33          124         7.75
+    ours block 16x64                         8.97       28.38    3.26    4.48          117         7.31
+    fla parallel_nsa block 16x64            10.39       35.83    2.81    3.55            -            -
+    select: lightning indexer top-2048      28.40           -    1.03       -            -            -
+    select: lightning, radix top-k          28.38           -    1.03       -            -            -
+    select: moba top-16x64                   8.06           -    3.63       -            -            -
+    indexer + select + sparse top-2048      44.66      135.73    0.65    0.94            -            -
 
-    check_indices=True adds 12.45 ms (top-2048) / 6.36 ms (top-1024) per call (a sort for duplicates)
-    T=131072: select 328.63 ms, sparse attention forward 71.73 ms, both 391.67 ms; peak 29.2 GiB
+    check_indices=True adds 12.84 / 6.66 ms per call (top-2048 / 1024) for unordered lists (a sort
+    for duplicates), 3.93 / 2.01 ms for lists in select()'s order
+    T=131072: select 318.68 ms (radix 367.60), sparse attention forward 70.57 ms, both 389.79 ms;
+    peak 15.7 GiB
 
-Selection (0.99x the SDPA forward, target <= 0.25x) is torch.topk over fp32 score tiles:
-with k = 2048 of up to 32768 columns torch sorts each row; a radix select fused with the
-scoring kernel is the way down.
+Where the selection goes (same run): the scoring kernel alone 4.74 ms over every query tile;
+on the last tile (4096 x 32768 scores) torch.topk alone 1.66 ms, the radix kernel (8-bit digits,
+512-bin histograms) 4.91 ms (BLOCK 2048 / 8 warps 4.84, 4096 / 16 6.54, 1024 / 8 5.66). With eight
+tiles of 4096 x 4096·i the top-k work is 4.5 last tiles: radix ~22 ms, torch.topk ~7.5 ms plus
+~15 ms of tie check, sort and index arithmetic. kernels/topk.py now uses 6-bit digits (about a
+third of the histogram work, untimed).
 
-Why it falls short of the 6x / 12x targets: with G = 16 query heads per KV head
-each gathered K/V row (512 bytes) feeds only 16 rows of a dot, 16 FLOP/byte, so
-the forward is bound by gather bandwidth out of L2 (~7.8 TB/s here), not by the
-tensor cores. The token-granularity backward (~92 ms at top-2048) gathers K/V
-again (~17 ms at the forward's rate) and scatters dk, dv as fp32 atomics,
-2 x 512 bytes per triple: most of the rest is presumably that scatter (not
-profiled). Block granularity avoids the atomics (key-centric dk, dv): 4.2x.
+Tried on the H200 in the same session and backed out:
+- indexer heads stacked into the scoring tile's rows (one dot of BT*16 rows, a reshape-sum):
+  scoring 11.3 ms (sweep 11.3 to 13.9 ms over tile shapes), select 33.5 ms against 28.4-29.3;
+- dk, dv scattered with paired atomics (red.global.add.v2.f32 through inline PTX): the token
+  backward pass took 163.5 ms against 91.4 ms with scalar fp32 atomics (top-2048), 82.1 vs 46.0
+  (top-1024).
+
+Why it falls short of the 6x / 12x targets, and why they are out of reach at this shape: with
+G = 16 query heads per KV head each gathered K/V row (512 bytes) feeds only 16 rows of a dot,
+16 FLOP/byte, so the forward is bound by gather bandwidth out of L2 (~7.9 TB/s here), not by the
+tensor cores. Top-2048 moves 2048 x 32768 x 4 KV heads x 512 B = 137 GB of K/V rows per pass,
+and the backward must gather them again (dS needs K and V). Even at 12 TB/s (half again the
+7.9 measured) that is >= 23 ms for forward + backward before any atomics, i.e. <= 5.5x SDPA's
+127 ms: 6x is out of reach with these index sets at G = 16; top-1024 likewise <= 11x against 12x.
+(The targets' "~8x" counts FLOPs; the bytes bind first.) The
+token backward (~91 ms at top-2048) re-gathers K/V (~17 ms at the forward's rate) and scatters
+dk, dv as fp32 atomics, 2 x 512 bytes per triple: the rest is that scatter. Block granularity
+avoids the atomics (key-centric dk, dv): 4.5x.
 """
 from __future__ import annotations
 

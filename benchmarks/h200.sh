@@ -2,10 +2,15 @@
 # One device call for all GPU work (run from the repository root on the H200, `.whl` carried):
 #   bash benchmarks/h200.sh [linear|sparse|rules|probe|profile|select|tests ...]   (default: linear sparse rules tests)
 # Each part has its own time cap and writes its log to $OUT (or /tmp/h200) as it goes.
-# On a cold machine `linear` alone needs ~480-590 s (our tuning ~100 s, fla's first kda call ~215 s
-# of autotuning): give it a call of its own (LINEAR_S=570). The Triton cache can travel between calls
-# (SAVE_CACHE=1, ~50 MB in 15 MiB parts), but the device tool returns at most 8 files, logs included.
-# A second call: RULES_S=100 SPARSE_S=240 SELECT_ARGS=--T\ 32768 bash benchmarks/h200.sh rules select sparse tests
+# On a cold machine `linear` alone needs ~480-590 s (our tuning ~110 s, fla's first calls several
+# minutes of autotuning, kda's ~215 s): the 2026-11-29 runs were cut while timing fla's gated_deltanet
+# and kda. The caches travel between calls and sessions: SAVE_CACHE=1 returns the Triton cache (our
+# compiled kernels, fla's kernels and autotune results; ~40 MB in 15 MiB parts) and ua_cache.tgz
+# (generated sources, tuned.json). Copy them from the device tool's files folder into .gpucache/
+# (git-excluded; it holds the cache of 2026-11-29's linear call) and carry ".gpucache" with ".whl".
+# The device tool returns at most 8 files, logs included.
+#   SAVE_CACHE=1 LINEAR_S=570 bash benchmarks/h200.sh linear      (carry .whl .gpucache)
+#   RULES_S=100 SPARSE_S=240 SELECT_ARGS=--T\ 32768 bash benchmarks/h200.sh sparse select tests
 set -u
 source benchmarks/gpu_env.sh
 LOG=${OUT:-/tmp/h200}
@@ -20,9 +25,14 @@ mkdir -p "$TRITON_CACHE_DIR"
 if ls .gpucache/triton_cache.tgz.* >/dev/null 2>&1; then
   cat .gpucache/triton_cache.tgz.* | tar xzf - -C "$TRITON_CACHE_DIR" && echo "warm Triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) entries"
 fi
+mkdir -p "$UNIFATTN_CACHE_DIR"
+if [ -f .gpucache/ua_cache.tgz ]; then     # generated sources and tuned.json (the tuner's choices)
+  tar xzf .gpucache/ua_cache.tgz -C "$UNIFATTN_CACHE_DIR" && echo "warm unifattn cache: $(ls "$UNIFATTN_CACHE_DIR" | wc -l) files"
+fi
 save_cache() {     # SAVE_CACHE=1: the device tool returns at most 8 files, logs included
   [ -n "${OUT:-}" ] && [ "${SAVE_CACHE:-0}" = 1 ] || return 0
   tar czf - -C "$TRITON_CACHE_DIR" . | split -b 15m -a 1 - "$OUT/triton_cache.tgz." && ls -la "$OUT"/triton_cache.tgz.*
+  tar czf "$OUT/ua_cache.tgz" -C "$UNIFATTN_CACHE_DIR" . && ls -la "$OUT/ua_cache.tgz"
 }
 trap save_cache EXIT
 parts=${*:-linear sparse rules tests}
