@@ -227,6 +227,26 @@ def select_breakdown(x):
               + ("" if same else " (INDICES DIFFER)"))
     vals = lambda: torch.topk(s, min(2048, T), dim=-1, sorted=False)  # noqa: E731
     print(f"  torch.topk alone, same tile: {bench(vals):.3f} ms")
+    if s.is_cuda:                               # the whole select(), kernel by kernel
+        from torch.profiler import ProfilerActivity, profile
+        sel = lambda: ua.select.select(ua.rules.lightning_indexer, topk=2048, **x)  # noqa: E731
+        sel()
+        torch.cuda.synchronize()
+        try:                                    # a profiler hiccup must not cost the bench's table
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                sel()
+                torch.cuda.synchronize()
+            print("  one select() call (torch top-k path), GPU time per kernel:")
+            for key in ("device_time_total", "cuda_time_total"):
+                try:
+                    table = prof.key_averages().table(sort_by=key, row_limit=12)
+                    break
+                except Exception:   # noqa: BLE001 - the key's name changed across torch versions
+                    table = ""
+            for line in table.splitlines():
+                print("    " + line[:150])
+        except Exception as e:   # noqa: BLE001
+            print(f"  profiler failed: {type(e).__name__}: {str(e)[:200]}")
 
 
 def cases(args):
