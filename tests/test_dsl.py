@@ -212,126 +212,88 @@ def test_bad_state_declaration():
 
 
 # --------------------------------------------------------------------------- RuleError cases
-def test_error_shape_mismatch_state_plus_transposed_outer(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))
-        def bad_shape(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
-            S = S + outer(v, k)  # <-
-            return S, S.T @ q
-    ''')
-    assert_well_formed(err, "bad_shape", path, lines)
-    assert "matrix[K, V] + matrix[V, K]" in str(err)
+# Each case: a rule that must fail (offending lines marked `# <-`), its name, and what the message
+# must say: (part, text), part one of msg (the whole message), got, fix, expected.
+ERROR_CASES = {
+    "shape_mismatch_state_plus_transposed_outer": ('''
+    @rule(state=("K", "V"))
+    def bad_shape(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + outer(v, k)  # <-
+        return S, S.T @ q
+''', "bad_shape", [('msg', 'matrix[K, V] + matrix[V, K]')]),
+    "shape_mismatch_vectors": ('''
+    @rule(state=("K", "V"))
+    def bad_add(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        x = q + v  # <-
+        S = S + outer(k, x)
+        return S, S.T @ q
+''', "bad_add", [('msg', 'vector[K] + vector[V]')]),
+    "matmul_inner_dimensions": ('''
+    @rule(state=("K", "V"))
+    def bad_matmul(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + outer(k, v)
+        o = S @ q  # <-
+        return S, o
+''', "bad_matmul", [('fix', 'S.T @ k')]),
+    "unused_input": ('''
+    @rule(state=("K", "V"))  # <-
+    def unused(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):  # <-
+        S = S + outer(k, v)
+        return S, S.T @ q
+''', "unused", [('msg', "'g' is never used")]),
+    "input_only_used_in_dead_code": ('''
+    @rule(state=("K", "V"))  # <-
+    def dead(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):  # <-
+        decay = exp(g)
+        S = S + outer(k, v)
+        return S, S.T @ q
+''', "dead", [('msg', "'g' is never used")]),
+    "misspelled_input": ('''
+    @rule(state=("K", "V"))
+    def typo(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], beta: Scalar):
+        S = S + bta * outer(k, v - S.T @ k)  # <-
+        return S, S.T @ q
+''', "typo", [('got', "'bta'"), ('msg', "did you mean 'beta'?")]),
+    "misspelled_primitive": ('''
+    @rule(state=("K", "V"))
+    def typo2(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + outr(k, v)  # <-
+        return S, S.T @ q
+''', "typo2", [('msg', "did you mean 'outer'?")]),
+    "missing_return": ('''
+    @rule(state=("K", "V"))
+    def no_return(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + outer(k, v)  # <-
+''', "no_return", [('got', 'no return'), ('fix', 'return S, S.T @ q')]),
+    "returning_only_the_state": ('''
+    @rule(state=("K", "V"))
+    def only_state(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + outer(k, v)
+        return S  # <-
+''', "only_state", [('expected', 'return S, o')]),
+    "returning_in_wrong_order": ('''
+    @rule(state=("K", "V"))
+    def swapped(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + outer(k, v)
+        return S.T @ q, S  # <-
+''', "swapped", []),
+    "output_not_reading_state": ('''
+    @rule(state=("K", "V"))  # <-
+    def no_read(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):  # <-
+        S = S + outer(k, v) + outer(q, v)
+        return S, v
+''', "no_read", []),
+}
 
 
-def test_error_shape_mismatch_vectors(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))
-        def bad_add(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
-            x = q + v  # <-
-            S = S + outer(k, x)
-            return S, S.T @ q
-    ''')
-    assert_well_formed(err, "bad_add", path, lines)
-    assert "vector[K] + vector[V]" in str(err)
-
-
-def test_error_matmul_inner_dimensions(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))
-        def bad_matmul(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
-            S = S + outer(k, v)
-            o = S @ q  # <-
-            return S, o
-    ''')
-    assert_well_formed(err, "bad_matmul", path, lines)
-    assert "S.T @ k" in err.fix
-
-
-def test_error_unused_input(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))  # <-
-        def unused(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):  # <-
-            S = S + outer(k, v)
-            return S, S.T @ q
-    ''')
-    assert_well_formed(err, "unused", path, lines)
-    assert "'g' is never used" in str(err)
-
-
-def test_error_input_only_used_in_dead_code(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))  # <-
-        def dead(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):  # <-
-            decay = exp(g)
-            S = S + outer(k, v)
-            return S, S.T @ q
-    ''')
-    assert_well_formed(err, "dead", path, lines)
-    assert "'g' is never used" in str(err)
-
-
-def test_error_misspelled_input(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))
-        def typo(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], beta: Scalar):
-            S = S + bta * outer(k, v - S.T @ k)  # <-
-            return S, S.T @ q
-    ''')
-    assert_well_formed(err, "typo", path, lines)
-    assert "'bta'" in err.got
-    assert "did you mean 'beta'?" in str(err)
-
-
-def test_error_misspelled_primitive(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))
-        def typo2(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
-            S = S + outr(k, v)  # <-
-            return S, S.T @ q
-    ''')
-    assert_well_formed(err, "typo2", path, lines)
-    assert "did you mean 'outer'?" in str(err)
-
-
-def test_error_missing_return(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))
-        def no_return(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
-            S = S + outer(k, v)  # <-
-    ''')
-    assert_well_formed(err, "no_return", path, lines)
-    assert "no return" in err.got and "return S, S.T @ q" in err.fix
-
-
-def test_error_returning_only_the_state(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))
-        def only_state(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
-            S = S + outer(k, v)
-            return S  # <-
-    ''')
-    assert_well_formed(err, "only_state", path, lines)
-    assert "return S, o" in err.expected
-
-
-def test_error_returning_in_wrong_order(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))
-        def swapped(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
-            S = S + outer(k, v)
-            return S.T @ q, S  # <-
-    ''')
-    assert_well_formed(err, "swapped", path, lines)
-
-
-def test_error_output_not_reading_state(tmp_path):
-    err, path, lines = rule_error(tmp_path, '''
-        @rule(state=("K", "V"))  # <-
-        def no_read(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):  # <-
-            S = S + outer(k, v) + outer(q, v)
-            return S, v
-    ''')
-    assert_well_formed(err, "no_read", path, lines)
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_rule_errors(tmp_path, case):
+    src, name, says = ERROR_CASES[case]
+    err, path, lines = rule_error(tmp_path, src)
+    assert_well_formed(err, name, path, lines)
+    parts = {"msg": str(err), "got": err.got, "fix": err.fix, "expected": err.expected}
+    for part, text in says:
+        assert text in parts[part], (part, text, parts[part])
 
 
 @pytest.mark.parametrize("missing", ["q", "k", "v"])
