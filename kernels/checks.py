@@ -36,7 +36,7 @@ def _scan_block(x, n, blk, bit_value, flags, RANGE: tl.constexpr, BLOCK: tl.cons
         tl.atomic_or(flags, bit_value)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[f"{p}{i}" for p in "ne" for i in range(8) if (p, i) != ("e", 7)])
 def _scan_kernel(flags, x0, x1, x2, x3, x4, x5, x6, x7, n0, n1, n2, n3, n4, n5, n6, n7,
                  e0, e1, e2, e3, e4, e5, e6, v0, v1, v2, v3, v4, v5, v6, v7,
                  R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
@@ -123,4 +123,48 @@ def scan(checks: list) -> int:
             flags |= (~_torch_ok(x, rng)).to(dev, torch.int32) << bit
     if group:
         _launch(flags, group)
+    return int(flags.item())
+
+
+# --------------------------------------------------------------------------- sparse index lists
+@triton.jit
+def _index_scan_kernel(idx, bos, flags, T, H, TOPK, s_b, s_t, s_h, s_k,
+                       NBLK: tl.constexpr, HAS_BOS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per list (b, t, h) of idx [B, T, H, TOPK] (any strides). ORs into flags: 1 when an
+    entry is neither -1 nor a causal key block j <= t_local // NBLK; 2 when the list is not in select()'s
+    order (valid entries strictly ascending, -1 only after them)."""
+    r = tl.program_id(0)
+    i_h, i_t, i_b = r % H, (r // H) % T, r // (H * T)
+    t_local = i_t
+    if HAS_BOS:
+        t_local = i_t - tl.load(bos + i_t)
+    last = t_local // NBLK
+    base = idx + i_b.to(tl.int64) * s_b + i_t.to(tl.int64) * s_t + i_h.to(tl.int64) * s_h
+    n_range = 0
+    n_order = 0
+    for j0 in range(0, TOPK, BLOCK):
+        o = j0 + tl.arange(0, BLOCK)
+        m = o < TOPK
+        x1 = tl.load(base + o.to(tl.int64) * s_k, mask=m, other=-1)
+        n_range += tl.sum((m & ((x1 < -1) | (x1 > last))).to(tl.int32), 0)
+        mp = m & (o > 0)
+        x0 = tl.load(base + (o - 1).to(tl.int64) * s_k, mask=mp, other=-1)   # the entry before (cached)
+        in_order = ((x1 > x0) & (x0 >= 0)) | (x1 == -1)
+        n_order += tl.sum((mp & ~in_order).to(tl.int32), 0)
+    bits = (n_range > 0).to(tl.int32) + 2 * (n_order > 0).to(tl.int32)
+    if bits > 0:
+        tl.atomic_or(flags, bits)
+
+
+def index_scan(indices: torch.Tensor, block_size: int, bos: torch.Tensor | None) -> int:
+    """indices int32 [B, T, H, topk] (CUDA, or any device under the interpreter); bos [T] int32 or None.
+    One read, one sync: bit 0 set when an entry is out of range (not -1, not causal), bit 1 when
+    some list is not in select()'s order."""
+    B, T, H, topk = indices.shape
+    flags = torch.zeros(1, dtype=torch.int32, device=indices.device)
+    if indices.numel():
+        with _on(indices.device):
+            _index_scan_kernel[(B * T * H,)](indices, bos, flags, T, H, topk, *indices.stride(),
+                                             NBLK=block_size, HAS_BOS=bos is not None,
+                                             BLOCK=min(1024, triton.next_power_of_2(topk)), num_warps=4)
     return int(flags.item())

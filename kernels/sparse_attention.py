@@ -31,6 +31,7 @@ import torch
 
 from unifattn.kernels.sparse_kernels import (SparseConfig, sparse_attn_bwd_kernel, sparse_attn_dkv_kernel,
                                               sparse_attn_fwd_kernel, sparse_config)
+from unifattn.kernels.checks import index_scan
 from unifattn.kernels.utils import empty, interpreting, next_pow2
 
 __all__ = ["sparse_attention", "check_sparse_indices", "SUPPORTED_HEAD_DIMS"]
@@ -71,8 +72,8 @@ def check_sparse_indices(indices: torch.Tensor, block_size: int, bos: torch.Tens
     key (token) / key block (block_size > 1) with no duplicates in a list.
 
     Positions are relative to the start of the query's sequence (bos, from cu_seqlens).
-    Costs a few elementwise passes (int32, no copies of indices) and one host sync. Lists in the
-    order select() writes (valid entries strictly ascending, -1 only after them) are duplicate-free
+    Costs one read of indices (a Triton scan, kernels.checks.index_scan; torch passes on a CPU
+    without the interpreter) and one host sync. Lists in the order select() writes (valid entries strictly ascending, -1 only after them) are duplicate-free
     by that order; any other list is sorted along topk to look for duplicates.
     """
     B, T = indices.shape[:2]
@@ -83,13 +84,19 @@ def check_sparse_indices(indices: torch.Tensor, block_size: int, bos: torch.Tens
     # entry j is causal when its first key j * block_size <= t, i.e. j <= t // block_size (no product:
     # a huge entry must not wrap around)
     last = t if block_size == 1 else torch.div(t, block_size, rounding_mode="floor")
-    bad = (indices < -1) | (indices > last)
-    flags = [bad.any()]
-    if indices.shape[-1] > 1:
-        x0, x1 = indices[..., :-1], indices[..., 1:]
-        flags.append((~(((x1 > x0) & (x0 >= 0)) | (x1 == -1))).any())
-    flags = torch.stack(flags).tolist()
+    if (indices.is_cuda or interpreting()) and indices.dtype == torch.int32 and indices.dim() == 4:
+        # one fused read (kernels.checks.index_scan); the passes below run only to name a bad entry
+        bits = index_scan(indices, block_size, None if bos is None else bos.to(torch.int32).contiguous())
+        flags = [bits & 1, bits & 2]
+    else:
+        flags = [(indices < -1) | (indices > last)]
+        flags = [flags[0].any()]
+        if indices.shape[-1] > 1:
+            x0, x1 = indices[..., :-1], indices[..., 1:]
+            flags.append((~(((x1 > x0) & (x0 >= 0)) | (x1 == -1))).any())
+        flags = torch.stack(flags).tolist()
     if flags[0]:
+        bad = (indices < -1) | (indices > last)
         b, i, h, j = (int(x) for x in bad.nonzero()[0])
         val, lim = int(indices[b, i, h, j]), int(t.view(-1)[i])
         what = "key position" if block_size == 1 else f"key block (of {block_size} keys)"

@@ -73,7 +73,10 @@ def scan():
     return [compile_one(f"_scan_kernel {nt} tensors", m._scan_kernel,
                         {**ptr, **{f"x{i}": None for i in range(nt, m.SLOTS)}},
                         {**ranges, "NT": nt, "BLOCK": m.BLOCK})
-            for nt in (1, 5, m.SLOTS)]
+            for nt in (1, 5, m.SLOTS)] + \
+        [compile_one(f"_index_scan_kernel block={n} bos={bos}", m._index_scan_kernel,
+                     {"idx": "*i32", "bos": "*i32" if bos else None, "flags": "*i32"},
+                     {"NBLK": n, "HAS_BOS": bos, "BLOCK": 1024}) for n, bos in ((1, False), (64, True))]
 
 
 def intra():

@@ -320,3 +320,61 @@ def test_unchecked_indices_skip_invalid_entries():
         o2 = sparse_attention(q, k, v, good)
     assert torch.equal(o1, o2)
     assert math.isfinite(float(o1.abs().max()))
+
+
+def _torch_index_bits(idx, block_size, bos):
+    """The index scan's two findings, by torch passes: bit 0 out of range, bit 1 not in select()'s order."""
+    T = idx.shape[1]
+    t = torch.arange(T, device=idx.device) - (0 if bos is None else bos.long())
+    last = torch.div(t, block_size, rounding_mode="floor").view(1, T, 1, 1)
+    bits = int(bool(((idx < -1) | (idx > last)).any()))
+    if idx.shape[-1] > 1:
+        x0, x1 = idx[..., :-1], idx[..., 1:]
+        bits |= 2 * int(bool((~(((x1 > x0) & (x0 >= 0)) | (x1 == -1))).any()))
+    return bits
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_index_scan_matches_torch_passes(seed):
+    """The fused index scan flags exactly what the torch passes flag: lists longer than its 1024-entry
+    block (the pair across a block boundary), expanded (stride-0) heads, varlen starts, key blocks."""
+    from unifattn.kernels.checks import index_scan
+    g = torch.Generator().manual_seed(seed)
+    T, topk = 40, [3, 1, 1100, 5, 1030, 2][seed]
+    block_size = [1, 1, 1, 4, 1, 8][seed]
+    bos = None if seed % 2 == 0 else torch.tensor([0] * 17 + [17] * 23, dtype=torch.int32)
+    t = torch.arange(T) - (0 if bos is None else bos)
+    last = (t // block_size).view(1, T, 1, 1)
+    for trial in range(12):
+        # a valid select()-ordered list per (t, h): ascending causal entries, -1 after them
+        r = torch.rand(2, T, 1, topk, generator=g)
+        cand = torch.arange(topk).view(1, 1, 1, topk)
+        idx = torch.where(cand <= last, cand, -1).expand(2, T, 3, topk)       # stride 0 over heads
+        if trial % 4:
+            idx = idx.clone()
+            b, i, h, j = (int(torch.randint(0, n, (1,), generator=g)) for n in (2, T, 3, topk))
+            kind = trial % 4
+            if kind == 1:
+                idx[b, i, h, j] = int(last.view(-1)[i]) + 1 + int(r[0, 0, 0, 0] * 5)   # future key
+            elif kind == 2:
+                idx[b, i, h, j] = -2 - trial                                     # below -1
+            elif kind == 3 and topk > 1:
+                j = max(j, 1)
+                idx[b, i, h, j], idx[b, i, h, j - 1] = idx[b, i, h, j - 1].clone(), idx[b, i, h, j].clone()
+        want = _torch_index_bits(idx, block_size, bos)
+        got = index_scan(idx.to(DEVICE), block_size, None if bos is None else bos.to(DEVICE))
+        assert got == want, (seed, trial, got, want)
+
+
+@pytest.mark.parametrize("row, bits", [
+    (list(range(1100)), 0),
+    (list(range(1023)) + [1024, 1023] + list(range(1025, 1100)), 2),    # swapped across the 1024 block edge
+    (list(range(1023)) + [-1, 1024] + [-1] * 75, 2),                    # -1 then a key, at the edge
+    (list(range(1024)) + [2001] + [-1] * 75, 1),                        # a future key right after the edge
+])
+def test_index_scan_across_its_block_edge(row, bits):
+    from unifattn.kernels.checks import index_scan
+    idx = torch.full((1, 2001, 1, 1100), -1, dtype=torch.int32)
+    idx[0, 2000, 0] = torch.tensor(row, dtype=torch.int32)
+    assert _torch_index_bits(idx, 1, None) == bits
+    assert index_scan(idx.to(DEVICE), 1, None) == bits
