@@ -73,8 +73,9 @@ def check_sparse_indices(indices: torch.Tensor, block_size: int, bos: torch.Tens
 
     Positions are relative to the start of the query's sequence (bos, from cu_seqlens).
     Costs one read of indices (a Triton scan, kernels.checks.index_scan; torch passes on a CPU
-    without the interpreter) and one host sync. Lists in the order select() writes (valid entries strictly ascending, -1 only after them) are duplicate-free
-    by that order; any other list is sorted along topk to look for duplicates.
+    without the interpreter) and one host sync. Lists in the order select() writes (valid entries
+    strictly ascending, -1 only after them) are duplicate-free by that order; any other list is
+    sorted along topk to look for duplicates.
     """
     B, T = indices.shape[:2]
     t = torch.arange(T, device=indices.device, dtype=torch.int64)
@@ -89,8 +90,7 @@ def check_sparse_indices(indices: torch.Tensor, block_size: int, bos: torch.Tens
         bits = index_scan(indices, block_size, None if bos is None else bos.to(torch.int32).contiguous())
         flags = [bits & 1, bits & 2]
     else:
-        flags = [(indices < -1) | (indices > last)]
-        flags = [flags[0].any()]
+        flags = [((indices < -1) | (indices > last)).any()]
         if indices.shape[-1] > 1:
             x0, x1 = indices[..., :-1], indices[..., 1:]
             flags.append((~(((x1 > x0) & (x0 >= 0)) | (x1 == -1))).any())
