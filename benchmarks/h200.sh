@@ -52,9 +52,8 @@ for part in $parts; do
            # sparse kernels, and RULES_ARGS' rules vs float64 (e.g. RULES_ARGS="--rules dplr")
            cp -r tests benchmarks /tmp/ua_pkg/ && (cd /tmp/ua_pkg && {
              for c in identity scalar diagonal delta scalar_delta diagonal_delta; do
-               timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider \
-                 "tests/test_chunk_kernels.py::test_every_launch_config_gpu[$c-64]" \
-                 "tests/test_chunk_kernels.py::test_every_launch_config_gpu[$c-128]" > /tmp/tests.$c.log 2>&1 &
+               timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_chunk_kernels.py \
+                 -k "every_launch_config_gpu and cls_$c-" > /tmp/tests.$c.log 2>&1 &
              done
              timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_sparse_attention.py \
                -k "not random" > /tmp/tests.sparse.log 2>&1 &
