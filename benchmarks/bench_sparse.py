@@ -327,7 +327,7 @@ def main():
         nkeys = float(dense_mask_count(idx, bs))            # valid (query, KV head, key) triples
         if args.sweep and (i == 0 or bs > 1):
             sweep(q.detach(), k.detach(), v.detach(), do, idx, bs, scale)
-        ours = lambda: sparse_attention(q, k, v, idx, block_size=bs if bs > 1 else None, check_indices=False)  # noqa: E731
+        ours = lambda: sparse_attention(q, k, v, idx, block_size=bs if bs > 1 else None, check_indices=False, check_inputs=False)  # noqa: E731
         f, fb = bench(ours), bench(fwd_bwd(ours, (q, k, v), do))
         rows.append((f"ours {name}", f, fb, 4 * nkeys * (HQ // HKV) * D, nkeys * 2 * D * 2))
         if name.startswith("token"):
@@ -338,6 +338,10 @@ def main():
             chk_asc = bench(lambda: check_sparse_indices(asc, bs, None))
             print(f"{name}: check_indices=True adds {chk:.2f} ms per call for unordered lists (a sort for "
                   f"duplicates), {chk_asc:.2f} ms for lists in select()'s order")
+            if i == 0:
+                from unifattn import validate
+                scan = bench(lambda: validate.finite({"q": q, "k": k, "v": v}))
+                print(f"check_inputs=True (the NaN/inf scan of q, k, v) adds {scan:.2f} ms per call")
         if parallel_nsa is not None and bs > 1:
             try:
                 nsa = lambda: parallel_nsa(q, k, v, block_indices=idx.long(), block_counts=topk, block_size=bs)  # noqa: E731
@@ -365,7 +369,7 @@ def main():
     mb = lambda: ua.ops.select(ua.rules.moba, topk=args.blocks, q=q.detach(), kmean=k.detach())  # noqa: E731
     rows.append((f"select: moba top-{args.blocks}x{args.block_size}", bench(mb), None, None, None))
     idx = li().expand(B, T, HKV, 2048).contiguous()
-    both = lambda: sparse_attention(q, k, v, li().expand(B, T, HKV, 2048), check_indices=False)  # noqa: E731
+    both = lambda: sparse_attention(q, k, v, li().expand(B, T, HKV, 2048), check_indices=False, check_inputs=False)  # noqa: E731
     rows.append(("indexer + select + sparse top-2048", bench(both), bench(fwd_bwd(both, (q, k, v), do)), None, None))
     del x, idx, q, k, v, do, qt, kt, vt, dot
     torch.cuda.empty_cache()
@@ -398,8 +402,8 @@ def long_context(args, dev):
     idx = sel().expand(1, T, HKV, 2048).contiguous()
     with torch.no_grad():
         t_sel = bench(sel)
-        t_att = bench(lambda: sparse_attention(q, k, v, idx, check_indices=False))
-        t_both = bench(lambda: sparse_attention(q, k, v, sel().expand(1, T, HKV, 2048), check_indices=False))
+        t_att = bench(lambda: sparse_attention(q, k, v, idx, check_indices=False, check_inputs=False))
+        t_both = bench(lambda: sparse_attention(q, k, v, sel().expand(1, T, HKV, 2048), check_indices=False, check_inputs=False))
         o = sparse_attention(q, k, v, idx)
     assert bool(torch.isfinite(o).all()), "T=131072 forward gave non-finite output"
     peak = torch.cuda.max_memory_allocated() / 2 ** 30

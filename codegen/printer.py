@@ -64,7 +64,7 @@ class Printer:
         if op == "matmul":
             return self._matmul(n)
         if op == "diag":
-            raise NotImplementedError("diag(x) is printed only as the left factor of '@'")
+            raise NotImplementedError("diag(x) is printed only as a factor of '@'")
         x = self(n.args[0]) if n.args else ""
         if op in UNARY:
             return UNARY[op].format(x=x)
@@ -94,6 +94,9 @@ class Printer:
         if a.op == "diag":                                   # Diag(d) @ X: scale the rows
             d = self(a.args[0])
             return f"({d}[:, None] * {self(b)})" if rb == 2 else f"({d} * {self(b)})"
+        if b.op == "diag":                                   # X @ Diag(d): scale the columns
+            d = self(b.args[0])
+            return f"({self(a)} * {d}[None, :])" if ra == 2 else f"({self(a)} * {d})"
         if a.op == "transpose" and ra == 2 and rb == 1:      # M^T x = sum over M's rows
             return f"tl.sum({self(a.args[0])} * {self(b)}[:, None], axis=0)"
         if ra == 2 and rb == 1:

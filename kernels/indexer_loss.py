@@ -159,7 +159,7 @@ class LightningIndexerLoss(torch.autograd.Function):
 def lightning_indexer_loss(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor,
                            w: torch.Tensor, *, indices: torch.Tensor | None = None,
                            scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-                           block_q: int = 128, check_indices: bool = True) -> torch.Tensor:
+                           block_q: int = 128, check_indices: bool = True, check_inputs: bool = True) -> torch.Tensor:
     """Scalar KL distillation loss from the main attention to the lightning indexer.
 
     Args:
@@ -176,6 +176,8 @@ def lightning_indexer_loss(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, k
             keys are then causal within each query's sequence.
         block_q: queries per tile; memory grows as block_q * T (dense).
         check_indices: validate indices as sparse_attention does.
+        check_inputs: scan q, k, qi, ki, w for NaN/inf (one read, one host sync); a NaN would
+            otherwise turn into a finite, wrong loss.
 
     Returns:
         A float32 scalar: the mean of KL(p_t || s_t) over the tokens whose key set
@@ -198,6 +200,12 @@ def lightning_indexer_loss(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, k
                          f"{[str(x.device) for x in (q, k, qi, ki, w)]}; fix: move them with .to()")
     if not isinstance(block_q, int) or block_q < 1:
         raise ValueError(f"block_q: expected a positive int, got {block_q!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale: expected a finite float, got {scale!r}; fix: pass None for D ** -0.5")
+    if check_inputs:
+        from unifattn import validate
+        validate.finite({"q": q, "k": k, "qi": qi, "ki": ki, "w": w})
     bos = _seq_starts(cu_seqlens, B, T, q.device)
     if indices is not None:
         if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 4 \

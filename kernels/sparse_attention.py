@@ -53,6 +53,9 @@ def _seq_starts(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torc
     """[T] int32 start of each token's sequence, or None without cu_seqlens."""
     if cu_seqlens is None:
         return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens: expected an int32/int64 torch.Tensor [N+1], got {type(cu_seqlens).__name__}; "
+                        "fix: torch.tensor(offsets, dtype=torch.int32)")
     if B != 1:
         raise ValueError(f"cu_seqlens: expected B == 1 (sequences packed along T), got B = {B}; "
                          "fix: reshape q, k, v to [1, B*T, H, D] before passing cu_seqlens")
@@ -117,6 +120,9 @@ def check_sparse_indices(indices: torch.Tensor, block_size: int, bos: torch.Tens
 
 
 def _check_inputs(q, k, v, indices, block_size, scale):
+    for name, x in (("q", q), ("k", k), ("v", v), ("indices", indices)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}; fix: torch.as_tensor(...)")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor [B, T, H, D], got {_fmt(x)}")
@@ -273,7 +279,7 @@ class SparseAttentionFunction(torch.autograd.Function):
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, *,
                      block_size: int | None = None, scale: float | None = None,
                      cu_seqlens: torch.Tensor | None = None, return_lse: bool = False,
-                     check_indices: bool = True):
+                     check_indices: bool = True, check_inputs: bool = True):
     """Attention of each query over its selected keys only.
 
     Args:
@@ -301,12 +307,21 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             H200, 70% of the forward). Pass False only for indices valid by
             construction. Even unchecked, negative and non-causal entries are
             skipped, never read, but duplicates are then counted twice.
+        check_inputs: scan q, k, v for NaN/inf first (one read, one host sync), which
+            would otherwise come out as NaN rows with no error.
 
     Returns:
         o [B, T, HQ, DV] in q's dtype, and lse when return_lse. A query with no
         valid key gets o = 0, lse = -inf and zero gradients.
     """
     _check_inputs(q, k, v, indices, block_size, scale)
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(f"q, k, v: expected CUDA tensors (the sparse attention kernels need a GPU), got tensors "
+                         f"on {q.device}; fix: move them with .cuda(), or set TRITON_INTERPRET=1 to run the "
+                         "kernels on the CPU (slow)")
+    if check_inputs:
+        from unifattn import validate
+        validate.finite({"q": q, "k": k, "v": v})
     B, T, _, D = q.shape
     block_size = 1 if block_size is None else block_size
     scale = D ** -0.5 if scale is None else float(scale)

@@ -8,7 +8,7 @@ import torch
 
 import unifattn as ua
 from unifattn import codegen
-from unifattn.dsl import RuleError, Vec, check, outer, rule
+from unifattn.dsl import RuleError, Vec, check, diag, exp, outer, rule
 from unifattn.testing import assert_matches_reference, make_inputs
 
 RULES = list(ua.rules.BUILTIN.values())
@@ -244,3 +244,19 @@ def test_checker_classes_map_to_the_pipeline_flags():
     assert set(CHUNK_CLASSES) == set(CLASS_FLAGS)
     for cls, (gate, delta) in CLASS_FLAGS.items():
         assert GATE_OF[cls] == gate and cls.endswith("delta") == delta
+
+
+@rule(state=("K", "V"))
+def _value_side_decay(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Vec["V"]):
+    S = S @ diag(exp(g)) + outer(k, v)           # Diag on the right: the value columns decay
+    return S, S.T @ q
+
+
+def test_right_diag_factor_recurrent_matches_reference():
+    """S @ diag(x) scales the state's columns: the recurrent printer handles it (it used to raise a bare
+    NotImplementedError); the chunk form is refused with a RuleError (the transition is value-side)."""
+    case = make_inputs(_value_side_decay, B=2, T=20, H=1, HV=2, K=8, V=8, initial_state=True)
+    case["g"] = -case["g"].abs()
+    assert_matches_reference(_value_side_decay, form="recurrent", **case)
+    with pytest.raises(RuleError, match="form='recurrent'"):
+        ua.ops.linear_attention(_value_side_decay, form="chunk", **case)

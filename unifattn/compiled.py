@@ -19,6 +19,10 @@ def run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, c
     if form == "chunk":
         require_chunk(r, facts)
     full = {"q": q, "k": k, "v": v, **inputs}
+    if q.device.type != "cuda" and not interpreting():
+        validate.fail(f"q, k, v for form={form!r}", "CUDA tensors (the generated Triton kernels need a GPU)",
+                      f"tensors on {q.device}", "move them with .cuda(), set TRITON_INTERPRET=1 to run the kernels "
+                      "on the CPU (slow), or use form='reference', which runs anywhere")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         validate.fail(f"q, k, v for form={form!r}", "bf16, fp16 or fp32 (the generated kernels compute in fp32)",
                       str(q.dtype), "use form='reference' for float64, or cast the inputs", TypeError)

@@ -59,7 +59,13 @@ class DenseAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias, **kw)
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        validate.check_tensor("x", x)
+        if x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
+            validate.fail("x", f"[B, T, d_model={self.q_proj.in_features}]", f"{tuple(x.shape)}",
+                          "pass hidden states [B, T, D]")
         B, T, _ = x.shape
+        if cu_seqlens is not None:
+            validate.seqlens(cu_seqlens, B, T)
         G = self.num_heads // self.num_kv_heads
         # [B, T, H*D] -> [B, H, T, D]
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -203,6 +209,10 @@ class HybridLM(nn.Module):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
             got = f"{tuple(tokens.shape)} {tokens.dtype}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             validate.fail("tokens", "an int64/int32 tensor [B, T]", got, "pass token ids, e.g. tokenizer output")
+        V = self.embed.num_embeddings
+        if tokens.numel() and bool(((tokens < 0) | (tokens >= V)).any()):
+            validate.fail("tokens", f"ids in [0, vocab_size={V})", f"ids from {int(tokens.min())} to {int(tokens.max())}",
+                          "check the tokenizer's vocabulary size against the model's")
         out = self.stack(self.embed(tokens), cu_seqlens=cu_seqlens, linear_form=linear_form,
                          return_indexer_loss=return_indexer_loss)
         h, aux = out if return_indexer_loss else (out, None)

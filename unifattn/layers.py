@@ -460,6 +460,14 @@ class SparseAttention(nn.Module):
         validate.check_tensor("x", x)
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             validate.fail("x", f"[B, T, d_model={self.d_model}]", f"{tuple(x.shape)}", "pass hidden states [B, T, D]")
+        if x.shape[1] == 0:                                     # no tokens: nothing to select or attend
+            y = self.o_proj(x.new_zeros(x.shape[0], 0, self.o_proj.in_features))
+            out = (y,)
+            if return_indices:
+                out += (torch.zeros(x.shape[0], 0, self.num_kv_heads, self.topk, dtype=torch.int32, device=x.device),)
+            if return_indexer_loss:
+                out += (x.new_zeros((), dtype=torch.float32),)
+            return out if len(out) > 1 else y
         q, k, v = self.qkv(x)
         if return_indexer_loss:
             index = self.index_inputs(x.detach())              # the indexer trains on its own loss only

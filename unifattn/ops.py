@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from unifattn import validate
+from unifattn.dsl import check
 from unifattn.dsl.rule import Rule
 
 FORMS = ("reference", "chunk", "recurrent")
@@ -49,8 +50,9 @@ def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output
         validate.fail("inplace_state", "form='recurrent' (the decoding kernel updates the state in place)",
                       f"form={form!r}", "pass form='recurrent', or drop inplace_state")
     if form == "reference":
-        if check_inputs:
-            validate.finite({"q": q, "k": k, "v": v, "initial_state": initial_state, **inputs})
+        if check_inputs:     # the same value checks as the kernels' forms: NaN/inf and gate ranges
+            validate.finite({"q": q, "k": k, "v": v, "initial_state": initial_state, **inputs},
+                            check(r).runtime_checks)
         return _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens)
     from unifattn import compiled  # codegen path: imported lazily, it pulls in triton
     return compiled.run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, cu_seqlens,
@@ -96,25 +98,26 @@ def select(sel, *, topk=None, cu_seqlens=None, **inputs):
 
 
 def sparse_attention(q, k, v, indices, *, block_size=None, scale=None, cu_seqlens=None, return_lse=False,
-                     check_indices=True):
+                     check_indices=True, check_inputs=True):
     """Softmax attention of each query over its selected keys (token or block indices), with backward.
 
     q [B, T, HQ, D]; k, v [B, T, HKV, D]; indices int32 [B, T, HKV, topk] shared by the HQ / HKV query
     heads of a group; -1 entries are skipped and a row with no key gives zeros. check_indices=False
     skips the range, causality and duplicate check (a sort only for lists not in select()'s order);
-    out-of-range entries are still never read.
+    out-of-range entries are still never read. check_inputs=False skips the NaN/inf scan of q, k, v.
     """
     from unifattn.kernels.sparse_attention import sparse_attention as _sparse
     return _sparse(q, k, v, indices, block_size=block_size, scale=scale, cu_seqlens=cu_seqlens,
-                   return_lse=return_lse, check_indices=check_indices)
+                   return_lse=return_lse, check_indices=check_indices, check_inputs=check_inputs)
 
 
-def indexer_loss(q, k, qi, ki, w, *, indices=None, scale=None, cu_seqlens=None):
+def indexer_loss(q, k, qi, ki, w, *, indices=None, scale=None, cu_seqlens=None, check_inputs=True):
     """KL(head-summed attention || softmax(lightning-indexer scores)), gradients to qi, ki, w only.
 
     Dense warm-up (indices None): over all causal keys. Sparse stage: each head's softmax over the
     selected keys (what sparse attention computes), summed over heads, against the indexer's softmax
-    over the same keys.
+    over the same keys. check_inputs=False skips the NaN/inf scan of q, k, qi, ki, w.
     """
     from unifattn.kernels.indexer_loss import lightning_indexer_loss
-    return lightning_indexer_loss(q, k, qi, ki, w, indices=indices, scale=scale, cu_seqlens=cu_seqlens)
+    return lightning_indexer_loss(q, k, qi, ki, w, indices=indices, scale=scale, cu_seqlens=cu_seqlens,
+                                  check_inputs=check_inputs)

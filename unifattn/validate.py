@@ -7,6 +7,8 @@ state [N, HV, K, V]; cu_seqlens [N + 1] (B == 1).
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,22 @@ def check_tensor(name: str, x, exc=TypeError):
         fail(name, "a torch.Tensor", type(x).__name__, f"pass {name} as a tensor", exc)
 
 
+def seqlens(cu_seqlens, B: int, T: int, what: str = "x") -> int:
+    """Check FlashAttention-style offsets [N + 1] of sequences packed along T (B == 1); returns N."""
+    check_tensor("cu_seqlens", cu_seqlens)
+    if B != 1:
+        fail(what, "batch size 1 when cu_seqlens packs sequences", f"B={B}",
+             f"concatenate the sequences along T: {what}.reshape(1, -1, *{what}.shape[2:])")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        fail("cu_seqlens", "a 1-D int32/int64 tensor [N + 1] of sequence starts", _shape(cu_seqlens),
+             "build it as torch.tensor([0, len0, len0 + len1, ...], dtype=torch.int32)")
+    c = cu_seqlens.detach().cpu().tolist()
+    if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
+        fail("cu_seqlens", f"non-decreasing offsets from 0 to T={T}", str(c[:8]) + ("..." if len(c) > 8 else ""),
+             "offsets are cumulative sequence lengths starting at 0")
+    return len(c) - 1
+
+
 def linear_inputs(r, q, k, v, inputs: dict, initial_state, cu_seqlens, scale) -> Dims:
     """Validate a linear_attention call against rule r; return the dimensions."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -62,8 +80,11 @@ def linear_inputs(r, q, k, v, inputs: dict, initial_state, cu_seqlens, scale) ->
     for name, x in (("k", k), ("v", v)):
         if x.device != q.device:
             fail(name, f"the device of q ({q.device})", str(x.device), f"move {name} with .to(q.device)")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         fail("scale", "a Python number", type(scale).__name__, "pass scale=float(...)", TypeError)
+    if scale is not None and not math.isfinite(scale):
+        fail("scale", "a finite number (it multiplies every query)", repr(scale),
+             "pass scale=None for K ** -0.5, or a finite float")
 
     # rule inputs beyond q, k, v
     dims = {r.state_dims[0]: K, r.state_dims[1]: V}
@@ -96,19 +117,7 @@ def linear_inputs(r, q, k, v, inputs: dict, initial_state, cu_seqlens, scale) ->
         if x.device != q.device:
             fail(s.name, f"the device of q ({q.device})", str(x.device), f"move {s.name} with .to(q.device)")
 
-    N = B
-    if cu_seqlens is not None:
-        check_tensor("cu_seqlens", cu_seqlens)
-        if B != 1:
-            fail("q", "batch size 1 when cu_seqlens packs sequences", f"B={B}", "concatenate along T: q.reshape(1, -1, H, K)")
-        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-            fail("cu_seqlens", "a 1-D int32/int64 tensor [N + 1] of sequence starts", _shape(cu_seqlens),
-                 "build it as torch.tensor([0, len0, len0 + len1, ...], dtype=torch.int32)")
-        c = cu_seqlens.detach().cpu().tolist()
-        if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
-            fail("cu_seqlens", f"non-decreasing offsets from 0 to T={T}", str(c[:8]) + ("..." if len(c) > 8 else ""),
-                 "offsets are cumulative sequence lengths starting at 0")
-        N = len(c) - 1
+    N = B if cu_seqlens is None else seqlens(cu_seqlens, B, T, "q")
     if initial_state is not None:
         check_tensor("initial_state", initial_state)
         if tuple(initial_state.shape) != (N, HV, K, V):
