@@ -153,7 +153,7 @@ def _check_inputs(q, k, v, indices, block_size, scale):
     if len(devs) != 1:
         raise ValueError(f"devices: expected q, k, v, indices on one device, got q {q.device}, "
                          f"k {k.device}, v {v.device}, indices {indices.device}; fix: move them with .to()")
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size: expected None or a positive int, got {block_size!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite float, got {scale!r}")

@@ -121,3 +121,9 @@ def test_sparse_layer_with_no_tokens():
                                       selector=ua.rules.lightning_indexer, topk=4).to(DEVICE)
     y, idx = layer(torch.randn(2, 0, 16, device=DEVICE), return_indices=True)
     assert y.shape == (2, 0, 16) and idx.shape[:2] == (2, 0)
+
+
+def test_block_size_bool_is_refused():
+    q, k, v, idx = _sparse_inputs()
+    with pytest.raises(ValueError, match="block_size: expected None or a positive int"):
+        ua.ops.sparse_attention(q, k, v, idx, block_size=True)
