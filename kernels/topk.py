@@ -85,19 +85,11 @@ def topk_rows_kernel(s, out, bblk, c0, W, nq, HKV, TOPK, BLOCK: tl.constexpr):
     if n_valid > TOPK:
         prefix = d.to(tl.uint32) << 26
         k_left = TOPK - above
-        d, above, _ = _digit_pick(s_row, W, prefix, k_left, 20, 6, False, BLOCK)
-        prefix += d.to(tl.uint32) << 20
-        k_left -= above
-        d, above, _ = _digit_pick(s_row, W, prefix, k_left, 14, 6, False, BLOCK)
-        prefix += d.to(tl.uint32) << 14
-        k_left -= above
-        d, above, _ = _digit_pick(s_row, W, prefix, k_left, 8, 6, False, BLOCK)
-        prefix += d.to(tl.uint32) << 8
-        k_left -= above
-        d, above, _ = _digit_pick(s_row, W, prefix, k_left, 2, 6, False, BLOCK)
-        prefix += d.to(tl.uint32) << 2
-        k_left -= above
-        d, above, _ = _digit_pick(s_row, W, prefix, k_left, 0, 2, False, BLOCK)
+        for p in tl.static_range(4):                # bits 25..20, 19..14, 13..8, 7..2
+            d, above, _ = _digit_pick(s_row, W, prefix, k_left, 20 - 6 * p, 6, False, BLOCK)
+            prefix += d.to(tl.uint32) << (20 - 6 * p)
+            k_left -= above
+        d, above, _ = _digit_pick(s_row, W, prefix, k_left, 0, 2, False, BLOCK)      # bits 1..0
         prefix += d.to(tl.uint32)
         k_left -= above
         # prefix is the TOPK-th largest key: keep every greater one and the k_left first equal to it
