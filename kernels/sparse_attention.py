@@ -81,24 +81,29 @@ def check_sparse_indices(indices: torch.Tensor, block_size: int, bos: torch.Tens
     sorted along topk to look for duplicates.
     """
     B, T = indices.shape[:2]
-    t = torch.arange(T, device=indices.device, dtype=torch.int64)
-    if bos is not None:
-        t = t - bos.to(torch.int64)
-    t = t.to(torch.int32).view(1, T, 1, 1)
-    # entry j is causal when its first key j * block_size <= t, i.e. j <= t // block_size (no product:
-    # a huge entry must not wrap around)
-    last = t if block_size == 1 else torch.div(t, block_size, rounding_mode="floor")
+
+    def causal_limit():
+        """[1, T, 1, 1] int32: entry j is causal when its first key j * block_size <= t, i.e.
+        j <= t // block_size (no product: a huge entry must not wrap around)."""
+        t = torch.arange(T, device=indices.device, dtype=torch.int64)
+        if bos is not None:
+            t = t - bos.to(torch.int64)
+        t = t.to(torch.int32).view(1, T, 1, 1)
+        return t, (t if block_size == 1 else torch.div(t, block_size, rounding_mode="floor"))
+
     if (indices.is_cuda or interpreting()) and indices.dtype == torch.int32 and indices.dim() == 4:
         # one fused read (kernels.checks.index_scan); the passes below run only to name a bad entry
         bits = index_scan(indices, block_size, None if bos is None else bos.to(torch.int32).contiguous())
         flags = [bits & 1, bits & 2]
     else:
+        t, last = causal_limit()
         flags = [((indices < -1) | (indices > last)).any()]
         if indices.shape[-1] > 1:
             x0, x1 = indices[..., :-1], indices[..., 1:]
             flags.append((~(((x1 > x0) & (x0 >= 0)) | (x1 == -1))).any())
         flags = torch.stack(flags).tolist()
     if flags[0]:
+        t, last = causal_limit()
         bad = (indices < -1) | (indices > last)
         b, i, h, j = (int(x) for x in bad.nonzero()[0])
         val, lim = int(indices[b, i, h, j]), int(t.view(-1)[i])
