@@ -6,7 +6,7 @@
 Indexer: B=1, HI=16 heads x DI=64, topk=2048, bf16 inputs (DeepSeek V3.2's indexer
 shape scaled down as asked: 16 x 64). Measured: scoring (the generated Triton kernel
 alone, every query tile) and the whole select() (scoring + top-k + tie repair +
-sort; and with the radix top-k). Baseline: torch SDPA forward, causal, B=1, T=32768, HQ=64, HKV=4, D=128,
+sort; and the default top-k kernel). Baseline: torch SDPA forward, causal, B=1, T=32768, HQ=64, HKV=4, D=128,
 bf16; K/V expanded to 64 heads and the flash backend forced, so the baseline is
 FlashAttention-2 as shipped in torch (enable_gqa is tried first). Target: select
 at T=32768 takes at most a quarter of the SDPA forward.
@@ -112,14 +112,14 @@ def main():
             torch.cuda.reset_peak_memory_stats()
             s_ms = bench(scoring_only(x, cfg))
             t_ms = bench(lambda c=cfg, x=x: select(lightning_indexer, topk=TOPK, config=c, **x))
-            rcfg = dataclasses.replace(cfg, topk_impl="radix")
+            rcfg = dataclasses.replace(cfg, topk_impl="torch")
             r_ms = bench(lambda c=rcfg, x=x: select(lightning_indexer, topk=TOPK, config=c, **x))
             peak = torch.cuda.max_memory_allocated() / 2 ** 30
             rows.append((T, cfg, s_ms, t_ms, r_ms, peak))
         del x
         torch.cuda.empty_cache()
 
-    print(f"\n{'T':>7} {'BT':>4} {'BS':>4} {'warps':>5} {'score ms':>9} {'select ms':>10} {'radix ms':>9} "
+    print(f"\n{'T':>7} {'BT':>4} {'BS':>4} {'warps':>5} {'score ms':>9} {'select ms':>10} {'torch ms':>9} "
           f"{'/ SDPA':>7} {'peak GiB':>9}")
     for T, cfg, s_ms, t_ms, r_ms, peak in rows:
         print(f"{T:>7} {cfg.block_t:>4} {cfg.block_s:>4} {cfg.num_warps:>5} {s_ms:>9.2f} {t_ms:>10.2f} "

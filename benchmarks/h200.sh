@@ -57,6 +57,8 @@ for part in $parts; do
              done
              timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_sparse_attention.py \
                -k "not random" > /tmp/tests.sparse.log 2>&1 &
+             timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_selector.py \
+               > /tmp/tests.selector.log 2>&1 &
              [ -n "${RULES_ARGS:-}" ] && timeout ${TESTS_S:-150} python3 benchmarks/check_rules_gpu.py $RULES_ARGS \
                > /tmp/tests.rules.log 2>&1 &
              wait

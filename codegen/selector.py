@@ -45,8 +45,10 @@ class SelectConfig:
     block_t / block_s: queries / key columns per scoring program (>= 16, powers of 2).
     query_tile: queries scored before each top-k (None: as many as fit max_tile_elems).
     max_tile_elems: bound on HKV * query_tile * columns of the fp32 score buffer.
-    topk_impl: "torch" (torch.topk, tie repair, sort) or "radix" (kernels.topk: one Triton
-        radix select per row, columns written in order; same result, ties to the lower column).
+    topk_impl: "kernel" (kernels.topk: one Triton program per row finds the k-th key bit by bit in
+        registers and writes the kept columns in order), "torch" (torch.topk, tie repair, sort), or
+        "auto" (the kernel where its rows fit, kernels.topk.fits; torch beyond). Same result: ties
+        to the lower column.
     """
     block_t: int = 64
     block_s: int = 64
@@ -54,16 +56,16 @@ class SelectConfig:
     num_stages: int = 2
     query_tile: int | None = None
     max_tile_elems: int = 1 << 27
-    topk_impl: str = "torch"
+    topk_impl: str = "auto"
 
     def __post_init__(self):
         for name in ("block_t", "block_s"):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 16 and v & (v - 1) == 0):
                 raise ValueError(f"SelectConfig.{name}: expected a power of two >= 16; got {v!r}. Fix: use 64")
-        if self.topk_impl not in ("torch", "radix"):
-            raise ValueError(f"SelectConfig.topk_impl: expected 'torch' or 'radix'; got {self.topk_impl!r}. "
-                             "Fix: topk_impl='radix'")
+        if self.topk_impl not in ("auto", "kernel", "torch"):
+            raise ValueError(f"SelectConfig.topk_impl: expected 'auto', 'kernel' or 'torch'; got "
+                             f"{self.topk_impl!r}. Fix: topk_impl='auto'")
         if self.query_tile is not None and not (isinstance(self.query_tile, int) and self.query_tile >= 1):
             raise ValueError(f"SelectConfig.query_tile: expected a positive int or None; got {self.query_tile!r}. "
                              "Fix: e.g. query_tile=256")

@@ -1,24 +1,26 @@
-"""Exact top-k of score rows by radix select: columns ascending, ties to the lower column, -1 padded.
+"""Exact top-k of score rows, in registers: columns ascending, ties to the lower column, -1 padded.
 
-`topk_rows` replaces torch.topk + a sort for the selection of sparse attention. Per row, one
-program:
+`topk_rows` replaces torch.topk + a tie repair + a sort for the selection of sparse attention.
 
-1. keys: the fp32 score as an order-preserving uint32 (-0.0 read as +0.0);
-2. six radix passes of 6 bits (the last of 2), most significant first: a 64-bin histogram of the
-   digit over the keys that still match the prefix chosen so far, then the largest digit whose
-   suffix count still reaches the number of keys left to place. After the last pass the prefix
-   is the k-th largest key itself, and k_eq says how many keys equal to it to keep;
-3. one in-order pass writes every column whose key is greater, and the first k_eq columns
-   whose key equals it (a running count over the row): already ascending, no sort.
+Keys. A fp32 score becomes an order-preserving uint32 (-0.0 reads as +0.0; -inf, the mark of a
+non-candidate, becomes 0x007FFFFF; lanes past the row become 0, below every score).
 
--inf marks a non-candidate: a row with at most k candidates keeps them all and pads with -1.
-The first radix pass also counts the candidates; nothing is sorted.
+One program per row segment of at most ROW <= MAX_ROW keys, all held in registers (16 warps:
+64 keys per thread at 32768):
 
-Why 6-bit digits: tl.histogram counts with one warp ballot per bin-index bit plus per-lane work
-for the bins a lane owns (numBins / 32), about 200 instructions per element at 512 bins and
-about 40 at 64. With 8-bit digits and a 512-bin histogram (a sink bin for keys off the prefix)
-the kernel took 4.9 ms on a 4096 x 32768 tile on the H200 against torch.topk's 1.66 ms; six
-64-bin passes do about a third of that work (masked histogram, uint32 keys). Not yet timed.
+1. n_valid = the keys above -inf's. At most k of them: keep them all, pad with -1.
+2. Otherwise the k-th largest key, bit by bit from the top: a bit is set when at least k keys
+   reach prefix | bit. 32 counting passes over registers, no histogram; the search stops early
+   when exactly k keys reach the prefix (the kept set is then known: for random scores the k-th
+   and (k+1)-th keys part well before the last bit).
+3. One pass in column order (the segment read again, from L2) writes every column whose key is
+   greater than the k-th, and the first k_eq columns whose key equals it (running counts): the
+   kept columns come out ascending, nothing is sorted.
+
+Rows longer than MAX_ROW (T = 131072) take two launches: each MAX_ROW segment keeps its own top-k
+(key, column) pairs in column order, then one program per row selects from the concatenated
+candidates. Exact: a key among the row's k best (score descending, column ascending) is among
+its segment's k best, and candidates stay in column order, so ties still go to the lower column.
 """
 from __future__ import annotations
 
@@ -28,101 +30,135 @@ import triton.language as tl
 
 from unifattn.kernels.utils import interpreting
 
-BLOCK = 1024
-KEY_NEG_INF = tl.constexpr(8388607)   # _keys of -inf: bits 0xFF800000 -> ~bits = 0x007FFFFF
+MAX_ROW = 32768                   # keys one program holds (16 warps x 64 registers)
+BLOCK = 2048                      # keys per step of the in-order output pass
+KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bits = 0x007FFFFF
 
 
 @triton.jit
-def _keys(s_row, o, m):
-    """uint32 keys ordered like the fp32 scores (-0.0 reads as +0.0); lanes off the row are masked
-    by the caller."""
-    b_s = tl.load(s_row + o, mask=m, other=0.) + 0.0          # + 0.0: -0.0 becomes +0.0
-    b_i = b_s.to(tl.int32, bitcast=True)
-    b_i = tl.where(b_i >= 0, b_i ^ -2147483648, ~b_i)         # flip the sign bit, or every bit
+def _keys(src, o, m, KEYS_IN: tl.constexpr):
+    """uint32 keys ordered like the fp32 scores at src + o; 0 where m is off."""
+    if KEYS_IN:                                                   # already keys (second launch)
+        b_i = tl.load(src + o, mask=m, other=0)
+    else:
+        b_s = tl.load(src + o, mask=m, other=0.) + 0.0            # + 0.0: -0.0 becomes +0.0
+        b_i = b_s.to(tl.int32, bitcast=True)
+        b_i = tl.where(b_i >= 0, b_i ^ -2147483648, ~b_i)         # flip the sign bit, or every bit
+        b_i = tl.where(m, b_i, 0)
     return b_i.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
-def _digit_pick(s_row, W, prefix, k_left, SHIFT: tl.constexpr, WIDTH: tl.constexpr, FIRST: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """One radix pass over the WIDTH bits at SHIFT: (digit, keys above it among the ones matching
-    the prefix above SHIFT + WIDTH, and in the FIRST pass the number of candidates: keys above
-    -inf's)."""
-    o_b = tl.arange(0, 64)
-    b_h = tl.zeros([64], dtype=tl.int32)
-    n_valid = 0
-    for i0 in range(0, W, BLOCK):
-        o = i0 + tl.arange(0, BLOCK)
-        m = o < W
-        b_k = _keys(s_row, o, m)
-        if FIRST:
-            match = m
-            n_valid += tl.sum((m & (b_k > KEY_NEG_INF)).to(tl.int32), 0)
-        else:
-            match = m & ((b_k >> (SHIFT + WIDTH)) == (prefix >> (SHIFT + WIDTH)))
-        b_d = ((b_k >> SHIFT) & ((1 << WIDTH) - 1)).to(tl.int32)
-        b_h += tl.histogram(b_d, 64, mask=match)
-    b_suf = tl.cumsum(b_h, 0, reverse=True)                     # keys with digit >= d
-    d = tl.max(tl.where(b_suf >= k_left, o_b, -1), 0)
-    above = tl.sum(tl.where(o_b == d, b_suf - b_h, 0), 0)      # keys with digit > d
-    return d, above, n_valid
-
-
-@triton.jit
-def topk_rows_kernel(s, out, bblk, c0, W, nq, HKV, TOPK, BLOCK: tl.constexpr):
-    """Row r = h * nq + i of s [HKV, nq, W] -> out[i, h, :TOPK], columns + (c0 - bblk[i])."""
-    r = tl.program_id(0)
-    i_h, i_q = r // nq, r % nq
-    s_row = s + r.to(tl.int64) * W
-    o_row = out + (i_q.to(tl.int64) * HKV + i_h) * TOPK
-    shift_col = c0 - tl.load(bblk + i_q)
-
-    # the first radix pass also counts the candidates (keys above -inf's)
-    d, above, n_valid = _digit_pick(s_row, W, 0, TOPK, 26, 6, True, BLOCK)
-    # at most TOPK candidates: keep all (every key above -inf's, none rationed)
-    kth = (n_valid * 0 + KEY_NEG_INF).to(tl.uint32)
+def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOPK,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, KEYS_IN: tl.constexpr, FINAL: tl.constexpr):
+    """Grid (rows, n_seg). Row r = h * nq + i of src [rows, L] (scores, or with KEYS_IN keys whose
+    columns are in col_in [rows, L]); segment c holds entries [c * ROW, min(L, (c + 1) * ROW)).
+    FINAL: out[i, h, :TOPK] = kept columns + (c0 - bblk[i]), ascending, -1 padded.
+    Otherwise out / out_col [rows, n_seg, TOPK] = the segment's kept keys / columns, in column
+    order, padded with key 0 (below every score)."""
+    r, c = tl.program_id(0), tl.program_id(1)
+    n = tl.minimum(L - c * ROW, ROW)
+    seg = r.to(tl.int64) * L + c * ROW
+    o = tl.arange(0, ROW)
+    b_k = _keys(src + seg, o, o < n, KEYS_IN)
+    n_valid = tl.sum((b_k > KEY_NEG_INF).to(tl.int32), 0)
+    # at most TOPK candidates: keep every key above -inf's
+    kth = tl.full([], KEY_NEG_INF, tl.uint32)
     k_eq = n_valid * 0
     if n_valid > TOPK:
-        prefix = d.to(tl.uint32) << 26
-        k_left = TOPK - above
-        for p in tl.static_range(4):                # bits 25..20, 19..14, 13..8, 7..2
-            d, above, _ = _digit_pick(s_row, W, prefix, k_left, 20 - 6 * p, 6, False, BLOCK)
-            prefix += d.to(tl.uint32) << (20 - 6 * p)
-            k_left -= above
-        d, above, _ = _digit_pick(s_row, W, prefix, k_left, 0, 2, False, BLOCK)      # bits 1..0
-        prefix += d.to(tl.uint32)
-        k_left -= above
-        # prefix is the TOPK-th largest key: keep every greater one and the k_left first equal to it
-        kth = prefix
-        k_eq = k_left
+        # the TOPK-th largest key, one bit at a time; n_ge counts the keys >= kth
+        kth = tl.full([], 0, tl.uint32)
+        n_ge = n
+        b = tl.full([], 31, tl.int32)
+        while (b >= 0) & (n_ge != TOPK):
+            trial = kth | (tl.full([], 1, tl.uint32) << b.to(tl.uint32))
+            cnt = tl.sum((b_k >= trial).to(tl.int32), 0)
+            kth = tl.where(cnt >= TOPK, trial, kth)
+            n_ge = tl.where(cnt >= TOPK, cnt, n_ge)
+            b -= 1
+        # keep every key above kth and the first k_eq equal to it (after an early stop exactly
+        # TOPK keys reach kth, and this keeps all of them)
+        k_eq = TOPK - tl.sum((b_k > kth).to(tl.int32), 0)
 
     # in column order, so the kept columns come out ascending
+    if FINAL:
+        i_h, i_q = r // nq, r % nq
+        p_out = out + (i_q.to(tl.int64) * HKV + i_h) * TOPK
+        shift = c0 - tl.load(bblk + i_q)
+    else:
+        p_out = out + (r.to(tl.int64) * n_seg + c) * TOPK
+        p_col = out_col + (r.to(tl.int64) * n_seg + c) * TOPK
     n_sel = n_valid * 0
     n_eq = n_valid * 0
-    for i0 in range(0, W, BLOCK):
-        o = i0 + tl.arange(0, BLOCK)
-        m = o < W
-        b_k = _keys(s_row, o, m)
-        eq = m & (b_k == kth)
+    for i0 in range(0, n, BLOCK):
+        o_b = i0 + tl.arange(0, BLOCK)
+        m_b = o_b < n
+        b_kb = _keys(src + seg, o_b, m_b, KEYS_IN)
+        eq = m_b & (b_kb == kth)
         rank = tl.cumsum(eq.to(tl.int32), 0) - 1 + n_eq
-        sel = m & ((b_k > kth) | (eq & (rank < k_eq)))
+        sel = m_b & ((b_kb > kth) | (eq & (rank < k_eq)))
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1 + n_sel
-        tl.store(o_row + pos, (o + shift_col).to(tl.int32), mask=sel & (pos < TOPK))    # never past the row
+        keep = sel & (pos < TOPK)                                  # never past the row
+        if KEYS_IN:
+            b_c = tl.load(col_in + seg + o_b, mask=m_b, other=0)
+        else:
+            b_c = c * ROW + o_b
+        if FINAL:
+            tl.store(p_out + pos, (b_c + shift).to(tl.int32), mask=keep)
+        else:
+            tl.store(p_out + pos, b_kb.to(tl.int32, bitcast=True), mask=keep)
+            tl.store(p_col + pos, b_c.to(tl.int32), mask=keep)
         n_eq += tl.sum(eq.to(tl.int32), 0)
         n_sel += tl.sum(sel.to(tl.int32), 0)
     for j0 in range(0, TOPK, BLOCK):
-        o = j0 + tl.arange(0, BLOCK)
-        tl.store(o_row + o, tl.full([BLOCK], -1, tl.int32), mask=(o >= n_sel) & (o < TOPK))
+        o_j = j0 + tl.arange(0, BLOCK)
+        m_j = (o_j >= n_sel) & (o_j < TOPK)
+        if FINAL:
+            tl.store(p_out + o_j, tl.full([BLOCK], -1, tl.int32), mask=m_j)
+        else:
+            tl.store(p_out + o_j, tl.zeros([BLOCK], tl.int32), mask=m_j)
 
 
-def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, topk: int) -> None:
+def _warps(row: int) -> int:
+    return 16 if row >= 16384 else 8 if row >= 4096 else 4
+
+
+def fits(W: int, topk: int, max_row: int = MAX_ROW) -> bool:
+    """Whether topk_rows takes rows of W scores: one segment, or segments whose candidates fit one."""
+    return W <= max_row or triton.cdiv(W, max_row) * topk <= max_row
+
+
+def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, topk: int,
+              max_row: int = MAX_ROW, num_warps: int | None = None) -> None:
     """s fp32 [HKV, nq, W] (contiguous; -inf = not a candidate) -> out int32 [nq, HKV, topk]: per row the
-    columns of its topk best scores + (c0 - bblk[i]), ascending, ties to the lower column, -1 padded."""
+    columns of its topk best scores + (c0 - bblk[i]), ascending, ties to the lower column, -1 padded.
+    max_row (a power of two; tests lower it to reach the two-launch path at small W): keys per program.
+    num_warps: None picks by row length (16 warps from 16384 keys); benchmarks sweep it."""
+    warps = (lambda row: num_warps) if num_warps else _warps
     HKV, nq, W = s.shape
     if not (s.is_cuda or interpreting()):
         raise RuntimeError("topk_rows: expected CUDA tensors (or TRITON_INTERPRET=1); got " + str(s.device))
-    if HKV * nq == 0:
+    if not fits(W, topk, max_row):
+        raise ValueError(f"topk_rows: rows of W={W} scores with topk={topk}: the candidates of "
+                         f"{triton.cdiv(W, max_row)} segments exceed {max_row}; use the torch path")
+    rows = HKV * nq
+    if rows == 0:
         return
     from unifattn.kernels.checks import _on
     with _on(s.device):                      # Triton launches on the current device, not the tensor's
-        topk_rows_kernel[(HKV * nq,)](s, out, bblk, c0, W, nq, HKV, topk, BLOCK=BLOCK, num_warps=4)
+        if W <= max_row:
+            row = max(16, triton.next_power_of_2(W))
+            topk_rows_kernel[(rows, 1)](s, s, out, out, bblk, c0, W, 1, nq, HKV, topk, ROW=row,
+                                        BLOCK=min(BLOCK, row), KEYS_IN=False, FINAL=True,
+                                        num_warps=warps(row))
+            return
+        n_seg = triton.cdiv(W, max_row)
+        keys = torch.empty((rows, n_seg, topk), dtype=torch.int32, device=s.device)
+        cols = torch.empty_like(keys)
+        topk_rows_kernel[(rows, n_seg)](s, s, keys, cols, bblk, c0, W, n_seg, nq, HKV, topk, ROW=max_row,
+                                        BLOCK=min(BLOCK, max_row), KEYS_IN=False, FINAL=False,
+                                        num_warps=warps(max_row))
+        L = n_seg * topk
+        row = max(16, triton.next_power_of_2(L))
+        topk_rows_kernel[(rows, 1)](keys, cols, out, out, bblk, c0, L, 1, nq, HKV, topk, ROW=row,
+                                    BLOCK=min(BLOCK, row), KEYS_IN=True, FINAL=True, num_warps=warps(row))

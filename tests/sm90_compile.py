@@ -61,8 +61,13 @@ def compile_one(label, fn, pointers, constexprs, scalars=None, options=None):
 
 def topk():
     from unifattn.kernels import topk as m
-    return [compile_one("topk_rows_kernel", m.topk_rows_kernel,
-                        {"s": "*fp32", "out": "*i32", "bblk": "*i32"}, {"BLOCK": m.BLOCK})]
+    ptr = {"src": "*fp32", "col_in": "*i32", "out": "*i32", "out_col": "*i32", "bblk": "*i32"}
+    return [compile_one(f"topk_rows_kernel ROW={row} keys_in={ki} final={fin}", m.topk_rows_kernel,
+                        {**ptr, "src": "*i32" if ki else "*fp32"},
+                        {"ROW": row, "BLOCK": min(m.BLOCK, row), "KEYS_IN": ki, "FINAL": fin},
+                        options={"num_warps": m._warps(row)})
+            for row, ki, fin in ((m.MAX_ROW, False, True), (m.MAX_ROW, False, False), (8192, True, True),
+                                 (256, False, True))]
 
 
 def scan():

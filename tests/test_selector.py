@@ -385,7 +385,7 @@ def test_empty_sequence():
 @settings(max_examples=12, deadline=None)
 @given(T=st.integers(1, 70), topk=st.integers(1, 24), n=st.sampled_from([1, 4, 16]),
        ns=st.integers(0, 3), nl=st.integers(0, 3), seed=st.integers(0, 2 ** 16),
-       impl=st.sampled_from(["torch", "radix"]))
+       impl=st.sampled_from(["torch", "kernel"]))
 def test_property_select_equals_reference(T, topk, n, ns, nl, seed, impl):
     always = tuple(a for a in ((sink(ns) if ns else None), (local(nl) if nl else None)) if a)
     if sum(a.n for a in always) > topk:
@@ -401,10 +401,10 @@ def test_property_select_equals_reference(T, topk, n, ns, nl, seed, impl):
     check_selection(idx, reference_scores(sel, q=q, k=k), topk, tol=0.0)
 
 
-# --------------------------------------------------------------------------- radix top-k (kernels.topk)
+# --------------------------------------------------------------------------- top-k kernel (kernels.topk)
 def _radix():
     from unifattn.select import SelectConfig
-    return SelectConfig(topk_impl="radix", query_tile=23)     # several tiles, ragged last one
+    return SelectConfig(topk_impl="kernel", query_tile=23)     # several tiles, ragged last one
 
 
 @pytest.mark.parametrize("topk", [1, 7, 40, 64])
@@ -530,8 +530,61 @@ def test_property_radix_rows_equal_a_sort(W, topk, kind, seed):
 
 def test_radix_config_is_checked():
     from unifattn.select import SelectConfig
-    with pytest.raises(ValueError, match="topk_impl: expected 'torch' or 'radix'"):
+    with pytest.raises(ValueError, match="topk_impl: expected 'auto', 'kernel' or 'torch'"):
         SelectConfig(topk_impl="bitonic")
+
+
+@settings(max_examples=20, deadline=None)
+@given(W=st.integers(1, 700), topk=st.integers(1, 130), max_row=st.sampled_from([16, 64, 128]),
+       kind=st.sampled_from(["normal", "ties", "bits"]), seed=st.integers(0, 2 ** 16))
+def test_property_two_launch_rows_equal_a_sort(W, topk, max_row, kind, seed):
+    """Rows longer than one program's registers (max_row lowered from 32768 to reach it at small W):
+    per-segment candidates, then one selection over them; or a ValueError when they cannot fit."""
+    from unifattn.kernels.topk import fits, topk_rows
+    g = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        s = torch.randn(1, 3, W, generator=g)
+    elif kind == "ties":
+        s = torch.randint(-3, 4, (1, 3, W), generator=g).float() / 2
+    else:
+        bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (1, 3, W), generator=g, dtype=torch.int64).to(torch.int32)
+        s = bits.view(torch.float32)
+        s = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+    s[0, 1, W // 3:] = -INF                                          # a causal-like row, -inf past its end
+    s[0, 2, torch.randint(0, W, (min(W, 5),), generator=g)] = INF    # forced keys
+    out = torch.full((3, 1, topk), -7, dtype=torch.int32, device=DEVICE)
+    bblk = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
+    if not fits(W, topk, max_row):
+        with pytest.raises(ValueError, match="use the torch path"):
+            topk_rows(s.to(DEVICE), out, bblk, 4, topk, max_row=max_row)
+        return
+    topk_rows(s.to(DEVICE), out, bblk, 4, topk, max_row=max_row)
+    for r in range(3):
+        row = [(float(x) + 0.0, c) for c, x in enumerate(s[0, r].tolist()) if x != -INF]
+        keep = sorted(c + 4 - int(bblk[r]) for _, c in sorted(row, key=lambda p: (-p[0], p[1]))[:topk])
+        assert out[r, 0].tolist() == keep + [-1] * (topk - len(keep))
+
+
+@pytest.mark.parametrize("gap", ["early", "last bit", "tied"])
+def test_kth_search_stops_only_when_the_set_is_known(gap):
+    """k-th and (k+1)-th keys parted in a high bit (the search stops early), in the last bit only,
+    or equal (no early stop; the k_eq lowest columns of the tie are kept)."""
+    from unifattn.kernels.topk import topk_rows
+    W, k = 300, 37
+    g = torch.Generator().manual_seed(1)
+    s = torch.rand(1, 1, W, generator=g) + 1.0                      # in [1, 2): one exponent
+    order = torch.randperm(W, generator=g)
+    top, nxt = order[:k], order[k]
+    s[0, 0, top] += 4.0                                              # the k best in [5, 6)
+    kth = s[0, 0, top].min()
+    if gap == "last bit":
+        s[0, 0, nxt] = (kth.view(torch.int32) - 1).view(torch.float32)
+    elif gap == "tied":
+        s[0, 0, order[k:k + 3]] = kth
+    out = torch.full((1, 1, k), -7, dtype=torch.int32, device=DEVICE)
+    topk_rows(s.to(DEVICE), out, torch.zeros(1, dtype=torch.int32, device=DEVICE), 0, k)
+    want = sorted(range(W), key=lambda c: (-float(s[0, 0, c]), c))[:k]
+    assert out.flatten().tolist() == sorted(want)
 
 
 def _plain_dot(q: Vec["D"], k: Vec["D"]):

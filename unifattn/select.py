@@ -32,8 +32,11 @@ T and indices are relative to each sequence's start.
 
 How: queries in tiles of `query_tile`; the generated Triton kernel scores a tile
 against its causal columns into an fp32 [HKV, tile, W] buffer (never T x T at
-once), torch.topk keeps the best; rows whose k-th score is tied are redone with
-exact (score, -index) int64 keys, so ties always go to the lower index.
+once); kernels.topk keeps the best of each row in one Triton program (the k-th
+score found bit by bit in registers, the kept columns written in order; ties to
+the lower index). Rows too long for it (topk * ceil(W / 32768) > 32768) go to
+torch.topk, whose rows with a tied k-th score are redone with exact
+(score, -index) int64 keys, then a sort: the same result.
 Scores are computed in fp32 (fp64 inputs are cast), with bf16/fp16 inputs as
 tensor-core operands.
 """
@@ -294,14 +297,14 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
     rows = p.B * p.T
     out = empty((rows, p.HKV, topk), torch.int32, p.device)
     bblk = p.q_bblk.to(p.device)
-    radix = config is not None and getattr(config, "topk_impl", "torch") == "radix"
-    if radix:
-        from unifattn.kernels.topk import topk_rows
+    impl = getattr(config, "topk_impl", "auto") if config is not None else "auto"
+    if impl != "torch":
+        from unifattn.kernels.topk import fits, topk_rows
         bblk32 = bblk.to(torch.int32).contiguous()
 
     def on_tile(q0, q1, c0, s):
-        if radix:                                                            # ascending, -1 padded, in place
-            topk_rows(s, out[q0:q1], bblk32[q0:q1], c0, topk)
+        if impl == "kernel" or (impl == "auto" and fits(s.shape[-1], topk)):
+            topk_rows(s, out[q0:q1], bblk32[q0:q1], c0, topk)               # ascending, -1 padded, in place
             return
         col, valid = _topk_rows(s, topk)                                     # [HKV, nq, topk]
         rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
