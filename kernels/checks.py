@@ -103,8 +103,15 @@ def _on(dev: torch.device):
 def scan(checks: list) -> int:
     """checks: [(tensor, range)], range None, "<= 0" or "in (0, 1]". Returns a bit mask, bit
     min(i, 30) set when checks[i] holds a NaN/inf or a value outside its range (one host sync)."""
+    flags = scan_async(checks)
+    return 0 if flags is None else int(flags.item())
+
+
+def scan_async(checks: list) -> torch.Tensor | None:
+    """scan without the sync: the int32 [1] bit mask on the device (None for no checks), to be
+    read once the caller has queued its own work."""
     if not checks:
-        return 0
+        return None
     dev = checks[0][0].device
     use_triton = dev.type == "cuda" or interpreting()
     flags = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -123,7 +130,7 @@ def scan(checks: list) -> int:
             flags |= (~_torch_ok(x, rng)).to(dev, torch.int32) << bit
     if group:
         _launch(flags, group)
-    return int(flags.item())
+    return flags
 
 
 # --------------------------------------------------------------------------- sparse index lists

@@ -312,8 +312,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             H200, 70% of the forward). Pass False only for indices valid by
             construction. Even unchecked, negative and non-causal entries are
             skipped, never read, but duplicates are then counted twice.
-        check_inputs: scan q, k, v for NaN/inf first (one read, one host sync), which
-            would otherwise come out as NaN rows with no error.
+        check_inputs: scan q, k, v for NaN/inf (one read; its verdict is read after the
+            kernel is queued, one host sync), which would otherwise come out as NaN rows
+            with no error.
 
     Returns:
         o [B, T, HQ, DV] in q's dtype, and lse when return_lse. A query with no
@@ -324,9 +325,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         raise ValueError(f"q, k, v: expected CUDA tensors (the sparse attention kernels need a GPU), got tensors "
                          f"on {q.device}; fix: move them with .cuda(), or set TRITON_INTERPRET=1 to run the "
                          "kernels on the CPU (slow)")
-    if check_inputs:
+    pending = lambda: None     # noqa: E731
+    if check_inputs:           # queued now, read after the launch (one host sync, shared with check_indices')
         from unifattn import validate
-        validate.finite({"q": q, "k": k, "v": v})
+        pending = validate.finite_later({"q": q, "k": k, "v": v})
     B, T, _, D = q.shape
     block_size = 1 if block_size is None else block_size
     scale = D ** -0.5 if scale is None else float(scale)
@@ -335,4 +337,5 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         check_sparse_indices(indices, block_size, bos)
     q, k, v, indices = (x.contiguous() for x in (q, k, v, indices))
     o, lse = SparseAttentionFunction.apply(q, k, v, indices, bos, block_size, scale)
+    pending()                  # NaN/inf in q, k, v raise here, before o leaves the call
     return (o, lse) if return_lse else o

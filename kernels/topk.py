@@ -31,7 +31,7 @@ import triton.language as tl
 from unifattn.kernels.utils import interpreting
 
 MAX_ROW = 32768                   # keys one program holds (16 warps x 64 registers)
-BLOCK = 2048                      # keys per step of the in-order output pass
+KEYS_PER_THREAD = 16              # per step of the in-order output pass (one scan each)
 KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bits = 0x007FFFFF
 
 
@@ -62,9 +62,10 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOP
     o = tl.arange(0, ROW)
     b_k = _keys(src + seg, o, o < n, KEYS_IN)
     n_valid = tl.sum((b_k > KEY_NEG_INF).to(tl.int32), 0)
-    # at most TOPK candidates: keep every key above -inf's
-    kth = tl.full([], KEY_NEG_INF, tl.uint32)
+    # at most TOPK candidates: keep every key above -inf's (keys are integers: >= its key + 1)
+    kth = tl.full([], KEY_NEG_INF + 1, tl.uint32)
     k_eq = n_valid * 0
+    ration = n_valid < 0                                          # some keys equal to kth left out
     if n_valid > TOPK:
         # the TOPK-th largest key, one bit at a time; n_ge counts the keys >= kth
         kth = tl.full([], 0, tl.uint32)
@@ -76,9 +77,10 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOP
             kth = tl.where(cnt >= TOPK, trial, kth)
             n_ge = tl.where(cnt >= TOPK, cnt, n_ge)
             b -= 1
-        # keep every key above kth and the first k_eq equal to it (after an early stop exactly
-        # TOPK keys reach kth, and this keeps all of them)
-        k_eq = TOPK - tl.sum((b_k > kth).to(tl.int32), 0)
+        # keep every key above kth and the first k_eq equal to it; when that is all of them (the
+        # search stopped early, or the k-th key is not tied past TOPK) keys >= kth are the set
+        k_eq = TOPK - (n_ge - tl.sum((b_k == kth).to(tl.int32), 0))
+        ration = n_ge > TOPK
 
     # in column order, so the kept columns come out ascending
     if FINAL:
@@ -94,9 +96,12 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOP
         o_b = i0 + tl.arange(0, BLOCK)
         m_b = o_b < n
         b_kb = _keys(src + seg, o_b, m_b, KEYS_IN)
-        eq = m_b & (b_kb == kth)
-        rank = tl.cumsum(eq.to(tl.int32), 0) - 1 + n_eq
-        sel = m_b & ((b_kb > kth) | (eq & (rank < k_eq)))
+        sel = m_b & (b_kb >= kth)
+        if ration:                                                # ties at the k-th key: lowest columns
+            eq = m_b & (b_kb == kth)
+            rank = tl.cumsum(eq.to(tl.int32), 0) - 1 + n_eq
+            sel = m_b & ((b_kb > kth) | (eq & (rank < k_eq)))
+            n_eq += tl.sum(eq.to(tl.int32), 0)
         pos = tl.cumsum(sel.to(tl.int32), 0) - 1 + n_sel
         keep = sel & (pos < TOPK)                                  # never past the row
         if KEYS_IN:
@@ -108,7 +113,6 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOP
         else:
             tl.store(p_out + pos, b_kb.to(tl.int32, bitcast=True), mask=keep)
             tl.store(p_col + pos, b_c.to(tl.int32), mask=keep)
-        n_eq += tl.sum(eq.to(tl.int32), 0)
         n_sel += tl.sum(sel.to(tl.int32), 0)
     for j0 in range(0, TOPK, BLOCK):
         o_j = j0 + tl.arange(0, BLOCK)
@@ -135,6 +139,7 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
     max_row (a power of two; tests lower it to reach the two-launch path at small W): keys per program.
     num_warps: None picks by row length (16 warps from 16384 keys); benchmarks sweep it."""
     warps = (lambda row: num_warps) if num_warps else _warps
+    block = lambda row: min(row, KEYS_PER_THREAD * 32 * warps(row))    # noqa: E731
     HKV, nq, W = s.shape
     if not (s.is_cuda or interpreting()):
         raise RuntimeError("topk_rows: expected CUDA tensors (or TRITON_INTERPRET=1); got " + str(s.device))
@@ -149,16 +154,16 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
         if W <= max_row:
             row = max(16, triton.next_power_of_2(W))
             topk_rows_kernel[(rows, 1)](s, s, out, out, bblk, c0, W, 1, nq, HKV, topk, ROW=row,
-                                        BLOCK=min(BLOCK, row), KEYS_IN=False, FINAL=True,
+                                        BLOCK=block(row), KEYS_IN=False, FINAL=True,
                                         num_warps=warps(row))
             return
         n_seg = triton.cdiv(W, max_row)
         keys = torch.empty((rows, n_seg, topk), dtype=torch.int32, device=s.device)
         cols = torch.empty_like(keys)
         topk_rows_kernel[(rows, n_seg)](s, s, keys, cols, bblk, c0, W, n_seg, nq, HKV, topk, ROW=max_row,
-                                        BLOCK=min(BLOCK, max_row), KEYS_IN=False, FINAL=False,
+                                        BLOCK=block(max_row), KEYS_IN=False, FINAL=False,
                                         num_warps=warps(max_row))
         L = n_seg * topk
         row = max(16, triton.next_power_of_2(L))
         topk_rows_kernel[(rows, 1)](keys, cols, out, out, bblk, c0, L, 1, nq, HKV, topk, ROW=row,
-                                    BLOCK=min(BLOCK, row), KEYS_IN=True, FINAL=True, num_warps=warps(row))
+                                    BLOCK=block(row), KEYS_IN=True, FINAL=True, num_warps=warps(row))

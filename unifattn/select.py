@@ -75,9 +75,12 @@ class _Prep:
     seqs: list               # (first row, length)
     q_pos: torch.Tensor      # [rows] int64 CPU: position inside the sequence
     q_bblk: torch.Tensor     # [rows] int64 CPU: global column of the sequence's first column
+    dev_pos: torch.Tensor    # q_pos, int32 on the inputs' device
+    dev_bblk: torch.Tensor   # q_bblk, int32 on the inputs' device
     n_cols: int
     dtype: torch.dtype
     device: torch.device
+    check: object            # () -> None: raises on NaN/inf inputs (reads the queued scan; call before returning)
 
 
 def _desc(x) -> str:
@@ -151,7 +154,8 @@ def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk) -> tuple[_Prep, int]
         validate.fail("heads", f"query heads HQ a multiple of the KV heads HKV={HKV}", f"HQ={HQ}",
                       "use grouped query heads (HQ = HKV * G)")
     G = 1 if HQ is None else HQ // HKV
-    validate.finite({s.name: inputs[s.name] for s in sel.inputs})
+    # NaN/inf inputs: the scan is queued here, its verdict read by the caller (_Prep.check)
+    pending = validate.finite_later({s.name: inputs[s.name] for s in sel.inputs})
 
     # sequences: rows of the flattened [B * T] token axis
     if cu_seqlens is None:
@@ -184,7 +188,13 @@ def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk) -> tuple[_Prep, int]
         hx = x.shape[2] if x.dim() == 3 + len(s.shape) else 1
         flat = x.reshape((B * T, hx) + tuple(x.shape[x.dim() - len(s.shape):]))
         (query if s.side == "query" else key)[s.name] = flat
-    prep = _Prep(B, T, HKV, G, dims, query, key, seqs, q_pos, q_bblk, int(ncols.sum()), dtype, device)
+    if cu_seqlens is None:     # built on the device: a pageable copy would stall the queue behind earlier work
+        r = torch.arange(B * T, dtype=torch.int32, device=device)
+        dev_pos, dev_bblk = r % max(T, 1), r // max(T, 1) * ((T + n - 1) // n)
+    else:
+        dev_pos, dev_bblk = q_pos.to(torch.int32).to(device), q_bblk.to(torch.int32).to(device)
+    prep = _Prep(B, T, HKV, G, dims, query, key, seqs, q_pos, q_bblk, dev_pos, dev_bblk, int(ncols.sum()), dtype,
+                 device, pending)
     return prep, topk
 
 
@@ -192,7 +202,7 @@ def _pool(p: _Prep, n: int, acc_dtype: torch.dtype) -> dict:
     """Key-side inputs per column: the tokens themselves (n == 1) or block means."""
     if n == 1:
         return {k: v.to(acc_dtype) for k, v in p.key.items()}
-    col = (p.q_bblk + p.q_pos // n).to(p.device)
+    col = (p.dev_bblk + p.dev_pos // n).long()
     cnt = torch.zeros(p.n_cols, dtype=acc_dtype, device=p.device).index_add_(
         0, col, torch.ones(col.numel(), dtype=acc_dtype, device=p.device))
     out = {}
@@ -268,20 +278,17 @@ def _run_tiles(sel: Selector, p: _Prep, config, on_tile):
         t = t.to(ct).contiguous()
         inner = math.prod(t.shape[2:])
         x[name] = (t, t.shape[1] * inner, inner if t.shape[1] > 1 else 0)
-    q_pos = p.q_pos.to(torch.int32).to(p.device)
-    q_bblk = p.q_bblk.to(torch.int32).to(p.device)
-    last = (p.q_bblk + p.q_pos // n).tolist()            # last column each query may keep
-    bblk = p.q_bblk.tolist()
+    last = p.q_bblk + p.q_pos // n                       # [rows] CPU: last column each query may keep
     wmax = max(((L + n - 1) // n for _, L in p.seqs), default=1)
     qt = cfg.query_tile or max(cfg.block_t, (cfg.max_tile_elems // (p.HKV * max(wmax, 1))) // cfg.block_t
                                * cfg.block_t)
     prec = "ieee" if ct == torch.float32 else "tf32"
     for q0 in range(0, rows, qt):
         q1 = min(rows, q0 + qt)
-        c0 = bblk[q0]
-        W = last[q1 - 1] + 1 - c0
+        c0 = int(p.q_bblk[q0])
+        W = int(last[q1 - 1]) + 1 - c0
         o = empty((p.HKV, q1 - q0, W), torch.float32, p.device)
-        mod.launch(x, o, q_pos, q_bblk, q0, c0, q1 - q0, W, p.HKV, p.G, p.dims, n, sel.n_sink, sel.n_local, prec,
+        mod.launch(x, o, p.dev_pos, p.dev_bblk, q0, c0, q1 - q0, W, p.HKV, p.G, p.dims, n, sel.n_sink, sel.n_local, prec,
                    cfg)
         on_tile(q0, q1, c0, o)
 
@@ -296,15 +303,14 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
     from unifattn.kernels.utils import empty
     rows = p.B * p.T
     out = empty((rows, p.HKV, topk), torch.int32, p.device)
-    bblk = p.q_bblk.to(p.device)
+    bblk = p.dev_bblk
     impl = getattr(config, "topk_impl", "auto") if config is not None else "auto"
     if impl != "torch":
         from unifattn.kernels.topk import fits, topk_rows
-        bblk32 = bblk.to(torch.int32).contiguous()
 
     def on_tile(q0, q1, c0, s):
         if impl == "kernel" or (impl == "auto" and fits(s.shape[-1], topk)):
-            topk_rows(s, out[q0:q1], bblk32[q0:q1], c0, topk)               # ascending, -1 padded, in place
+            topk_rows(s, out[q0:q1], bblk[q0:q1], c0, topk)               # ascending, -1 padded, in place
             return
         col, valid = _topk_rows(s, topk)                                     # [HKV, nq, topk]
         rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
@@ -313,6 +319,7 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
     with torch.no_grad():
         if rows:
             _run_tiles(sel, p, config, on_tile)
+    p.check()                                  # NaN/inf inputs raise here, after the kernels are queued
     return out.reshape(p.B, p.T, p.HKV, topk)
 
 
@@ -320,6 +327,7 @@ def select_scores(sel: Selector, *, cu_seqlens=None, config=None, **inputs) -> t
     """The kernel's fp32 scores, dense: [B, T, HKV, C] with C the most columns of a sequence;
     -inf where a column is no candidate, +inf where `always` keeps it. O(T^2): for tests and inspection."""
     p, _ = _prepare(sel, inputs, cu_seqlens, None)
+    p.check()
     n = sel.block_size
     C = max(((L + n - 1) // n for _, L in p.seqs), default=0)
     dense = torch.full((p.B * p.T, p.HKV, C), float("-inf"), dtype=torch.float32, device=p.device)
@@ -353,6 +361,7 @@ def reference_scores(sel: Selector, *, cu_seqlens=None, **inputs) -> torch.Tenso
     selector's IR with torch for every (query, column) pair at once (small shapes only)."""
     from unifattn.reference import evaluate
     p, _ = _prepare(sel, inputs, cu_seqlens, None)
+    p.check()
     f64, n = torch.float64, sel.block_size
     keys = _pool(p, n, f64)
     C = max(((L + n - 1) // n for _, L in p.seqs), default=0)
@@ -386,6 +395,7 @@ def select_reference(sel: Selector, *, topk: int | None = None, cu_seqlens=None,
     """The definition of select, in float64 and dense: stable descending sort of reference_scores,
     first topk that are candidates, ascending, -1 padded. For tests (O(T^2 * heads * dims) memory)."""
     p, topk = _prepare(sel, inputs, cu_seqlens, topk)
+    p.check()
     s = reference_scores(sel, cu_seqlens=cu_seqlens, **inputs)               # [B, T, HKV, C]
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :topk]
     valid = s.gather(-1, order) > float("-inf")

@@ -138,10 +138,21 @@ def finite(tensors: dict, ranges: tuple = ()):
     One read-only pass per tensor and one device-to-host sync for the whole call
     (kernels.checks.scan); the slow, precise messages run only on failure.
     """
-    from unifattn.kernels.checks import scan
+    finite_later(tensors, ranges)()
+
+
+def finite_later(tensors: dict, ranges: tuple = ()):
+    """finite, in two steps: the scan is queued now, and the returned function reads its flags
+    (the host sync) and raises. Kernels queued in between overlap the caller's host work; their
+    results must not leave the call before the function has run."""
+    from unifattn.kernels.checks import scan_async
     cond = {name: (c, why) for name, c, why in ranges}
     items = [(name, x) for name, x in tensors.items() if x is not None and x.numel()]
-    bad = scan([(x, cond.get(name, (None,))[0]) for name, x in items])
+    flags = scan_async([(x, cond.get(name, (None,))[0]) for name, x in items])
+    return lambda: _finite_report(items, cond, 0 if flags is None else int(flags.item()))
+
+
+def _finite_report(items, cond, bad: int):
     if not bad:
         return
     for i, (name, x) in enumerate(items):
