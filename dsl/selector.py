@@ -53,7 +53,7 @@ __all__ = ["selector", "Selector", "SelectorInput", "Heads", "Vec", "Scalar", "s
            "Sink", "Local", "analyze", "RESERVED"]
 
 # keyword arguments of unifattn.select: no selector input may take these names
-RESERVED = ("sel", "topk", "cu_seqlens", "config")
+RESERVED = ("sel", "topk", "cu_seqlens", "config", "check_inputs")
 
 
 # ------------------------------------------------------------------ options

@@ -88,13 +88,13 @@ def _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, 
 
 
 # ------------------------------------------------------------------ sparse attention
-def select(sel, *, topk=None, cu_seqlens=None, **inputs):
+def select(sel, *, topk=None, cu_seqlens=None, config=None, check_inputs=True, **inputs):
     """Top-k key (or key block) indices per query from a selector: int32 [B, T, HKV, topk], -1 padded.
 
     See unifattn.select.select for shapes; e.g. select(rules.lightning_indexer, qi=qi, ki=ki, w=w).
     """
     from unifattn.select import select as _select
-    return _select(sel, topk=topk, cu_seqlens=cu_seqlens, **inputs)
+    return _select(sel, topk=topk, cu_seqlens=cu_seqlens, config=config, check_inputs=check_inputs, **inputs)
 
 
 def sparse_attention(q, k, v, indices, *, block_size=None, scale=None, cu_seqlens=None, return_lse=False,

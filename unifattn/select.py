@@ -92,7 +92,7 @@ def _legend(sel: Selector, s) -> str:
     return f"[{', '.join(('B', 'T') + s.shape)}] or [{', '.join(('B', 'T', head) + s.shape)}]"
 
 
-def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk) -> tuple[_Prep, int]:
+def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk, check_inputs: bool = True) -> tuple[_Prep, int]:
     if not isinstance(sel, Selector):
         validate.fail("sel", "a selector declared with @unifattn.dsl.selector.selector "
                       "(e.g. unifattn.selectors.lightning_indexer)", type(sel).__name__,
@@ -155,7 +155,8 @@ def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk) -> tuple[_Prep, int]
                       "use grouped query heads (HQ = HKV * G)")
     G = 1 if HQ is None else HQ // HKV
     # NaN/inf inputs: the scan is queued here, its verdict read by the caller (_Prep.check)
-    pending = validate.finite_later({s.name: inputs[s.name] for s in sel.inputs})
+    pending = validate.finite_later({s.name: inputs[s.name] for s in sel.inputs}) if check_inputs else \
+        (lambda: None)
 
     # sequences: rows of the flattened [B * T] token axis
     if cu_seqlens is None:
@@ -293,13 +294,16 @@ def _run_tiles(sel: Selector, p: _Prep, config, on_tile):
         on_tile(q0, q1, c0, o)
 
 
-def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=None, **inputs) -> torch.Tensor:
+def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=None, check_inputs: bool = True,
+           **inputs) -> torch.Tensor:
     """int32 [B, T, HKV, topk]: per query the kept keys (or key blocks), ascending, -1 padded.
 
     topk overrides the selector's; config is a SelectConfig (tile sizes); inputs by name.
+    check_inputs: scan the inputs for NaN/inf (one read, and one host sync after the kernels are
+    queued, which keeps the host from running ahead into the next call); False skips it.
     Not differentiable (top-k has no gradient: train the scorer with a distillation loss).
     """
-    p, topk = _prepare(sel, inputs, cu_seqlens, topk)
+    p, topk = _prepare(sel, inputs, cu_seqlens, topk, check_inputs)
     from unifattn.kernels.utils import empty
     rows = p.B * p.T
     out = empty((rows, p.HKV, topk), torch.int32, p.device)

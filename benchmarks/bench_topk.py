@@ -1,0 +1,95 @@
+"""Where the top-k kernel's time goes (kernels/topk.py), on one GPU: the last query tile of a
+T=32768 selection (4096 rows x 32768 scores, -inf right of each row's causal end) with scores
+shaped so that the kernel's search runs its usual course or is cut short:
+
+    random   N(0, 1) scores: the search runs until the k-th and (k+1)-th keys part
+    early    2048 scores of 1e30 per row: the search stops after a few bits
+    few      at most 2048 candidates per row: no search, the output pass only
+    tied     every score equal: 32 bits, then the tie-rank scan
+
+    python benchmarks/bench_topk.py
+
+Each case is checked against torch's path (torch.topk, tie repair, sort) before it is timed.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from unifattn.kernels import topk as tk
+from unifattn.select import _finish, _topk_rows
+
+R, T, K = 4096, 32768, 2048
+
+
+@triton.jit
+def _row_sum(s, red, W, ROW: tl.constexpr):
+    o = tl.arange(0, ROW)
+    b = tl.load(s + tl.program_id(0).to(tl.int64) * W + o, mask=o < W, other=0.)
+    tl.store(red + tl.program_id(0), tl.sum(tl.where(b > 0, 1, 0), 0).to(tl.float32))
+
+
+def tile(kind: str, g: torch.Generator) -> torch.Tensor:
+    pos = torch.arange(T - R, T, device="cuda")
+    s = torch.randn(1, R, T, device="cuda", generator=g)
+    if kind == "early":
+        hot = torch.rand(1, R, T, device="cuda", generator=g).argsort(-1)[..., :K]
+        s.scatter_(-1, hot, 1e30)
+    elif kind == "tied":
+        s.fill_(1.0)
+    causal = torch.arange(T, device="cuda")[None, None, :] > pos[None, :, None]
+    if kind == "few":
+        causal |= torch.arange(T, device="cuda")[None, None, :] >= K
+    return torch.where(causal, float("-inf"), s)
+
+
+def select_rows():
+    """The whole lightning-indexer selection at T=32768 (bench_select's inputs), both top-k paths."""
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    import bench_select
+    from unifattn.codegen.selector import SelectConfig
+    from unifattn.select import select
+    from unifattn.selectors import lightning_indexer
+    x = bench_select.inputs(32768)
+    for impl in ("auto", "torch"):
+        cfg = SelectConfig(topk_impl=impl)
+        ms = triton.testing.do_bench(lambda: select(lightning_indexer, topk=K, config=cfg, **x), warmup=10, rep=200)
+        print(f"select() T=32768 top-{K}, topk_impl={impl}: {ms:.2f} ms")
+    print(f"scoring alone: {triton.testing.do_bench(bench_select.scoring_only(x, SelectConfig()), rep=200):.2f} ms")
+
+
+def main():
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bblk = torch.zeros(R, dtype=torch.int32, device="cuda")
+    rows = []
+    for kind in ("random", "early", "few", "tied"):
+        s = tile(kind, g)
+        col, valid = _topk_rows(s, K)
+        want = _finish(col, valid).permute(1, 0, 2)
+        for warps in (None, 8, 32):
+            out = torch.empty(R, 1, K, dtype=torch.int32, device="cuda")
+            run = lambda o=out, w=warps: tk.topk_rows(s, o, bblk, 0, K, num_warps=w)  # noqa: E731
+            run()
+            ok = torch.equal(out, want)
+            rows.append((kind, f"top-k kernel, {warps or 'default (16)'} warps",
+                         triton.testing.do_bench(run, warmup=25, rep=200), ok))
+        rows.append((kind, "torch.topk alone", triton.testing.do_bench(
+            lambda: torch.topk(s, K, dim=-1, sorted=False), warmup=25, rep=200), True))
+        if kind == "random":        # the floor: each row read into registers once, one reduction
+            for warps in (16, 32):
+                red = torch.empty(R, device="cuda")
+                run = lambda w=warps: _row_sum[(R,)](s, red, T, ROW=T, num_warps=w)  # noqa: E731
+                rows.append((kind, f"read + 1 sum, {warps} warps", triton.testing.do_bench(run, warmup=25, rep=200),
+                             True))
+        del s
+    select_rows()
+    print(f"\n{'scores':<8}{'kernel':>40}{'ms':>8}  same as torch's path")
+    for kind, w, ms, ok in rows:
+        print(f"{kind:<8}{str(w):>40}{ms:>8.3f}  {'yes' if ok else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()
