@@ -178,10 +178,9 @@ def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk, check_inputs: bool =
     lens = torch.tensor([L for _, L in seqs], dtype=torch.int64)
     ncols = (lens + n - 1) // n
     boff = torch.cumsum(ncols, 0) - ncols
-    seq_of = torch.repeat_interleave(torch.arange(len(seqs)), lens)
     starts = torch.tensor([a for a, _ in seqs], dtype=torch.int64)
-    q_pos = torch.arange(B * T, dtype=torch.int64) - starts[seq_of]
-    q_bblk = boff[seq_of]
+    q_pos = torch.arange(B * T, dtype=torch.int64) - torch.repeat_interleave(starts, lens)   # not a gather:
+    q_bblk = torch.repeat_interleave(boff, lens)                                              # 1 ms at T=32768
 
     query, key = {}, {}
     for s in sel.inputs:
