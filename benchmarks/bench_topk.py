@@ -69,12 +69,12 @@ def main():
         s = tile(kind, g)
         col, valid = _topk_rows(s, K)
         want = _finish(col, valid).permute(1, 0, 2)
-        for warps in (None, 8, 32):
+        for warps, asm in ((None, True), (None, False), (32, True)):
             out = torch.empty(R, 1, K, dtype=torch.int32, device="cuda")
-            run = lambda o=out, w=warps: tk.topk_rows(s, o, bblk, 0, K, num_warps=w)  # noqa: E731
+            run = lambda o=out, w=warps, a=asm: tk.topk_rows(s, o, bblk, 0, K, num_warps=w, asm=a)  # noqa: E731
             run()
             ok = torch.equal(out, want)
-            rows.append((kind, f"top-k kernel, {warps or 'default (16)'} warps",
+            rows.append((kind, f"top-k kernel, {warps or 'default (16)'} warps{'' if asm else ', no asm'}",
                          triton.testing.do_bench(run, warmup=25, rep=200), ok))
         rows.append((kind, "torch.topk alone", triton.testing.do_bench(
             lambda: torch.topk(s, K, dim=-1, sorted=False), warmup=25, rep=200), True))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for all GPU work (run from the repository root on the H200, `.whl` carried):
-#   bash benchmarks/h200.sh [linear|sparse|rules|probe|profile|select|topk|tests ...]   (default: linear sparse rules tests)
+#   bash benchmarks/h200.sh [linear|sparse|rules|probe|profile|select|topk|topk_tests|tests ...]   (default: linear sparse rules tests)
 # Each part has its own time cap and writes its log to $OUT (or /tmp/h200) as it goes.
 # On a cold machine `linear` alone needs ~480-590 s (our tuning ~110 s, fla's first calls several
 # minutes of autotuning, kda's ~215 s): the 2026-11-29 runs were cut while timing fla's gated_deltanet
@@ -47,6 +47,9 @@ for part in $parts; do
            grep -h "cases match" /tmp/rules.?.log ;;
     probe) timeout ${PROBE_S:-240} python3 benchmarks/diag_chunk_configs.py 2>&1 | tee "$LOG/probe.log" ;;
     profile) timeout ${PROFILE_S:-130} python3 benchmarks/profile_linear.py 2>&1 | tee "$LOG/profile.log" ;;
+    topk_tests) cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg && timeout ${TOPK_TESTS_S:-120} python3 -m pytest -q \
+                  -p no:cacheprovider tests/test_selector.py -k "radix or two_launch or kth_search or property or tie") \
+                  2>&1 | tail -n 15 | tee "$LOG/topk_tests.log" ;;
     topk) timeout ${TOPK_S:-120} python3 benchmarks/bench_topk.py 2>&1 | tee "$LOG/topk.log" ;;
     select) timeout ${SELECT_S:-150} python3 benchmarks/bench_select.py ${SELECT_ARGS:---no-sweep} 2>&1 | tee "$LOG/select.log" ;;
     tests) # GPU tests side by side (compiling is CPU work): every launch config per chunk class, the

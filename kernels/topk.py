@@ -66,8 +66,23 @@ def _prefix_count(x, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _count_ge(b_k, trial, ASM: tl.constexpr):
+    """The keys >= trial. ASM (compiled, not interpreted): PTX set.ge gives 0 / -1 per key and a sum
+    of those counts, two instructions a key; the plain form compiles to four (setp, selp into
+    16-bit masks, shift, or, then popc)."""
+    if ASM:
+        ge = tl.inline_asm_elementwise("set.ge.u32.u32 $0, $1, $2;", "=r,r,r",
+                                       [b_k, tl.broadcast_to(trial, b_k.shape)], dtype=tl.int32,
+                                       is_pure=True, pack=1)
+        return -tl.sum(ge, 0)
+    else:
+        return tl.sum((b_k >= trial).to(tl.int32), 0)
+
+
+@triton.jit
 def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOPK,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr, KEYS_IN: tl.constexpr, FINAL: tl.constexpr):
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, KEYS_IN: tl.constexpr, FINAL: tl.constexpr,
+                     ASM: tl.constexpr = False):
     """Grid (rows, n_seg). Row r = h * nq + i of src [rows, L] (scores, or with KEYS_IN keys whose
     columns are in col_in [rows, L]); segment c holds entries [c * ROW, min(L, (c + 1) * ROW)).
     FINAL: out[i, h, :TOPK] = kept columns + (c0 - bblk[i]), ascending, -1 padded.
@@ -78,9 +93,9 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOP
     seg = r.to(tl.int64) * L + c * ROW
     o = tl.arange(0, ROW)
     b_k = _keys(src + seg, o, o < n, KEYS_IN)
-    n_valid = tl.sum((b_k > KEY_NEG_INF).to(tl.int32), 0)
     # at most TOPK candidates: keep every key above -inf's (keys are integers: >= its key + 1)
     kth = tl.full([], KEY_NEG_INF + 1, tl.uint32)
+    n_valid = _count_ge(b_k, kth, ASM)
     k_eq = n_valid * 0
     ration = n_valid < 0                                          # some keys equal to kth left out
     if n_valid > TOPK:
@@ -90,7 +105,7 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOP
         b = tl.full([], 31, tl.int32)
         while (b >= 0) & (n_ge != TOPK):
             trial = kth | (tl.full([], 1, tl.uint32) << b.to(tl.uint32))
-            cnt = tl.sum((b_k >= trial).to(tl.int32), 0)
+            cnt = _count_ge(b_k, trial, ASM)
             kth = tl.where(cnt >= TOPK, trial, kth)
             n_ge = tl.where(cnt >= TOPK, cnt, n_ge)
             b -= 1
@@ -109,10 +124,13 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOP
         p_col = out_col + (r.to(tl.int64) * n_seg + c) * TOPK
     n_sel = n_valid * 0
     n_eq = n_valid * 0
+    o_b = tl.arange(0, BLOCK)
+    b_next = _keys(src + seg, o_b, o_b < n, KEYS_IN)
     for i0 in range(0, n, BLOCK):
         o_b = i0 + tl.arange(0, BLOCK)
         m_b = o_b < n
-        b_kb = _keys(src + seg, o_b, m_b, KEYS_IN)
+        b_kb = b_next
+        b_next = _keys(src + seg, o_b + BLOCK, o_b + BLOCK < n, KEYS_IN)   # in flight while this step works
         sel = m_b & (b_kb >= kth)
         if ration:                                                # ties at the k-th key: lowest columns
             eq = m_b & (b_kb == kth)
@@ -150,12 +168,14 @@ def fits(W: int, topk: int, max_row: int = MAX_ROW) -> bool:
 
 
 def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, topk: int,
-              max_row: int = MAX_ROW, num_warps: int | None = None) -> None:
+              max_row: int = MAX_ROW, num_warps: int | None = None, asm: bool | None = None) -> None:
     """s fp32 [HKV, nq, W] (contiguous; -inf = not a candidate) -> out int32 [nq, HKV, topk]: per row the
     columns of its topk best scores + (c0 - bblk[i]), ascending, ties to the lower column, -1 padded.
     max_row (a power of two; tests lower it to reach the two-launch path at small W): keys per program.
-    num_warps: None picks by row length (16 warps from 16384 keys); benchmarks sweep it."""
+    num_warps: None picks by row length (16 warps from 16384 keys); benchmarks sweep it, and asm
+    (None: on when compiled)."""
     warps = (lambda row: num_warps) if num_warps else _warps
+    asm = (not interpreting()) if asm is None else asm               # PTX inline asm: compiled kernels only
     block = lambda row: min(row, KEYS_PER_THREAD * 32 * warps(row))    # noqa: E731
     HKV, nq, W = s.shape
     if not (s.is_cuda or interpreting()):
@@ -172,17 +192,17 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
         if W <= max_row:
             row = max(32, triton.next_power_of_2(W))
             topk_rows_kernel[(rows, 1)](s, s, out, out, bblk, c0, W, 1, nq, HKV, topk, ROW=row,
-                                        BLOCK=block(row), KEYS_IN=False, FINAL=True,
+                                        BLOCK=block(row), KEYS_IN=False, FINAL=True, ASM=asm,
                                         num_warps=warps(row))
             return
         n_seg = triton.cdiv(W, max_row)
         keys = torch.empty((rows, n_seg, topk), dtype=torch.int32, device=s.device)
         cols = torch.empty_like(keys)
         topk_rows_kernel[(rows, n_seg)](s, s, keys, cols, bblk, c0, W, n_seg, nq, HKV, topk, ROW=max_row,
-                                        BLOCK=block(max_row), KEYS_IN=False, FINAL=False,
+                                        BLOCK=block(max_row), KEYS_IN=False, FINAL=False, ASM=asm,
                                         num_warps=warps(max_row))
         L = n_seg * topk
         row = max(32, triton.next_power_of_2(L))
         topk_rows_kernel[(rows, 1)](keys, cols, out, out, bblk, c0, L, 1, nq, HKV, topk, ROW=row,
-                                    BLOCK=block(row), KEYS_IN=True, FINAL=True,
+                                    BLOCK=block(row), KEYS_IN=True, FINAL=True, ASM=asm,
                                     num_warps=warps(row))

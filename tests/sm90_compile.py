@@ -65,7 +65,7 @@ def topk():
     return [compile_one(f"topk_rows_kernel ROW={row} keys_in={ki} final={fin}", m.topk_rows_kernel,
                         {**ptr, "src": "*i32" if ki else "*fp32"},
                         {"ROW": row, "BLOCK": min(row, m.KEYS_PER_THREAD * 32 * m._warps(row)), "KEYS_IN": ki,
-                         "FINAL": fin},
+                         "FINAL": fin, "ASM": True},
                         options={"num_warps": m._warps(row)})
             for row, ki, fin in ((m.MAX_ROW, False, True), (m.MAX_ROW, False, False), (8192, True, True),
                                  (256, False, True))]
