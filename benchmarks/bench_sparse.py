@@ -20,34 +20,37 @@ shape, and the T=131072 forward (selection + sparse attention) with its peak mem
     python benchmarks/bench_sparse.py            # checks + table
     python benchmarks/bench_sparse.py --sweep    # also time launch configs
 
-Measured 2026-11-29 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), one run (session 7,
-call 4), after every check passed (random index sets and both selectors end to end, T=2048: o, dq,
+Measured 2026-11-29 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), one run (session 8,
+call 8), after every check passed (random index sets and both selectors end to end, T=2048: o, dq,
 dk, dv within 2.0e-3 to 2.5e-3 relative L2 of the float32 dense reference):
 
     kernel                                 fwd ms  fwd+bwd ms   x fwd   x f+b  fwd TFLOP/s  gather TB/s
-    SDPA causal GQA (dense)                 29.23      127.08    1.00    1.00          602            -
-    ours token top-2048                     16.91      107.79    1.73    1.18          126         7.88
-    ours token top-1024                      8.72       54.49    3.35    2.33          124         7.75
-    ours block 16x64                         8.97       28.38    3.26    4.48          117         7.31
-    fla parallel_nsa block 16x64            10.39       35.83    2.81    3.55            -            -
-    select: lightning indexer top-2048      28.40           -    1.03       -            -            -
-    select: lightning, radix top-k          28.38           -    1.03       -            -            -
-    select: moba top-16x64                   8.06           -    3.63       -            -            -
-    indexer + select + sparse top-2048      44.66      135.73    0.65    0.94            -            -
+    SDPA causal GQA (dense)                 29.11      123.90    1.00    1.00          604            -
+    ours token top-2048                     16.90      109.19    1.72    1.13          126         7.88
+    ours token top-1024                      8.67       55.07    3.36    2.25          125         7.81
+    ours block 16x64                         8.90       29.17    3.27    4.25          118         7.37
+    fla parallel_nsa block 16x64            10.40       35.87    2.80    3.45            -            -
+    select: lightning indexer top-2048      11.06           -    2.63       -            -            -
+    select: lightning, torch.topk path      26.49           -    1.10       -            -            -
+    select: lightning, check_inputs=False    9.42           -    3.09       -            -            -
+    select: moba top-16x64                   2.78           -   10.48       -            -            -
+    indexer + select + sparse top-2048      27.34      117.69    1.06    1.05            -            -
 
-    check_indices=True adds 12.84 / 6.66 ms per call (top-2048 / 1024) for unordered lists (a sort
-    for duplicates), 3.93 / 2.01 ms for lists in select()'s order
-    T=131072: select 318.68 ms (radix 367.60), sparse attention forward 70.57 ms, both 389.79 ms;
-    peak 15.7 GiB
+    select = 0.380 x the SDPA forward (0.324 unchecked); target <= 0.25, not met
+    check_indices=True adds 9.36 / 5.11 ms per call (top-2048 / 1024) for unordered lists (a sort
+    for duplicates), 0.33 / 0.21 ms for lists in select()'s order; check_inputs=True adds 0.33 ms
+    T=131072: select 168.61 ms (torch.topk path 449.83, identical indices), sparse attention forward
+    70.12 ms, both 227.89 ms; peak 15.7 GiB
 
-Where the selection goes (same run): the scoring kernel alone 4.74 ms over every query tile;
-on the last tile (4096 x 32768 scores) torch.topk alone 1.66 ms, the radix kernel (8-bit digits,
-512-bin histograms) 4.91 ms (BLOCK 2048 / 8 warps 4.84, 4096 / 16 6.54, 1024 / 8 5.66). With eight
-tiles of 4096 x 4096·i the top-k work is 4.5 last tiles: radix ~22 ms, torch.topk ~7.5 ms plus
-~15 ms of tie check, sort and index arithmetic. kernels/topk.py now uses 6-bit digits (about a
-third of the histogram work, untimed).
+Where the selection goes (same run): one select() call is 9.50 ms of GPU time, the scoring kernel
+3.29 ms and the top-k kernel 6.17 ms over the eight query tiles. On the last tile (4096 x 32768
+scores) the top-k kernel takes 1.14 ms against 1.68 ms for torch.topk alone; reading the tile once
+costs 0.13 ms (benchmarks/bench_topk.py: the search ~0.6 ms, the in-order output pass ~0.4 ms).
+The checked call's extra ~1.6 ms is the host sync that reads the input scan: the host cannot run
+ahead into the next call. Session 7's select (histogram radix or torch.topk, tie repair, sort):
+28.4 ms.
 
-Tried on the H200 in the same session and backed out:
+Tried on the H200 (session 7) and backed out:
 - indexer heads stacked into the scoring tile's rows (one dot of BT*16 rows, a reshape-sum):
   scoring 11.3 ms (sweep 11.3 to 13.9 ms over tile shapes), select 33.5 ms against 28.4-29.3;
 - dk, dv scattered with paired atomics (red.global.add.v2.f32 through inline PTX): the token

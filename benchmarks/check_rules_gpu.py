@@ -36,6 +36,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shard", default="0/1", help="I/N: every N-th rule from the I-th")
     ap.add_argument("--rules", nargs="*", help="only these rules")
+    ap.add_argument("--forms", nargs="*", default=["chunk", "recurrent"], help="only these forms")
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16", "float16"], help="only these dtypes")
     a = ap.parse_args()
     shard, shards = (int(x) for x in a.shard.split("/"))
     os.environ.setdefault("UNIFATTN_CACHE_DIR", tempfile.mkdtemp())
@@ -43,8 +45,8 @@ def main():
     n = 0
     chosen = [(n, r) for n, r in ua.rules.BUILTIN.items() if not a.rules or n in a.rules]
     for name, r in chosen[shard::shards]:
-        for form in [f for f in ("chunk", "recurrent") if f in check(r).forms]:
-            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for form in [f for f in ("chunk", "recurrent") if f in check(r).forms and f in a.forms]:
+            for dtype in [getattr(torch, d) for d in a.dtypes]:
                 for i, (B, T, H, HV, K, V, h0, cu) in enumerate(CASES):
                     case = make_inputs(r, B=B, T=T, H=H, HV=HV, K=K, V=V, dtype=dtype, device="cuda", seed=i,
                                        initial_state=h0, cu_seqlens=cu)
