@@ -18,9 +18,13 @@ One program per row segment of at most ROW <= MAX_ROW keys, all held in register
    equals it: positions from a prefix count (_prefix_count), so the kept columns come out
    ascending and nothing is sorted. The tie rank is counted only when the k-th key is rationed.
 
-H200, the last tile of a T=32768 selection (4096 rows x 32768 scores): 1.18 ms against 1.65 ms for
+H200, the last tile of a T=32768 selection (4096 rows x 32768 scores): 1.12 ms against 1.68 ms for
 torch.topk alone (which leaves the tie repair and the sort still to do); reading the tile once
-costs 0.13 ms, the search about 0.65 ms, the output pass about 0.4 ms (benchmarks/bench_topk.py).
+costs 0.13 ms, the output pass with no search 0.54 ms (benchmarks/bench_topk.py). Measured and
+dropped on the way: one tl.cumsum per output step (1.59 ms), the output pass straight from the
+registers without a second read (spills: 3.67), two bits per search pass with three counts in one
+reduction (1.87 against 1.59 at the time), 8 or 32 warps (1.26, 1.20); counting with plain
+compares instead of PTX set.ge: 1.25.
 
 Rows longer than MAX_ROW (T = 131072) take two launches: each MAX_ROW segment keeps its own top-k
 (key, column) pairs in column order, then one program per row selects from the concatenated
