@@ -196,6 +196,8 @@ def test_hybrid_stack_dense_and_varlen():
     (lambda: LinearAttention(D_MODEL, 2, 8, ua.rules.rwkv7, form="chunk"), ValueError, "form='recurrent'"),
     (lambda: LinearAttention(D_MODEL, 2, 8, ua.rules.retnet, param_init={"gamma": torch.full((2,), 1.5)}),
      ValueError, r"values in \(0, 1\]"),
+    (lambda: LinearAttention(D_MODEL, 2, 8, ua.rules.retnet, param_init={"gamma": torch.tensor([0.5, float("nan")])}),
+     ValueError, r"param_init\['gamma'\]: expected finite values"),
     (lambda: SparseAttention(D_MODEL, 4, 3, 8), ValueError, "divisor of num_heads=4"),
     (lambda: SparseAttention(D_MODEL, 4, 2, 8, selector=ua.rules.kda), TypeError, "selector: expected a selector"),
     (lambda: SparseAttention(D_MODEL, 4, 2, 512), ValueError, "at most 256"),

@@ -653,8 +653,10 @@ def test_bad_inputs():
     x = li_inputs(1, 10)
     with pytest.raises(TypeError, match="selector declared"):
         select(lambda q: q, **x)
-    with pytest.raises(TypeError, match="topk: expected a positive int"):
+    with pytest.raises(ValueError, match="topk: expected a positive int"):
         select(lightning_indexer, topk=0, **x)
+    with pytest.raises(TypeError, match="topk: expected a positive int"):
+        select(lightning_indexer, topk=2.0, **x)
     with pytest.raises(ValueError, match="forced by always"):
         select(dot_forced, topk=4, q=torch.randn(1, 5, 4), k=torch.randn(1, 5, 4))
     with pytest.raises(ValueError, match="batch size 1"):

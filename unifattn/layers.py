@@ -251,6 +251,9 @@ class LinearAttention(nn.Module):
                 if tuple(value.shape) != tuple(raw.shape):
                     validate.fail(f"param_init['{name}']", f"shape {list(raw.shape)} ([HV, *dims])",
                                   str(list(value.shape)), "give one value per value head")
+                if not bool(torch.isfinite(value).all()):
+                    validate.fail(f"param_init['{name}']", "finite values", f"{int((~torch.isfinite(value)).sum())} "
+                                  f"NaN/inf of {value.numel()}", "give finite initial values")
                 cond = self._param_maps[name].cond
                 bad = (cond == "<= 0" and bool((value > 0).any())) or \
                       (cond == "in (0, 1]" and bool(((value <= 0) | (value > 1)).any()))
@@ -258,8 +261,14 @@ class LinearAttention(nn.Module):
                     validate.fail(f"param_init['{name}']", f"values {cond} (the checker's bound for rule "
                                   f"'{self.rule.name}')", f"range [{float(value.min()):.4g}, {float(value.max()):.4g}]",
                                   "pick values inside the bound")
+            raw_value = self._param_maps[name].inverse(value)
+            if not bool(torch.isfinite(raw_value).all()):       # a value on the bound's edge (e.g. a log-gate of 0)
+                validate.fail(f"param_init['{name}']", f"values strictly inside the parameterization's range "
+                              f"({self._param_maps[name].cond})", f"range [{float(value.min()):.4g}, "
+                              f"{float(value.max()):.4g}], whose raw parameter is not finite",
+                              "move the values off the edge (e.g. -1e-4 instead of 0)")
             with torch.no_grad():
-                raw.copy_(self._param_maps[name].inverse(value).to(raw.device, raw.dtype))
+                raw.copy_(raw_value.to(raw.device, raw.dtype))
 
     def extra_repr(self) -> str:
         return (f"rule={self.rule.name}, form={self.form!r}, H={self.num_heads}, HV={self.num_v_heads}, "

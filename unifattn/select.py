@@ -98,8 +98,10 @@ def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk, check_inputs: bool =
                       "(e.g. unifattn.selectors.lightning_indexer)", type(sel).__name__,
                       "pass the selector object first", TypeError)
     topk = sel.topk if topk is None else topk
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+    if isinstance(topk, bool) or not isinstance(topk, int):
         validate.fail("topk", "a positive int", repr(topk), "e.g. topk=2048", TypeError)
+    if topk < 1:
+        validate.fail("topk", "a positive int", repr(topk), "e.g. topk=2048")
     if topk < sel.n_forced:
         validate.fail("topk", f"at least the {sel.n_forced} keys forced by always={sel.always!r}", str(topk),
                       f"pass topk >= {sel.n_forced}")
