@@ -50,8 +50,8 @@ def _keys(src, o, m, KEYS_IN: tl.constexpr):
     if KEYS_IN:                                                   # already keys (second launch)
         b_i = tl.load(src + o, mask=m, other=0)
     else:
-        b_s = tl.load(src + o, mask=m, other=0.) + 0.0            # + 0.0: -0.0 becomes +0.0
-        b_i = b_s.to(tl.int32, bitcast=True)
+        b_i = tl.load(src + o, mask=m, other=0.).to(tl.int32, bitcast=True)
+        b_i = tl.where(b_i == -2147483648, 0, b_i)               # -0.0 reads as +0.0 (bits, not a float add)
         b_i = tl.where(b_i >= 0, b_i ^ -2147483648, ~b_i)         # flip the sign bit, or every bit
         b_i = tl.where(m, b_i, 0)
     return b_i.to(tl.uint32, bitcast=True)
@@ -166,13 +166,34 @@ def _warps(row: int) -> int:
     return 16 if row >= 16384 else 8 if row >= 4096 else 4
 
 
-def fits(W: int, topk: int, max_row: int = MAX_ROW) -> bool:
+def fits(W: int, topk: int, max_row: int | None = None) -> bool:
     """Whether topk_rows takes rows of W scores: one segment, or segments whose candidates fit one."""
+    max_row = MAX_ROW if max_row is None else max_row
     return W <= max_row or triton.cdiv(W, max_row) * topk <= max_row
 
 
+def _check_layout(s, out, bblk, topk, max_row):
+    """The kernel indexes flat buffers: refuse what it would read or write wrong."""
+    def bad(what, want, got):
+        raise ValueError(f"topk_rows: {what}: expected {want}; got {got}. Fix: pass a fresh contiguous tensor")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        bad("topk", "a positive int", repr(topk))
+    if not (isinstance(max_row, int) and max_row >= 32 and max_row & (max_row - 1) == 0):
+        bad("max_row", "a power of two >= 32 (groups of 32 in _prefix_count)", repr(max_row))
+    if s.dim() != 3 or s.dtype != torch.float32 or not s.is_contiguous():
+        bad("s", "contiguous float32 [HKV, nq, W]", f"{tuple(s.shape)} {s.dtype}, contiguous={s.is_contiguous()}")
+    HKV, nq, _ = s.shape
+    if tuple(out.shape) != (nq, HKV, topk) or out.dtype != torch.int32 or not out.is_contiguous() or \
+            out.device != s.device:
+        bad("out", f"contiguous int32 [nq, HKV, topk] = [{nq}, {HKV}, {topk}] on {s.device}",
+            f"{tuple(out.shape)} {out.dtype} on {out.device}, contiguous={out.is_contiguous()}")
+    if bblk.dim() != 1 or bblk.numel() != nq or bblk.dtype != torch.int32 or not bblk.is_contiguous() or \
+            bblk.device != s.device:
+        bad("bblk", f"contiguous int32 [nq] = [{nq}] on {s.device}", f"{tuple(bblk.shape)} {bblk.dtype} on {bblk.device}")
+
+
 def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, topk: int,
-              max_row: int = MAX_ROW, num_warps: int | None = None, asm: bool | None = None) -> None:
+              max_row: int | None = None, num_warps: int | None = None, asm: bool | None = None) -> None:
     """s fp32 [HKV, nq, W] (contiguous; -inf = not a candidate) -> out int32 [nq, HKV, topk]: per row the
     columns of its topk best scores + (c0 - bblk[i]), ascending, ties to the lower column, -1 padded.
     max_row (a power of two; tests lower it to reach the two-launch path at small W): keys per program.
@@ -181,13 +202,15 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
     warps = (lambda row: num_warps) if num_warps else _warps
     asm = (not interpreting()) if asm is None else asm               # PTX inline asm: compiled kernels only
     block = lambda row: min(row, KEYS_PER_THREAD * 32 * warps(row))    # noqa: E731
-    HKV, nq, W = s.shape
+    max_row = MAX_ROW if max_row is None else max_row
     if not (s.is_cuda or interpreting()):
         raise RuntimeError("topk_rows: expected CUDA tensors (or TRITON_INTERPRET=1); got " + str(s.device))
-    assert max_row >= 32 and max_row & (max_row - 1) == 0, max_row        # groups of 32 in _prefix_count
+    _check_layout(s, out, bblk, topk, max_row)
+    HKV, nq, W = s.shape
     if not fits(W, topk, max_row):
         raise ValueError(f"topk_rows: rows of W={W} scores with topk={topk}: the candidates of "
-                         f"{triton.cdiv(W, max_row)} segments exceed {max_row}; use the torch path")
+                         f"{triton.cdiv(W, max_row)} segments exceed {max_row}. Fix: "
+                         "SelectConfig(topk_impl='auto') (falls back to torch.topk there) or topk_impl='torch'")
     rows = HKV * nq
     if rows == 0:
         return
