@@ -636,7 +636,8 @@ def _bad_call(exc, match, **over):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's numpy, on inf
 def test_bad_inputs():
     _bad_call(ValueError, r"qi: expected \[B, T, HI, DI\] or \[B, T, HQ, HI, DI\]", qi=torch.randn(1, 10, 16))
-    _bad_call(ValueError, "dimension DI", ki=torch.randn(1, 10, 8))
+    _bad_call(ValueError, r"ki: expected dimension DI = 16 as in qi \(1, 10, 4, 16\)", ki=torch.randn(1, 10, 8))
+    _bad_call(ValueError, r"one of qi and ki is wrong", qi=torch.randn(1, 10, 2, 4, 8))    # 5-D qi sets DI first
     _bad_call(TypeError, "floating dtype", w=torch.ones(1, 10, 4, dtype=torch.int64))
     _bad_call(TypeError, "the dtype of qi", w=torch.ones(1, 10, 4, dtype=torch.float64))
     _bad_call(ValueError, "finite", w=torch.full((1, 10, 4), float("nan")))

@@ -112,6 +112,7 @@ def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk, check_inputs: bool =
                           f"drop it (select's own keywords are {RESERVED[1:]})", TypeError)
     B = T = None
     dims: dict = {}
+    dims_from: dict = {}           # dimension name -> the input that set its size
     heads = {"query": None, "key": None}
     dtype = device = None
     for s in sel.inputs:
@@ -140,8 +141,10 @@ def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk, check_inputs: bool =
                           "pass every input for the same tokens")
         for d, size in zip(s.shape, x.shape[x.dim() - n:]):
             if dims.setdefault(d, size) != size:
-                validate.fail(s.name, f"dimension {d} = {dims[d]} (as in the other inputs)", _desc(x),
-                              f"every input typed with {d!r} must have the same size there")
+                validate.fail(s.name, f"dimension {d} = {dims[d]} as in {dims_from[d]} {_desc(inputs[dims_from[d]])}",
+                              _desc(x), f"every input typed with {d!r} must have the same size there: one of "
+                              f"{dims_from[d]} and {s.name} is wrong")
+            dims_from.setdefault(d, s.name)
         if x.dim() == 3 + n:
             h = x.shape[2]
             if heads[s.side] not in (None, h):
