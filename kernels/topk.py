@@ -26,10 +26,12 @@ registers without a second read (spills: 3.67), two bits per search pass with th
 reduction (1.87 against 1.59 at the time), 8 or 32 warps (1.26, 1.20); counting with plain
 compares instead of PTX set.ge: 1.25.
 
-Rows longer than MAX_ROW (T = 131072) take two launches: each MAX_ROW segment keeps its own top-k
-(key, column) pairs in column order, then one program per row selects from the concatenated
-candidates. Exact: a key among the row's k best (score descending, column ascending) is among
-its segment's k best, and candidates stay in column order, so ties still go to the lower column.
+Rows longer than MAX_ROW (T = 131072) take rounds: each MAX_ROW segment keeps its own top-k
+(key, column) pairs in column order, until the concatenated candidates fit one program, which
+selects from them (two launches at T = 131072, top-2048; more for longer rows; topk at most
+MAX_ROW / 2 so that every round shrinks the row). Exact: a key among the row's k best (score
+descending, column ascending) is among its segment's k best, and candidates stay in column order,
+so ties still go to the lower column.
 """
 from __future__ import annotations
 
@@ -167,9 +169,10 @@ def _warps(row: int) -> int:
 
 
 def fits(W: int, topk: int, max_row: int | None = None) -> bool:
-    """Whether topk_rows takes rows of W scores: one segment, or segments whose candidates fit one."""
+    """Whether topk_rows takes rows of W scores: one segment, or topk at most half a segment, so
+    that each round of per-segment candidates is shorter than the row it came from."""
     max_row = MAX_ROW if max_row is None else max_row
-    return W <= max_row or triton.cdiv(W, max_row) * topk <= max_row
+    return W <= max_row or 2 * topk <= max_row
 
 
 def _check_layout(s, out, bblk, topk, max_row):
@@ -208,8 +211,8 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
     _check_layout(s, out, bblk, topk, max_row)
     HKV, nq, W = s.shape
     if not fits(W, topk, max_row):
-        raise ValueError(f"topk_rows: rows of W={W} scores with topk={topk}: the candidates of "
-                         f"{triton.cdiv(W, max_row)} segments exceed {max_row}. Fix: "
+        raise ValueError(f"topk_rows: rows of W={W} scores with topk={topk}: over {max_row} scores a row is "
+                         f"cut in segments, which needs topk <= {max_row // 2}. Fix: "
                          "SelectConfig(topk_impl='auto') (falls back to torch.topk there) or topk_impl='torch'")
     rows = HKV * nq
     if rows == 0:
@@ -222,14 +225,18 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
                                         BLOCK=block(row), KEYS_IN=False, FINAL=True, ASM=asm,
                                         num_warps=warps(row))
             return
-        n_seg = triton.cdiv(W, max_row)
-        keys = torch.empty((rows, n_seg, topk), dtype=torch.int32, device=s.device)
-        cols = torch.empty_like(keys)
-        topk_rows_kernel[(rows, n_seg)](s, s, keys, cols, bblk, c0, W, n_seg, nq, HKV, topk, ROW=max_row,
-                                        BLOCK=block(max_row), KEYS_IN=False, FINAL=False, ASM=asm,
-                                        num_warps=warps(max_row))
-        L = n_seg * topk
+        # rounds of per-segment candidates until one program holds them: each round keeps topk of every
+        # max_row entries (at most half), in column order
+        src, col, L, keys_in = s, s, W, False
+        while L > max_row:
+            n_seg = triton.cdiv(L, max_row)
+            keys = torch.empty((rows, n_seg, topk), dtype=torch.int32, device=s.device)
+            cols = torch.empty_like(keys)
+            topk_rows_kernel[(rows, n_seg)](src, col, keys, cols, bblk, c0, L, n_seg, nq, HKV, topk, ROW=max_row,
+                                            BLOCK=block(max_row), KEYS_IN=keys_in, FINAL=False, ASM=asm,
+                                            num_warps=warps(max_row))
+            src, col, L, keys_in = keys, cols, n_seg * topk, True
         row = max(32, triton.next_power_of_2(L))
-        topk_rows_kernel[(rows, 1)](keys, cols, out, out, bblk, c0, L, 1, nq, HKV, topk, ROW=row,
+        topk_rows_kernel[(rows, 1)](src, col, out, out, bblk, c0, L, 1, nq, HKV, topk, ROW=row,
                                     BLOCK=block(row), KEYS_IN=True, FINAL=True, ASM=asm,
                                     num_warps=warps(row))

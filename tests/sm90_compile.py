@@ -67,8 +67,8 @@ def topk():
                         {"ROW": row, "BLOCK": min(row, m.KEYS_PER_THREAD * 32 * m._warps(row)), "KEYS_IN": ki,
                          "FINAL": fin, "ASM": True},
                         options={"num_warps": m._warps(row)})
-            for row, ki, fin in ((m.MAX_ROW, False, True), (m.MAX_ROW, False, False), (8192, True, True),
-                                 (256, False, True))]
+            for row, ki, fin in ((m.MAX_ROW, False, True), (m.MAX_ROW, False, False), (m.MAX_ROW, True, False),
+                                 (8192, True, True), (256, False, True))]
 
 
 def scan():

@@ -219,8 +219,9 @@ def test_topk_rows_refuses_rows_that_do_not_fit():
     from unifattn.kernels.topk import MAX_ROW, fits, topk_rows
     out = torch.full((1, 1, 17), -7, dtype=torch.int32, device=DEVICE)
     bblk = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    assert not fits(33, 17, 32) and fits(33, 16, 32) and fits(32, 1000, 32)
-    with pytest.raises(ValueError, match=r"W=33 scores with topk=17.*2 segments exceed 32\. Fix: SelectConfig\(topk_impl='auto'\)"):
+    assert not fits(33, 17, 32) and fits(33, 16, 32) and fits(32, 1000, 32) and fits(10 ** 6, 16, 32)
+    with pytest.raises(ValueError, match=r"W=33 scores with topk=17: over 32 scores .* needs topk <= 16\. "
+                                         r"Fix: SelectConfig\(topk_impl='auto'\)"):
         topk_rows(torch.zeros(1, 1, 33, device=DEVICE), out, bblk, 0, 17, max_row=32)
     assert (out == -7).all()                                          # nothing written before the refusal
     W, k = MAX_ROW + 1, MAX_ROW // 2 + 1                              # at the default limit
@@ -374,3 +375,16 @@ def test_non_contiguous_out_is_refused_or_written_right():
     out = torch.full((3, 2, 4), -7, dtype=torch.int32, device=DEVICE)
     topk_rows(s.to(DEVICE), out, bblk, 0, 4)
     assert torch.equal(out.cpu(), brute(s, 4, 0, bblk))
+
+
+@pytest.mark.parametrize("W, topk", [(2000, 7), (1025, 16), (700, 1)])
+def test_many_rounds_of_segment_candidates(W, topk):
+    """Rows far longer than a segment (max_row=32): three to four rounds of per-segment candidates
+    before the last selection; integer scores tie across every segment edge, and one row holds
+    more +inf than topk spread over the segments (the lowest columns must win in every round)."""
+    g = torch.Generator().manual_seed(W)
+    s = torch.randint(-3, 4, (2, 2, W), generator=g).float()
+    s[0, 1, torch.randperm(W, generator=g)[:3 * topk + 1]] = INF
+    s[1, 0, W // 2:] = -INF
+    got, want = run_kernel(s, topk, c0=5, max_row=32)
+    assert torch.equal(got, want)

@@ -34,9 +34,10 @@ How: queries in tiles of `query_tile`; the generated Triton kernel scores a tile
 against its causal columns into an fp32 [HKV, tile, W] buffer (never T x T at
 once); kernels.topk keeps the best of each row in one Triton program (the k-th
 score found bit by bit in registers, the kept columns written in order; ties to
-the lower index). Rows too long for it (topk * ceil(W / 32768) > 32768) go to
-torch.topk, whose rows with a tied k-th score are redone with exact
-(score, -index) int64 keys, then a sort: the same result.
+the lower index; rows over 32768 scores in rounds of per-segment candidates).
+With rows over 32768 scores and topk > 16384 it goes to torch.topk, whose rows
+with a tied k-th score are redone with exact (score, -index) int64 keys, then a
+sort: the same result.
 Scores are computed in fp32 (fp64 inputs are cast), with bf16/fp16 inputs as
 tensor-core operands.
 """
