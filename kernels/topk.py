@@ -49,7 +49,7 @@ KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bit
 @triton.jit
 def _keys(src, o, m, KEYS_IN: tl.constexpr):
     """uint32 keys ordered like the fp32 scores at src + o; 0 where m is off."""
-    if KEYS_IN:                                                   # already keys (second launch)
+    if KEYS_IN:                                                   # already keys (a later round)
         b_i = tl.load(src + o, mask=m, other=0)
     else:
         b_i = tl.load(src + o, mask=m, other=0.).to(tl.int32, bitcast=True)

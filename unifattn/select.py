@@ -284,7 +284,6 @@ def _run_tiles(sel: Selector, p: _Prep, config, on_tile):
         t = t.to(ct).contiguous()
         inner = math.prod(t.shape[2:])
         x[name] = (t, t.shape[1] * inner, inner if t.shape[1] > 1 else 0)
-    last = p.q_bblk + p.q_pos // n                       # [rows] CPU: last column each query may keep
     wmax = max(((L + n - 1) // n for _, L in p.seqs), default=1)
     qt = cfg.query_tile or max(cfg.block_t, (cfg.max_tile_elems // (p.HKV * max(wmax, 1))) // cfg.block_t
                                * cfg.block_t)
@@ -292,7 +291,7 @@ def _run_tiles(sel: Selector, p: _Prep, config, on_tile):
     for q0 in range(0, rows, qt):
         q1 = min(rows, q0 + qt)
         c0 = int(p.q_bblk[q0])
-        W = int(last[q1 - 1]) + 1 - c0
+        W = int(p.q_bblk[q1 - 1]) + int(p.q_pos[q1 - 1]) // n + 1 - c0     # through the last row's last column
         o = empty((p.HKV, q1 - q0, W), torch.float32, p.device)
         mod.launch(x, o, p.dev_pos, p.dev_bblk, q0, c0, q1 - q0, W, p.HKV, p.G, p.dims, n, sel.n_sink, sel.n_local, prec,
                    cfg)
