@@ -97,6 +97,22 @@ def fla_fn(name):
     return None
 
 
+def fla_decode(name):
+    """fla's fused_recurrent step for gated_deltanet / kda: f(q, k, v, extra, state) updates state in place
+    (fla returns the final state: copied back, as a serving loop keeps it); a message if fla is missing."""
+    try:
+        if name == "kda":
+            from fla.ops.kda import fused_recurrent_kda as f_rec
+        else:
+            from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as f_rec
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {str(exc)[:60]}"
+
+    def step(q, k, v, e, S):
+        return f_rec(q, k, v, g=e["g"], beta=e["beta"], initial_state=S, output_final_state=True)
+    return step
+
+
 FIRST_CALL = """
 import sys, time, torch
 sys.path.insert(0, {here!r})

@@ -3,12 +3,14 @@
 joins a candidate list (kernels/chunk_intra.py, kernels/chunk_state.py), run it here on the H200.
 
     python benchmarks/diag_chunk_configs.py [--rules kda,linear_attention] [--stage state]
-        [--config '{"BV": 64}' 8 2 ...]
+        [--config '{"BV": 64}' 8 2 ...] [--jobs 8] [--time]
 
 For each rule and config: the forward at B=8 T=4096 H=16 K=V=128 bf16 with that config pinned on
 the stage (every other stage at its first config) against the same call with the default configs,
 and a B=1 T=1024 H=2 slice against the fp32 recurrent form. Prints 'ok' with both errors, or the
-last line of the crash. Defaults probe the state pass at BV=64 and BV=128 on 8 warps (no spills on
+last line of the crash. --jobs runs that many probes side by side (compiling is CPU work); --time
+then times the stage's kernel (torch.profiler, mean of 20 forwards) and the whole forward under each
+config that passed, one rule per process, configs in turn. Defaults probe the state pass at BV=64 and BV=128 on 8 warps (no spills on
 sm_90 per benchmarks/ptxas_report.py; BV=64 on 4 warps faulted on the H200 for the gate-free class).
 """
 import argparse
@@ -55,6 +57,27 @@ err_rec = max(((o3 - o2).abs().max() / o2.abs().max()).item(), ((S3 - S2).abs().
 print("ok: vs default configs %.2e (bf16, full shape); fp32 slice vs recurrent %.2e" % (err_default, err_rec))
 '''
 
+TIME = CODE[:CODE.index("r = ua.rules.BUILTIN[name]")] + r'''
+r = ua.rules.BUILTIN[name]
+q, k, v, e = inputs(8, 4096, 16, torch.bfloat16)
+kname = {"cumsum": "chunk_cumsum", "intra": "chunk_intra", "wu": "chunk_wu", "state": "chunk_state",
+         "output": "chunk_output"}[stage]
+fwd = lambda: ua.ops.linear_attention(r, q, k, v, form="chunk", check_inputs=False, **e)
+pin["on"] = True
+for c in json.loads(sys.argv[4]):
+    cfg[:] = c
+    fwd()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fwd()
+        torch.cuda.synchronize()
+    ms = sum(ev.device_time_total for ev in prof.events()
+             if ev.device_type == torch.autograd.DeviceType.CUDA and kname in ev.name) / 20 / 1e3
+    print(f"time {name:16s} {stage} {json.dumps(c):40s} kernel {ms:.4f} ms  forward "
+          f"{triton.testing.do_bench(fwd, warmup=25, rep=100):.4f} ms", flush=True)
+'''
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -62,18 +85,36 @@ def main():
     ap.add_argument("--stage", default="state", choices=["cumsum", "intra", "wu", "state", "output"])
     ap.add_argument("--config", nargs=3, action="append", metavar=("KWARGS", "WARPS", "STAGES"),
                     help="e.g. --config '{\"BV\": 64}' 8 1 (repeatable)")
+    ap.add_argument("--jobs", type=int, default=1, help="probes run side by side")
+    ap.add_argument("--time", action="store_true", help="then time the stage under each config that passed")
+    ap.add_argument("--time-rules", default=None, help="time only these rules (default: all probed)")
     a = ap.parse_args()
     configs = [(json.loads(kw), int(w), int(s)) for kw, w, s in a.config] if a.config else \
         [({"BV": 64}, 8, 1), ({"BV": 64}, 8, 2), ({"BV": 128}, 8, 1)]
-    for name in a.rules.split(","):
-        for cfg in configs:
-            try:
-                p = subprocess.run([sys.executable, "-c", CODE, name, a.stage, json.dumps(cfg)], capture_output=True,
-                                   cwd="/tmp", text=True, timeout=300)
-                last = (p.stdout + p.stderr).strip().splitlines()[-1:] or ["(no output)"]
-            except subprocess.TimeoutExpired:
-                last = ["timed out after 300 s"]
-            print(f"{name:16s} {a.stage} {cfg}: {last[0][:160]}", flush=True)
+
+    def probe(job):
+        name, cfg = job
+        try:
+            p = subprocess.run([sys.executable, "-c", CODE, name, a.stage, json.dumps(cfg)], capture_output=True,
+                               cwd="/tmp", text=True, timeout=300)
+            last = (p.stdout + p.stderr).strip().splitlines()[-1:] or ["(no output)"]
+        except subprocess.TimeoutExpired:
+            last = ["timed out after 300 s"]
+        print(f"{name:16s} {a.stage} {cfg}: {last[0][:160]}", flush=True)
+        return name, cfg, last[0].startswith("ok")
+
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [(name, cfg) for name in a.rules.split(",") for cfg in configs]
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        results = list(pool.map(probe, jobs))
+    if a.time:
+        for name in (a.time_rules or a.rules).split(","):
+            good = [cfg for n, cfg, ok in results if n == name and ok]
+            if good:
+                p = subprocess.run([sys.executable, "-c", TIME, name, a.stage, json.dumps(good[0]), json.dumps(good)],
+                                   capture_output=True, cwd="/tmp", text=True, timeout=600)
+                print("\n".join(line for line in p.stdout.splitlines() if line.startswith("time"))
+                      or (p.stdout + p.stderr)[-400:], flush=True)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ for part in $parts; do
                > /tmp/rules.$i.log 2>&1 &
            done; wait; cat /tmp/rules.?.log | tee "$LOG/rules.log"
            grep -h "cases match" /tmp/rules.?.log ;;
-    probe) timeout ${PROBE_S:-240} python3 benchmarks/diag_chunk_configs.py 2>&1 | tee "$LOG/probe.log" ;;
-    profile) timeout ${PROFILE_S:-130} python3 benchmarks/profile_linear.py 2>&1 | tee "$LOG/profile.log" ;;
+    probe) timeout ${PROBE_S:-240} python3 benchmarks/diag_chunk_configs.py ${PROBE_ARGS:-} 2>&1 | tee "$LOG/probe.log" ;;
+    profile) timeout ${PROFILE_S:-130} python3 benchmarks/profile_linear.py ${PROFILE_ARGS:-} 2>&1 | tee "$LOG/profile.log" ;;
     topk_tests) cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg && timeout ${TOPK_TESTS_S:-120} python3 -m pytest -q \
                   -p no:cacheprovider tests/test_selector.py -k "radix or two_launch or kth_search or property or tie") \
                   2>&1 | tail -n 15 | tee "$LOG/topk_tests.log" ;;

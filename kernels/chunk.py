@@ -319,8 +319,8 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
     plan = chunk_stages(gate, DELTA)
     order = tuple(plan) if stages is None else tuple(stages)
     _check_order(order, plan)
-    c = dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0, gc=None, Aqk=None, Ai=None, w=None, u=None, v_new=None,
-             h=None, ht=None, o=None)
+    c = dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0, gc=None, Aqk=None, Ai=None, w=None, u=None, kg=None,
+             v_new=None, h=None, ht=None, o=None)
     shape_key = (H, HV, K, V, BT, GATE, DELTA, str(q.dtype), cu_seqlens is not None)
     per_chunk = lambda kwargs: (NT_grid, NB * HV)  # noqa: E731 - one program per (chunk, head)
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T)
@@ -340,9 +340,11 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
     def wu():
         c["w"] = empty((B, T, HV, K), q.dtype, device)
         c["u"] = empty((B, T, HV, V), q.dtype, device)
+        # per-channel gate: the keys as the state pass adds them, gated once here (not per V block there)
+        c["kg"] = empty((B, T, HV, K), q.dtype, device) if GATE == 2 else None
         _launch("wu", chunk_intra.chunk_wu_kernel, chunk_intra.WU_CONFIGS, per_chunk, shape_key,
-                dict(k=k, v=v, gc=c["gc"], beta=beta, Ai=c["Ai"], w=c["w"], u=c["u"], **common, H=H, HV=HV, K=K,
-                     V=V, BT=BT, BK=BK, GATE=GATE, DOT_PREC=DOT_PREC), V, ("w", "u"), tune=tune)
+                dict(k=k, v=v, gc=c["gc"], beta=beta, Ai=c["Ai"], w=c["w"], u=c["u"], kg=c["kg"], **common, H=H,
+                     HV=HV, K=K, V=V, BT=BT, BK=BK, GATE=GATE, DOT_PREC=DOT_PREC), V, ("w", "u", "kg"), tune=tune)
 
     def state():
         # sequential pass over chunks: states entering each chunk, v~ for delta rules
@@ -351,10 +353,10 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
         c["ht"] = empty((N, HV, K, V), torch.float32, device) if output_final_state else None
         _launch("state", chunk_state.chunk_state_kernel, chunk_state.STATE_CONFIGS,
                 lambda kwargs: (cdiv(V, kwargs["BV"]), N * HV), shape_key + (h0 is None, c["ht"] is None),
-                dict(k=k, v=c["u"] if DELTA else v, w=c["w"], gc=c["gc"], h=c["h"], v_new=c["v_new"], h0=h0,
-                     ht=c["ht"], cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, T=T, H=H, HV=HV, K=K, V=V,
-                     BT=BT, BK=BK_STATE, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("h", "v_new", "ht"),
-                tune=tune)
+                dict(k=k if c["kg"] is None else c["kg"], v=c["u"] if DELTA else v, w=c["w"], gc=c["gc"], h=c["h"],
+                     v_new=c["v_new"], h0=h0, ht=c["ht"], cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets, T=T,
+                     H=H, HV=HV, K=K, V=V, BT=BT, BK=BK_STATE, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC,
+                     KG=c["kg"] is not None), V, ("h", "v_new", "ht"), tune=tune)
 
     def output():
         c["o"] = empty(v.shape, v.dtype, device)

@@ -578,12 +578,16 @@ def chunk_intra_kernel(
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def chunk_wu_kernel(
-    k, v, gc, beta, Ai, w, u, cu_seqlens, chunk_indices, T,
+    k, v, gc, beta, Ai, w, u, kg, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """w = Ai Diag(beta) (k * 2^G), u = Ai Diag(beta) v for one chunk. Grid (NT, B * HV)."""
+    """w = Ai Diag(beta) (k * 2^G), u = Ai Diag(beta) v for one chunk. Grid (NT, B * HV).
+
+    kg (per-channel gate; None otherwise) = k * 2^(G_C - G) [B, T, HV, K], the keys as the state
+    pass adds them (G_C: the gate at the chunk's last row): formed here, where k and G are loaded
+    anyway, once per chunk instead of once per V block of the state pass."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
@@ -607,6 +611,12 @@ def chunk_wu_kernel(
         b_k = tl.load(k + ((bos + o_t) * H + i_h)[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
         if GATE == 2:
             b_g = tl.load(gc + ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :], mask=m, other=0.)
+            if kg is not None:
+                o_last = tl.minimum(i_t * BT + BT, T) - 1
+                b_gl = tl.load(gc + ((bos + o_last) * HV + i_hv) * K + o_k, mask=o_k < K, other=0.)
+                b_kg = b_k * _exp2_masked(b_gl[None, :] - b_g, m)
+                tl.store(kg + ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :], b_kg.to(kg.dtype.element_ty),
+                         mask=m)
             b_k = b_k * tl.exp2(b_g)
         b_k = (b_k * b_b[:, None]).to(b_A.dtype)
         b_w = _dot(b_A, b_k, DOT_PREC)

@@ -44,6 +44,27 @@ OUTPUT_CONFIGS = [
 ]
 
 
+@triton.jit
+def _state_chunk_loads(k, v, w, gc, i_t, T, o_k, m_k, o_v, m_v, s_k, HV: tl.constexpr, K: tl.constexpr,
+                       V: tl.constexpr, BT: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
+                       KG: tl.constexpr):
+    """What chunk i_t feeds the state pass, none of it depending on the state: values [BT, BV] (u for
+    delta rules), w [BT, BK] (delta rules), keys transposed [BK, BT] (gated by the wu kernel when KG)
+    and the gate at the chunk's rows [BK, BT] (per-channel gate without KG). A chunk past the end
+    loads zeros (the prefetch of the last iteration)."""
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    b_v = tl.load(v + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+    b_w = b_v
+    if DELTA:
+        b_w = tl.load(w + o_t[:, None] * (HV * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_kt = tl.load(k + o_t[None, :] * s_k + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+    b_gt = b_kt
+    if GATE == 2 and not KG:
+        b_gt = tl.load(gc + o_t[None, :] * (HV * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+    return b_v, b_w, b_kt, b_gt
+
+
 @triton.heuristics({
     "USE_INITIAL_STATE": lambda a: a["h0"] is not None,
     "STORE_FINAL_STATE": lambda a: a["ht"] is not None,
@@ -55,11 +76,14 @@ def chunk_state_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, KG: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     """States entering each chunk (and v~ for delta rules). Grid (cdiv(V, BV), N * HV).
 
     v is u for delta rules. BK >= K: the whole key dimension of the state is one block.
+    KG: k is already k * 2^(G_C - G), [B, T, HV, K] (the wu kernel's kg, per-channel delta rules).
+    PREFETCH: the loads of chunk i + 1 are issued before chunk i's dots, by hand (one stage, no
+    pipeliner), so their latency hides behind the sequential part.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -81,7 +105,12 @@ def chunk_state_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     o_kv = o_k[:, None] * V + o_v[None, :]
     # move pointers to row 0 of this sequence / head
-    k += bos * H * K + i_h * K
+    if KG:
+        k += bos * HV * K + i_hv * K
+        s_k = HV * K
+    else:
+        k += bos * H * K + i_h * K
+        s_k = H * K
     v += bos * HV * V + i_hv * V
     h += (boh * HV + i_hv) * K * V
     if DELTA:
@@ -97,22 +126,28 @@ def chunk_state_kernel(
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.)
 
+    if PREFETCH:
+        b_vn, b_wn, b_ktn, b_gtn = _state_chunk_loads(k, v, w, gc, 0, T, o_k, m_k, o_v, m_v, s_k, HV, K, V, BT,
+                                                      GATE, DELTA, KG)
     for i_t in range(NT):
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         m_tv = m_t[:, None] & m_v[None, :]
+        if PREFETCH:
+            b_v, b_w, b_kt, b_gt = b_vn, b_wn, b_ktn, b_gtn
+            b_vn, b_wn, b_ktn, b_gtn = _state_chunk_loads(k, v, w, gc, i_t + 1, T, o_k, m_k, o_v, m_v, s_k, HV, K,
+                                                          V, BT, GATE, DELTA, KG)
+        else:
+            b_v, b_w, b_kt, b_gt = _state_chunk_loads(k, v, w, gc, i_t, T, o_k, m_k, o_v, m_v, s_k, HV, K, V, BT,
+                                                      GATE, DELTA, KG)
         tl.store(h + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         h += HV * K * V  # pointer arithmetic is 64-bit: no int32 overflow over long sequences
         # [BT, BV] values written into the state by this chunk
-        b_v = tl.load(v + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        b_v = b_v.to(tl.float32)
         if DELTA:
             # v~ = u - w S: what the keys do not already recall
-            # [BT, BK]
-            b_w = tl.load(w + o_t[:, None] * (HV * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
             b_v -= _dot(b_w, b_h.to(b_w.dtype), DOT_PREC)
             tl.store(v_new + o_t[:, None] * (HV * V) + o_v[None, :], b_v.to(v_new.dtype.element_ty), mask=m_tv)
-        # [BK, BT] keys, transposed on load
-        b_kt = tl.load(k + o_t[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
         o_last = tl.minimum(i_t * BT + BT, T) - 1
         if GATE == 1:
             b_gl = tl.load(gc + o_last * HV)
@@ -122,9 +157,9 @@ def chunk_state_kernel(
         elif GATE == 2:
             # [BK]
             b_gl = tl.load(gc + o_last * (HV * K) + o_k, mask=m_k, other=0.)
-            # [BK, BT]
-            b_gt = tl.load(gc + o_t[None, :] * (HV * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
-            b_kt = (b_kt.to(tl.float32) * _exp2_masked(b_gl[:, None] - b_gt, m_t[None, :])).to(k.dtype.element_ty)
+            if not KG:
+                # [BK, BT]
+                b_kt = (b_kt.to(tl.float32) * _exp2_masked(b_gl[:, None] - b_gt, m_t[None, :])).to(k.dtype.element_ty)
             b_h *= tl.exp2(b_gl)[:, None]
         b_h += _dot(b_kt, b_v.to(b_kt.dtype), DOT_PREC)
 
