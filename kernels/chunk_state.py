@@ -35,6 +35,10 @@ STATE_CONFIGS = [
     # rejects a config whose states differ, as two did for the gate-free class on the H200)
     triton.Config({"BV": 32}, num_warps=8, num_stages=1),
     triton.Config({"BV": 32}, num_warps=8, num_stages=2),
+    # the next chunk's loads issued by hand before this chunk's dots: probed on the H200 for every class
+    # (2026-11-29, benchmarks/diag_chunk_configs.py: bf16 B=8 T=4096 H=16 against the fp32 recurrent form);
+    # the same at BV=32 on 8 warps gave wrong outputs for the three delta classes, so it is not listed
+    triton.Config({"BV": 64, "PREFETCH": True}, num_warps=8, num_stages=1),
 ]
 OUTPUT_CONFIGS = [
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
@@ -137,17 +141,24 @@ def chunk_state_kernel(
             b_v, b_w, b_kt, b_gt = b_vn, b_wn, b_ktn, b_gtn
             b_vn, b_wn, b_ktn, b_gtn = _state_chunk_loads(k, v, w, gc, i_t + 1, T, o_k, m_k, o_v, m_v, s_k, HV, K,
                                                           V, BT, GATE, DELTA, KG)
-        else:
-            b_v, b_w, b_kt, b_gt = _state_chunk_loads(k, v, w, gc, i_t, T, o_k, m_k, o_v, m_v, s_k, HV, K, V, BT,
-                                                      GATE, DELTA, KG)
         tl.store(h + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
         h += HV * K * V  # pointer arithmetic is 64-bit: no int32 overflow over long sequences
         # [BT, BV] values written into the state by this chunk
+        if not PREFETCH:
+            # loads in this order, after the store (a reordering of them miscompiled for delta rules in
+            # bf16 on the H200 under Triton 3.6: outputs changed from run to run)
+            b_v = tl.load(v + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_tv, other=0.)
         b_v = b_v.to(tl.float32)
         if DELTA:
             # v~ = u - w S: what the keys do not already recall
+            if not PREFETCH:
+                # [BT, BK]
+                b_w = tl.load(w + o_t[:, None] * (HV * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
             b_v -= _dot(b_w, b_h.to(b_w.dtype), DOT_PREC)
             tl.store(v_new + o_t[:, None] * (HV * V) + o_v[None, :], b_v.to(v_new.dtype.element_ty), mask=m_tv)
+        if not PREFETCH:
+            # [BK, BT] keys, transposed on load
+            b_kt = tl.load(k + o_t[None, :] * s_k + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
         o_last = tl.minimum(i_t * BT + BT, T) - 1
         if GATE == 1:
             b_gl = tl.load(gc + o_last * HV)
@@ -158,7 +169,10 @@ def chunk_state_kernel(
             # [BK]
             b_gl = tl.load(gc + o_last * (HV * K) + o_k, mask=m_k, other=0.)
             if not KG:
-                # [BK, BT]
+                if not PREFETCH:
+                    # [BK, BT]
+                    b_gt = tl.load(gc + o_t[None, :] * (HV * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                                   other=0.)
                 b_kt = (b_kt.to(tl.float32) * _exp2_masked(b_gl[:, None] - b_gt, m_t[None, :])).to(k.dtype.element_ty)
             b_h *= tl.exp2(b_gl)[:, None]
         b_h += _dot(b_kt, b_v.to(b_kt.dtype), DOT_PREC)
