@@ -280,49 +280,66 @@ def main():
         if not isinstance(t_fla, float) and t_fla:
             print(f"{'':18s}   fla: {t_fla}")
     print(f"{'SDPA causal':18s} {t_sdpa:8.3f}")
-    dec, Bd = print_decode
-    print(f"\ndecode step B={Bd} H={H} K=V={K} (state fp32 read + written)")
-    for name, t, gbs, t_f, t_op in dec:
-        fs = f"fla fused_recurrent {t_f:.4f} ms" if isinstance(t_f, float) else f"fla: {t_f}"
-        print(f"  {name:18s} kernel {t:.4f} ms  {gbs:.2f} TB/s effective; op {t_op[0]:.4f} ms, "
-              f"unchecked {t_op[1]:.4f} ms; {fs}")
+    dec, Bd, gb = print_decode
+    print(f"\ndecode step B={Bd} H={H} K=V={K} (state fp32 read + written: {gb * 1e3:.1f} MB; graph = CUDA-graph "
+          "replay, the GPU time of a step; loop = launch loop, bound by the host's launch cost at this size)")
+    for row in dec:
+        print(f"  {row['name']:16s} {_decode_line(row, gb)}")
+
+
+def graph_bench(fn):
+    """ms per call replayed from a CUDA graph: the GPU time of a step as a serving loop runs it (captured
+    once), free of the host's launch cost, which a launch loop measures instead when a kernel is this
+    short; None if fn cannot be captured."""
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench_cudagraph(fn, rep=100)
+    except Exception as exc:  # noqa: BLE001
+        print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc)[:100]})", flush=True)
+        return None
 
 
 def _decode(H, K, V, dtype, dev):
-    # decode: one token, B=16, state updated in place
+    """One token, B=16, state updated in place: ours (the op, checked and not, and its kernel launch alone)
+    and fla's fused_recurrent, each from a launch loop and from CUDA-graph replay."""
     Bd = 16
     dec = []
     for name in ("gated_deltanet", "kda"):
         r = ua.rules.BUILTIN[name]
         q, k, v, e = inputs(name, Bd, 1, H, K, V, dtype, dev)
         S = torch.zeros(Bd, H, K, V, device=dev)
+
         def op(check):
             return lambda: ua.ops.linear_attention(r, q, k, v, initial_state=S, form="recurrent", inplace_state=True,
                                                    check_inputs=check, **e)
-        t_op = (bench(op(True)), bench(op(False)))
         mod = codegen.module(r, "recurrent")
         x = {"q": q, "k": k, "v": v, **e}
         heads = {n: x[n].shape[2] for n in ("q", "k", "v", *e) if x[n].dim() >= 3}
         o = torch.empty_like(v)
-        t = bench(lambda: mod.launch(x, heads, o, S, S, None, K ** -0.5, Bd, 1, H, K, V, 16, 2))  # the op's launch
-        t_f = None
-        try:
-            if name == "kda":
-                from fla.ops.kda import fused_recurrent_kda as f_rec
-            else:
-                from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as f_rec
+        kernel = lambda: mod.launch(x, heads, o, S, S, None, K ** -0.5, Bd, 1, H, K, V, 16, 2)  # noqa: E731 - the op's
+        f = fla_decode(name)
+        if callable(f):
             S_f = S.clone()
-            t_f = bench(lambda: f_rec(q, k, v, g=e["g"], beta=e["beta"], initial_state=S_f, output_final_state=True))
-        except Exception as exc:  # noqa: BLE001
-            t_f = f"{type(exc).__name__}: {str(exc)[:60]}"
-        dec.append((name, t, 2 * S.numel() * 4 / t / 1e9, t_f, t_op))
+            fla = lambda: f(q, k, v, e, S_f)  # noqa: E731
+            t_f = (bench(fla), graph_bench(fla))
+        else:
+            t_f = f
+        row = dict(name=name, op=bench(op(True)), unchecked=bench(op(False)), unchecked_graph=graph_bench(op(False)),
+                   kernel=bench(kernel), kernel_graph=graph_bench(kernel), fla=t_f)
+        dec.append(row)
+        print(f"  decode {name:16s} B={Bd} {_decode_line(row, S.numel() * 8 / 1e9)}", flush=True)
+    return dec, Bd, 2 * Bd * H * K * V * 4 / 1e9
 
-    for name, t, gbs, t_f, t_op in dec:
-        fs = f"fla fused_recurrent {t_f:.4f} ms" if isinstance(t_f, float) else f"fla: {t_f}"
-        print(f"  decode {name:16s} B={Bd} kernel {t:.4f} ms ({gbs:.2f} TB/s effective), op {t_op[0]:.4f} ms, "
-              f"unchecked {t_op[1]:.4f} ms; {fs}",
-              flush=True)
-    return dec, Bd
+
+def _decode_line(row, gb):
+    g = lambda t: "n/a" if t is None else f"{t * 1e3:.1f} us = {gb / t:.2f} TB/s"  # noqa: E731
+    fla = row["fla"]
+    fs = (f"fla fused_recurrent loop {fla[0] * 1e3:.1f} us, graph {g(fla[1])}" if isinstance(fla, tuple)
+          else f"fla: {fla}")
+    return (f"graph: kernel {g(row['kernel_graph'])}, op unchecked {g(row['unchecked_graph'])}; loop: kernel "
+            f"{row['kernel'] * 1e3:.1f} us, op {row['op'] * 1e3:.1f} us checked, {row['unchecked'] * 1e3:.1f} "
+            f"unchecked; {fs}")
 
 
 if __name__ == "__main__":

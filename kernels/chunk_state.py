@@ -69,6 +69,78 @@ def _state_chunk_loads(k, v, w, gc, i_t, T, o_k, m_k, o_v, m_v, s_k, HV: tl.cons
     return b_v, b_w, b_kt, b_gt
 
 
+@triton.jit
+def _state_half_rows(b_h, h, o_k, m_k, o_v, m_v, V: tl.constexpr):
+    tl.store(h + o_k[:, None] * V + o_v[None, :], b_h.to(h.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _state_half_keys(k, gc, b_gl, o_t, m_t, o_k, m_k, s_k, HV: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr,
+                     KG: tl.constexpr):
+    """[BKH, BT] keys of one half, transposed on load, gated as the state adds them."""
+    b_kt = tl.load(k + o_t[None, :] * s_k + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+    if GATE == 2 and not KG:
+        b_gt = tl.load(gc + o_t[None, :] * (HV * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        b_kt = (b_kt.to(tl.float32) * _exp2_masked(b_gl[:, None] - b_gt, m_t[None, :])).to(b_kt.dtype)
+    return b_kt
+
+
+@triton.jit
+def _state_pass_split(k, v, w, gc, h, v_new, h0, ht, i_nh, T, NT, s_k, o_v, m_v,
+                      HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKH: tl.constexpr,
+                      BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+                      STORE_FINAL_STATE: tl.constexpr, DOT_PREC: tl.constexpr, KG: tl.constexpr):
+    """The state pass of chunk_state_kernel with the state as two halves of BKH key rows (pointers already at
+    this sequence and head): the same arithmetic, each dot split along the key dimension."""
+    o_k1 = tl.arange(0, BKH)
+    o_k2 = BKH + tl.arange(0, BKH)
+    m_k1, m_k2 = o_k1 < K, o_k2 < K
+    b_h1 = tl.zeros([BKH, BV], dtype=tl.float32)
+    b_h2 = tl.zeros([BKH, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        p_h0 = h0 + i_nh.to(tl.int64) * K * V
+        b_h1 += tl.load(p_h0 + o_k1[:, None] * V + o_v[None, :], mask=m_k1[:, None] & m_v[None, :], other=0.)
+        b_h2 += tl.load(p_h0 + o_k2[:, None] * V + o_v[None, :], mask=m_k2[:, None] & m_v[None, :], other=0.)
+    for i_t in range(NT):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        m_tv = m_t[:, None] & m_v[None, :]
+        _state_half_rows(b_h1, h, o_k1, m_k1, o_v, m_v, V)
+        _state_half_rows(b_h2, h, o_k2, m_k2, o_v, m_v, V)
+        h += HV * K * V
+        # [BT, BV]
+        b_v = tl.load(v + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
+        if DELTA:
+            # v~ = u - w S, one half of the key dimension at a time
+            b_w1 = tl.load(w + o_t[:, None] * (HV * K) + o_k1[None, :], mask=m_t[:, None] & m_k1[None, :], other=0.)
+            b_v -= _dot(b_w1, b_h1.to(b_w1.dtype), DOT_PREC)
+            b_w2 = tl.load(w + o_t[:, None] * (HV * K) + o_k2[None, :], mask=m_t[:, None] & m_k2[None, :], other=0.)
+            b_v -= _dot(b_w2, b_h2.to(b_w2.dtype), DOT_PREC)
+            tl.store(v_new + o_t[:, None] * (HV * V) + o_v[None, :], b_v.to(v_new.dtype.element_ty), mask=m_tv)
+        o_last = tl.minimum(i_t * BT + BT, T) - 1
+        b_gl1 = tl.zeros([BKH], dtype=tl.float32)
+        b_gl2 = tl.zeros([BKH], dtype=tl.float32)
+        if GATE == 1:
+            b_gl = tl.load(gc + o_last * HV)
+            b_g = tl.load(gc + o_t * HV, mask=m_t, other=0.)
+            b_v *= _exp2_masked(b_gl - b_g, m_t)[:, None]
+            b_h1 *= tl.exp2(b_gl)
+            b_h2 *= tl.exp2(b_gl)
+        elif GATE == 2:
+            b_gl1 = tl.load(gc + o_last * (HV * K) + o_k1, mask=m_k1, other=0.)
+            b_gl2 = tl.load(gc + o_last * (HV * K) + o_k2, mask=m_k2, other=0.)
+            b_h1 *= tl.exp2(b_gl1)[:, None]
+            b_h2 *= tl.exp2(b_gl2)[:, None]
+        b_kt1 = _state_half_keys(k, gc, b_gl1, o_t, m_t, o_k1, m_k1, s_k, HV, K, GATE, KG)
+        b_h1 += _dot(b_kt1, b_v.to(b_kt1.dtype), DOT_PREC)
+        b_kt2 = _state_half_keys(k, gc, b_gl2, o_t, m_t, o_k2, m_k2, s_k, HV, K, GATE, KG)
+        b_h2 += _dot(b_kt2, b_v.to(b_kt2.dtype), DOT_PREC)
+    if STORE_FINAL_STATE:
+        p_ht = ht + i_nh.to(tl.int64) * K * V
+        tl.store(p_ht + o_k1[:, None] * V + o_v[None, :], b_h1, mask=m_k1[:, None] & m_v[None, :])
+        tl.store(p_ht + o_k2[:, None] * V + o_v[None, :], b_h2, mask=m_k2[:, None] & m_v[None, :])
+
+
 @triton.heuristics({
     "USE_INITIAL_STATE": lambda a: a["h0"] is not None,
     "STORE_FINAL_STATE": lambda a: a["ht"] is not None,
@@ -81,6 +153,7 @@ def chunk_state_kernel(
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr, KG: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    KSPLIT: tl.constexpr = False,
 ):
     """States entering each chunk (and v~ for delta rules). Grid (cdiv(V, BV), N * HV).
 
@@ -88,6 +161,8 @@ def chunk_state_kernel(
     KG: k is already k * 2^(G_C - G), [B, T, HV, K] (the wu kernel's kg, per-channel delta rules).
     PREFETCH: the loads of chunk i + 1 are issued before chunk i's dots, by hand (one stage, no
     pipeliner), so their latency hides behind the sequential part.
+    KSPLIT: the state is held as two [BK / 2, BV] halves of the key dimension, each its own pair of
+    dots (_state_pass_split), as fla's state pass holds it (BK >= 32; smaller runs whole).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -125,6 +200,10 @@ def chunk_state_kernel(
     elif GATE == 2:
         gc += bos * HV * K + i_hv * K
 
+    if KSPLIT and BK >= 32:          # halves of at least 16 rows: tl.dot's smallest inner dimension
+        _state_pass_split(k, v, w, gc, h, v_new, h0, ht, i_nh, T, NT, s_k, o_v, m_v, HV, K, V, BT, BK // 2, BV,
+                          GATE, DELTA, USE_INITIAL_STATE, STORE_FINAL_STATE, DOT_PREC, KG)
+        return
     # [BK, BV] fp32 state
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
