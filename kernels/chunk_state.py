@@ -29,14 +29,25 @@ from .chunk_intra import _chunk_bounds, _dot, _exp2_masked
 # gave wrong states (relative error 0.27-0.32); output (BV=32, warps 4, stages 1) raised an
 # illegal memory access. ALGORITHMS.md 6b: Hopper miscompiles; only configs that passed stay.
 STATE_CONFIGS = [
+    # The state as two key halves (KSPLIT), pipelined by Triton: H200, Triton 3.6, B=8 T=4096 H=16 K=V=128
+    # bf16, state kernel alone (benchmarks/diag_chunk_configs.py --time, 2026-11-29): gated_deltanet 0.221 ms
+    # at (BV=64, 4 warps, 2 stages) against 0.337 for the best whole-state config (BV=32, 8 warps, 2 stages)
+    # and fla's 0.210; kda 0.248 against 0.370 (fla 0.298). Every KSPLIT config here was probed for all six
+    # classes at that shape against the fp32 recurrent form (no faults, same error as the whole-state pass).
+    triton.Config({"BV": 64, "KSPLIT": True}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 32, "KSPLIT": True}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 32, "KSPLIT": True}, num_warps=4, num_stages=3),
+    triton.Config({"BV": 64, "KSPLIT": True}, num_warps=8, num_stages=2),
+    # The whole state in one tile. Admitted after a sweep on the H200 (Triton 3.6, benchmarks/diag_chunk_configs.py):
+    # for gate 'none' without delta, (BV=64, warps 4/8, stages 2) raised illegal memory accesses and
+    # (BV=32, warps 2, stages 2) / (BV=32, warps 4, stages 3) gave wrong states (relative error 0.27-0.32);
+    # ALGORITHMS.md 6b: Hopper miscompiles; only configs that passed stay.
     triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     # ptxas on sm_90 (benchmarks/ptxas_report.py, K=V=128): the first spills 72-432 B for every gated or
-    # delta class; 8 warps holds the same tile without spills. Untimed: the tuner decides (and its probe
-    # rejects a config whose states differ, as two did for the gate-free class on the H200)
+    # delta class; 8 warps holds the same tile without spills.
     triton.Config({"BV": 32}, num_warps=8, num_stages=1),
     triton.Config({"BV": 32}, num_warps=8, num_stages=2),
-    # the next chunk's loads issued by hand before this chunk's dots: probed on the H200 for every class
-    # (2026-11-29, benchmarks/diag_chunk_configs.py: bf16 B=8 T=4096 H=16 against the fp32 recurrent form);
+    # the next chunk's loads issued by hand before this chunk's dots: probed on the H200 for every class;
     # the same at BV=32 on 8 warps gave wrong outputs for the three delta classes, so it is not listed
     triton.Config({"BV": 64, "PREFETCH": True}, num_warps=8, num_stages=1),
 ]
