@@ -42,10 +42,14 @@ INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2),
                  triton.Config({"OFFDIAG": "fused"}, num_warps=4), triton.Config({"OFFDIAG": "fused"}, num_warps=2),
                  triton.Config({"OFFDIAG": "fused"}, num_warps=1), triton.Config({"OFFDIAG": "fused"}, num_warps=8),
                  triton.Config({"OFFDIAG": "fused", "BK": 32}, num_warps=4),
-                 triton.Config({"OFFDIAG": "fused", "BK": 32}, num_warps=8)]
+                 triton.Config({"OFFDIAG": "fused", "BK": 32}, num_warps=8),
+                 triton.Config({"OFFDIAG": "fused", "BK": 16}, num_warps=4),
+                 triton.Config({"OFFDIAG": "fused", "BK": 16}, num_warps=2)]
 # ptxas on sm_90 (benchmarks/ptxas_report.py, K=128): with BK=64 the fused variant spills 0.8-3.9 KB per
 # thread on 1-4 warps for the per-channel-gate classes (1 KB on 8 warps for kda); BK=32 halves the
-# tiles it holds. The tuner times them; the first config stays the untuned default.
+# tiles it holds. The tuner times them; the first config stays the untuned default. kda's tuned choice on
+# the H200 (fused, BK=64, 2 warps) spills 1.9 KB; fused at BK=16 holds the diagonal_delta and diagonal
+# classes with 0 B spilled on 4 warps (164 B on 2).
 WU_CONFIGS = [
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
     triton.Config({"BV": 64}, num_warps=4, num_stages=3),

@@ -179,9 +179,10 @@ def test_fused_offdiagonal_intra_variant(cls, dtype, monkeypatch):
     from unifattn.kernels import chunk_intra
     fused = [c for c in chunk_intra.INTRA_CONFIGS if c.kwargs.get("OFFDIAG") == "fused"]
     small_bk = [c for c in fused if c.kwargs.get("BK") == 32]
-    assert fused and small_bk, "the candidate list lost its fused variants"
+    bk16 = [c for c in fused if c.kwargs.get("BK") == 16]
+    assert fused and small_bk and bk16, "the candidate list lost its fused variants"
     scale = 32 ** -0.5
-    for cfg in (fused[0], small_bk[0]):        # BK from the call (64), and from the config (32)
+    for cfg in (fused[0], small_bk[0], bk16[0]):    # BK from the call (64), and from the config (32, 16)
         monkeypatch.setattr(chunk_intra, "INTRA_CONFIGS", [cfg])
         monkeypatch.setattr(chunk_module, "_TUNED", {})
         check(make_inputs(cls, B=2, T=150, K=32, V=16, HV=2), dtype=dtype, scale=scale)
