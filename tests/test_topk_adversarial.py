@@ -260,12 +260,12 @@ def test_select_auto_falls_back_to_torch_when_fits_is_false(monkeypatch):
     monkeypatch.setattr(kt, "topk_rows", spy)
     with poisoned():
         idx = select(_dot6, config=SelectConfig(topk_impl="auto", query_tile=7), **x)
-    assert torch.equal(idx.cpu(), ref) and spy.calls == 5                 # kernel on every tile
+    assert torch.equal(idx.cpu(), ref.cpu()) and spy.calls == 5                 # kernel on every tile
     monkeypatch.setattr(kt, "fits", lambda W, topk, max_row=kt.MAX_ROW: False)
     spy.calls = 0
     with poisoned():
         idx = select(_dot6, config=SelectConfig(topk_impl="auto", query_tile=7), **x)
-    assert torch.equal(idx.cpu(), ref) and spy.calls == 0                 # torch on every tile
+    assert torch.equal(idx.cpu(), ref.cpu()) and spy.calls == 0                 # torch on every tile
     with pytest.raises(ValueError, match=r"Fix: SelectConfig\(topk_impl='auto'\)"):
         select(_dot6, config=SelectConfig(topk_impl="kernel", query_tile=7), **x)
 
