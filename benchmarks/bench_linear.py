@@ -11,30 +11,28 @@
 4. the decode step (T = 1, state updated in place) at B = 16.
 
 Measured 2026-11-29 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), B=8 T=4096 H=16
-K=V=128 bf16, one cold run (session 7, call 2: the call's time limit stopped it while fla's first
-gated_deltanet and kda calls autotuned; a run of the previous session measured fla at 0.842 and
-1.809 ms there). Configs chosen by the tuner: state pass BV=32 on 8 warps everywhere; intra
-one-pass ("fused") for gla (BK=32, 4 warps), deltanet and gated_deltanet (1 warp), kda (2 warps):
+K=V=128 bf16, all six rules in one run (session 9, call 6). Tuned configs: state pass two key halves
+(KSPLIT) everywhere (BV=64 on 4 warps, 2 stages, for the delta rules; BV=64 on 8 warps for simple_gla
+and gla; BV=32 on 4 warps for linear_attention); intra one-pass ("fused").
 
     rule               op ms   unchecked   core ms   fla ms   fla/core   first call
-    linear_attention   0.569     0.365      0.365     0.369     1.01        6.5 s
-    simple_gla         0.656     0.403      0.405     0.825     2.04        5.1 s
-    gla                1.562     1.207      1.206     1.367     1.13        8.3 s
-    deltanet           1.081     0.873      0.873     1.003     1.15        9.8 s
-    gated_deltanet     1.373     0.941      0.939       -      (0.90)      11.7 s
-    kda                2.836     2.292      2.292       -      (0.79)      13.6 s
-    SDPA causal fwd    0.971
-    decode B=16 (kernel, state in place): gated_deltanet 16.4 us = 2.05 TB/s, kda 16.9 us = 1.99 TB/s
-    effective (target 2.5); fla fused_recurrent op 74 / 48 us; our op 0.39 / 0.41 ms checked,
-    0.10 / 0.09 ms unchecked (the checked op then launched one input scan per tensor; now one).
-    fla simple_gla measured 0.411 ms in the previous session's run: its 0.825 here is fla's own
-    autotuning outcome, not a change of ours.
+    linear_attention   0.744     0.362      0.363     0.371     1.02        5.4 s
+    simple_gla         0.797     0.393      0.395     0.413     1.04        5.1 s
+    gla                1.493     1.070      1.071     1.361     1.27        9.0 s
+    deltanet           1.074     0.777      0.777     1.008     1.30        7.4 s
+    gated_deltanet     1.180     0.827      0.829     0.843     1.02        8.6 s
+    kda                2.395     1.967      1.967     1.806     0.92       10.7 s
+    SDPA causal fwd    1.002
+    decode B=16, fp32 state in place, CUDA-graph replay: gated_deltanet kernel 8.5 us = 3.93 TB/s
+    (op unchecked 8.6 us), kda 8.8 us = 3.83 TB/s; fla fused_recurrent 12.0 / 10.7 us. From a launch
+    loop: kernel 17.0 / 16.3 us, op 61.8 / 32.9 us unchecked (host-bound), fla 40.1 / 46.3 us.
 Checks in the same run: chunk vs fp32 reference 3.5e-7 to 6.8e-7, chunk vs recurrent (fp32, full
-shape) 6.3e-7 to 8.8e-7, bf16 chunk vs fp32 recurrent 4.6e-3 to 8.3e-3 (max error / max |ref|),
-default and tuned configs.
-Per kernel (benchmarks/profile_linear.py, before the one-pass intra variants): kda intra 1.60 ms,
-state 0.72, output 0.25, wu 0.21, cumsum 0.13; the delta-rule state pass is ~0.51 ms at BV=32
-(w and k re-read per V block; BV=64 faulted on Hopper for the gate-free class).
+shape) 6.3e-7 to 8.8e-7, bf16 chunk vs fp32 recurrent 4.6e-3 to 8.3e-3 (max error / max |ref|).
+A later run (call 8) with the fused intra pass at BK=16 among the candidates (kda picked it on 2
+warps): kda unchecked op 1.819 ms against fla chunk_kda 1.813 ms in the same process (0.996).
+Per kernel (benchmarks/profile_linear.py --fla, before KSPLIT and kg): gated_deltanet state 0.334 ms
+against fla's 0.210 (output 0.225 / 0.251, intra 0.205 / kkt+solve 0.191, wu 0.160 / 0.155); kda
+intra 1.06-1.19 against fla's token-parallel + inter-solve 0.401 + 0.392, state 0.613 / 0.298.
 """
 from __future__ import annotations
 
