@@ -100,6 +100,23 @@ def intra():
     return ok
 
 
+def state():
+    """The three paths of the state pass (whole, two key halves, hand prefetch), with and without kg."""
+    from unifattn.kernels import chunk_state as m
+    ok = []
+    for gate, delta in ((1, True), (2, True), (2, False)):
+        kg = gate == 2 and delta
+        for variant in ({}, {"KSPLIT": True}, {"PREFETCH": True}):
+            ptr = {"k": "*bf16", "v": "*bf16", "w": "*bf16" if delta else None, "gc": "*fp32" if gate else None,
+                   "h": "*bf16", "v_new": "*bf16" if delta else None, "h0": "*fp32", "ht": "*fp32",
+                   "cu_seqlens": "*i32", "chunk_offsets": "*i32"}
+            const = dict(H=4, HV=8, K=128, V=128, BT=64, BK=128, BV=64, GATE=gate, DELTA=delta, USE_INITIAL_STATE=True,
+                         STORE_FINAL_STATE=True, IS_VARLEN=True, DOT_PREC="tf32", KG=kg, **variant)
+            ok.append(compile_one(f"chunk_state_kernel gate={gate} delta={delta} kg={kg} {variant or 'whole'}",
+                                  m.chunk_state_kernel, ptr, const, options=dict(num_warps=4, num_stages=2)))
+    return ok
+
+
 def recurrent():
     """The generated recurrent kernel of every built-in rule (retnet, mamba2, dplr, ... included)."""
     import importlib.util
@@ -184,7 +201,7 @@ def select():
     return ok
 
 
-PARTS = {"topk": topk, "scan": scan, "intra": intra, "recurrent": recurrent, "prep": prep, "sparse": sparse, "select": select}
+PARTS = {"topk": topk, "scan": scan, "intra": intra, "state": state, "recurrent": recurrent, "prep": prep, "sparse": sparse, "select": select}
 
 
 def main():
