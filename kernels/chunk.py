@@ -13,7 +13,7 @@ flags GATE and DELTA:
 
     chunk_cumsum_kernel   gated classes      G = chunk-local cumsum of g (fp32, log2 units)
     chunk_intra_kernel    delta or diagonal  Aqk (diagonal gate), Ai = (I + Akk)^-1 (delta)
-    chunk_wu_kernel       delta              w, u (WY factors)
+    chunk_wu_kernel       delta              w, u (WY factors); kg = k 2^(G_C - G) (diagonal gate)
     chunk_state_kernel    all                state entering each chunk, v~ = u - w S (delta)
     chunk_output_kernel   all                o
 
