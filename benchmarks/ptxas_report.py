@@ -91,7 +91,8 @@ def main():
                 "h": "*bf16", "v_new": "*bf16" if delta else None, "h0": None, "ht": None, "cu_seqlens": None,
                 "chunk_offsets": None},
                dict(H=16, HV=16, K=128, V=128, BT=64, BK=128, GATE=gate, DELTA=delta, USE_INITIAL_STATE=False,
-                    STORE_FINAL_STATE=False, IS_VARLEN=False, DOT_PREC="tf32"), chunk_state.STATE_CONFIGS)
+                    STORE_FINAL_STATE=False, IS_VARLEN=False, DOT_PREC="tf32", KG=gate == 2 and delta),
+               chunk_state.STATE_CONFIGS)
         report("output", chunk_state.chunk_output_kernel,
                {"q": "*bf16", "k": "*bf16", "v": "*bf16", "gc": "*fp32" if gate else None, "h": "*bf16",
                 "Aqk": "*bf16" if gate == 2 else None, "o": "*bf16", "cu_seqlens": None, "chunk_indices": None},

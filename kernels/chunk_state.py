@@ -22,12 +22,9 @@ import triton.language as tl
 from .chunk_intra import _chunk_bounds, _dot, _exp2_masked
 
 # (BV, num_warps, num_stages) candidates; the host times them once per shape on a GPU and
-# uses the first under the interpreter
-# Admitted after a sweep on the H200 (Triton 3.6, benchmarks/diag_chunk_configs.py, B=8 T=4096
-# H=16 K=V=128 bf16): for gate 'none' without delta, state configs (BV=64, warps 4/8, stages 2)
-# raised illegal memory accesses and (BV=32, warps 2, stages 2) / (BV=32, warps 4, stages 3)
-# gave wrong states (relative error 0.27-0.32); output (BV=32, warps 4, stages 1) raised an
-# illegal memory access. ALGORITHMS.md 6b: Hopper miscompiles; only configs that passed stay.
+# uses the first under the interpreter. ALGORITHMS.md 6b: Hopper miscompiles; only configs that passed
+# the H200 probes (benchmarks/diag_chunk_configs.py) are listed. With a padded key dimension under 32
+# the host leaves the KSPLIT ones out (chunk._state_configs).
 STATE_CONFIGS = [
     # The state as two key halves (KSPLIT), pipelined by Triton: H200, Triton 3.6, B=8 T=4096 H=16 K=V=128
     # bf16, state kernel alone (benchmarks/diag_chunk_configs.py --time, 2026-11-29): gated_deltanet 0.221 ms
@@ -51,6 +48,7 @@ STATE_CONFIGS = [
     # the same at BV=32 on 8 warps gave wrong outputs for the three delta classes, so it is not listed
     triton.Config({"BV": 64, "PREFETCH": True}, num_warps=8, num_stages=1),
 ]
+# output (BV=32, warps 4, stages 1) raised an illegal memory access on the H200: not listed
 OUTPUT_CONFIGS = [
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
     triton.Config({"BV": 64}, num_warps=4, num_stages=3),

@@ -261,6 +261,17 @@ def test_state_pass_variants(cls, variant, monkeypatch):
           cu_seqlens=torch.tensor([0, 70, 70, 150], device=DEVICE))
 
 
+def test_state_configs_leave_out_key_halves_under_32():
+    # a padded key dimension under 32 cannot be halved into dots: the KSPLIT candidates would run the whole
+    # state at launch configs the H200 sweep never admitted, so the host drops them there
+    from unifattn.kernels import chunk_state
+    small, full = chunk_module._state_configs(16), chunk_module._state_configs(64)
+    assert full is chunk_state.STATE_CONFIGS and any(c.kwargs.get("KSPLIT") for c in full)
+    assert small and not any(c.kwargs.get("KSPLIT") for c in small)
+    assert small == [c for c in full if not c.kwargs.get("KSPLIT")]
+    assert chunk_module._state_configs(16) is small          # memoized per list
+
+
 # ---- call-time validation: typed errors that say what was expected ----
 
 def test_errors():
