@@ -57,7 +57,7 @@ for part in $parts; do
            cp -r tests benchmarks /tmp/ua_pkg/ && (cd /tmp/ua_pkg && {
              for c in identity scalar diagonal delta scalar_delta diagonal_delta; do
                timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_chunk_kernels.py \
-                 -k "every_launch_config_gpu and cls_$c-" > /tmp/tests.$c.log 2>&1 &
+                 -k "(every_launch_config_gpu or state_configs_gpu) and cls_$c-" > /tmp/tests.$c.log 2>&1 &
              done
              for i in 0 1 2 3; do        # four shards: one process never finished the file in 270 s
                timeout ${TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_sparse_attention.py \

@@ -272,6 +272,21 @@ def test_state_configs_leave_out_key_halves_under_32():
     assert chunk_module._state_configs(16) is small          # memoized per list
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="launch configs are a GPU matter; the interpreter runs one")
+@pytest.mark.parametrize("K", [16, 256])
+@pytest.mark.parametrize("cls", list(CLASSES), ids=lambda c: f"cls_{c}")
+def test_state_configs_gpu_key_dims_16_and_256(cls, K, monkeypatch):
+    # the state candidates at the key dimensions test_every_launch_config_gpu leaves out: under 32 (the host
+    # drops the KSPLIT ones) and 256 (halves of 128 rows)
+    import triton
+
+    from unifattn.kernels import chunk_state
+    for c in chunk_module._state_configs(max(16, triton.next_power_of_2(K))):
+        monkeypatch.setattr(chunk_state, "STATE_CONFIGS", [c])
+        monkeypatch.setattr(chunk_module, "_TUNED", {})
+        check(make_inputs(cls, B=1, T=200, H=2, HV=4, K=K, V=64), dtype=torch.bfloat16, scale=K ** -0.5)
+
+
 # ---- call-time validation: typed errors that say what was expected ----
 
 def test_errors():
