@@ -26,7 +26,8 @@ if ls .gpucache/triton_cache.tgz.* >/dev/null 2>&1; then
   cat .gpucache/triton_cache.tgz.* | tar xzf - -C "$TRITON_CACHE_DIR" && echo "warm Triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) entries"
 fi
 mkdir -p "$UNIFATTN_CACHE_DIR"
-if [ -f .gpucache/ua_cache.tgz ]; then     # generated sources and tuned.json (the tuner's choices)
+# FRESH_TUNE=1: leave tuned.json behind, so that candidates added since it was written are timed
+if [ -f .gpucache/ua_cache.tgz ] && [ "${FRESH_TUNE:-0}" != 1 ]; then     # generated sources and tuned.json
   tar xzf .gpucache/ua_cache.tgz -C "$UNIFATTN_CACHE_DIR" && echo "warm unifattn cache: $(ls "$UNIFATTN_CACHE_DIR" | wc -l) files"
 fi
 save_cache() {     # SAVE_CACHE=1: the device tool returns at most 8 files, logs included
