@@ -25,7 +25,7 @@ import unifattn as ua
 from unifattn import codegen
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import inputs  # noqa: E402
+from bench_linear import fla_decode, fla_fn, graph_bench, inputs  # noqa: E402
 
 
 def kernel_times(fn, n=20):
@@ -54,7 +54,6 @@ def print_kernels(title, total, per):
 
 
 def profile_fla(name, B=8, T=4096, H=16, K=128, V=128):
-    from bench_linear import fla_fn
     f = fla_fn(name)
     if not callable(f):
         print(f"\nfla {name}: {f}")
@@ -78,20 +77,10 @@ def profile_chunk(name, B=8, T=4096, H=16, K=128, V=128):
     print_kernels(name, total, kernel_times(fn))
 
 
-def graph_ms(fn):
-    """ms per call replayed from a CUDA graph (no host launch cost), or None if fn cannot be captured."""
-    try:
-        return triton.testing.do_bench_cudagraph(fn, rep=100)
-    except Exception as exc:  # noqa: BLE001
-        print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc)[:100]})")
-        return None
-
-
 def decode_sweep(name, B=16, H=16, K=128, V=128):
     """Every (BV, warps) launch of the generated decode kernel: ms per step from a launch loop
     (do_bench: includes Triton's host launch cost when that exceeds the kernel) and replayed from
     a CUDA graph (the kernel alone, as a serving loop runs it); fla's fused_recurrent the same two ways."""
-    from bench_linear import fla_decode
     r = ua.rules.BUILTIN[name]
     q, k, v, e = inputs(name, B, 1, H, K, V, torch.bfloat16, "cuda")
     mod = codegen.module(r, "recurrent")
@@ -109,7 +98,7 @@ def decode_sweep(name, B=16, H=16, K=128, V=128):
                 fn = lambda: mod.launch(x, heads, o, S0, S, None, K ** -0.5, B, 1, H, K, V, BV, w)  # noqa: E731
                 fn()
                 err = max(float((o.float() - ref_o.float()).abs().max()), float((S - ref_S).abs().max()))
-                rows.append((graph_ms(fn), triton.testing.do_bench(fn, warmup=50, rep=200), BV, w, err))
+                rows.append((graph_bench(fn), triton.testing.do_bench(fn, warmup=50, rep=200), BV, w, err))
             except Exception as exc:  # noqa: BLE001
                 print(f"  decode {name} BV={BV} warps={w}: failed {type(exc).__name__}")
     print(f"\ndecode {name} B={B} H={H} K=V={K}: graph ms (TB/s) / launch-loop ms (TB/s), BV, warps, "
@@ -120,7 +109,7 @@ def decode_sweep(name, B=16, H=16, K=128, V=128):
     op = lambda: ua.ops.linear_attention(r, q, k, v, initial_state=Sop, form="recurrent",  # noqa: E731
                                          inplace_state=True, check_inputs=False, **e)
     op()
-    tg = graph_ms(op)
+    tg = graph_bench(op)
     print(f"  op (check_inputs=False, in place): graph {tg if tg is None else f'{tg:.4f}'} ms, "
           f"loop {triton.testing.do_bench(op, warmup=50, rep=200):.4f} ms")
     f = fla_decode(name)
@@ -128,7 +117,7 @@ def decode_sweep(name, B=16, H=16, K=128, V=128):
         Sf = S0.clone()
         fn = lambda: f(q, k, v, e, Sf)  # noqa: E731
         fn()
-        tg = graph_ms(fn)
+        tg = graph_bench(fn)
         tl_ = triton.testing.do_bench(fn, warmup=50, rep=200)
         print(f"  fla fused_recurrent: graph {tg if tg is None else f'{tg:.4f} ({gb / tg:4.2f} TB/s)'} / "
               f"loop {tl_:.4f} ms ({gb / tl_:4.2f} TB/s)")
