@@ -115,9 +115,9 @@ def _launch(name, kernel, configs, grid, key, args, V, writes, tune=False):
 
     Under the interpreter, or with one candidate, the first config runs. Otherwise a choice made
     earlier (this process, or tuned.json) runs, else the first config, so a first call compiles one
-    config per kernel. With tune=True, a call without a choice tunes: the first config (one the H200 probes
-    verified for every class at K = V = 128, diag_chunk_configs.py) runs as the probe's reference; every other candidate is admitted
-    only if it reproduces those outputs (Hopper miscompiles, ALGORITHMS.md 6b), then the fastest
+    config per kernel. With tune=True, a call without a choice tunes: the first config (one the H200
+    probes verified for every class at K = V = 128, diag_chunk_configs.py) runs as the probe's
+    reference; every other candidate is admitted only if it reproduces those outputs (Hopper miscompiles, ALGORITHMS.md 6b), then the fastest
     admitted one is kept, in memory and on disk (tuned.json in the cache dir), so a second
     process does not tune again. A candidate that faults the GPU cannot be caught in-process:
     such configs stay out of the candidate lists.
