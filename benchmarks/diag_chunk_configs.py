@@ -3,7 +3,7 @@
 joins a candidate list (kernels/chunk_intra.py, kernels/chunk_state.py), run it here on the H200.
 
     python benchmarks/diag_chunk_configs.py [--rules kda,linear_attention] [--stage state]
-        [--config '{"BV": 64}' 8 2 ...] [--jobs 8] [--time]
+        [--config '{"BV": 64}' 8 2 ... | --listed] [--jobs 8] [--time]
 
 For each rule and config: the forward at B=8 T=4096 H=16 K=V=128 bf16 with that config pinned on
 the stage (every other stage at its first config) against the same call with the default configs,
@@ -102,12 +102,19 @@ def main():
     ap.add_argument("--stage", default="state", choices=["cumsum", "intra", "wu", "state", "output"])
     ap.add_argument("--config", nargs=3, action="append", metavar=("KWARGS", "WARPS", "STAGES"),
                     help="e.g. --config '{\"BV\": 64}' 8 1 (repeatable)")
+    ap.add_argument("--listed", action="store_true", help="probe the stage's listed candidates (its *_CONFIGS)")
     ap.add_argument("--jobs", type=int, default=1, help="probes run side by side")
     ap.add_argument("--time", action="store_true", help="then time the stage under each config that passed")
     ap.add_argument("--time-rules", default=None, help="time only these rules (default: all probed)")
     a = ap.parse_args()
     configs = [(json.loads(kw), int(w), int(s)) for kw, w, s in a.config] if a.config else \
         [({"BV": 64}, 8, 1), ({"BV": 64}, 8, 2), ({"BV": 128}, 8, 1)]
+    if a.listed:
+        from unifattn.kernels import chunk_intra, chunk_state
+        listed = {"cumsum": chunk_intra.CUMSUM_CONFIGS, "intra": chunk_intra.INTRA_CONFIGS,
+                  "wu": chunk_intra.WU_CONFIGS, "state": chunk_state.STATE_CONFIGS,
+                  "output": chunk_state.OUTPUT_CONFIGS}[a.stage]
+        configs = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in listed]
 
     def probe(job):
         name, cfg = job
