@@ -23,7 +23,7 @@ from unifattn.dsl.rule import Rule
 from .printer import Printer
 from .recurrent import header
 
-TEMPLATE_VERSION = "chunk-4"
+TEMPLATE_VERSION = "chunk-3"
 FACTS = ("query", "key", "value", "log_gate", "beta")
 
 

@@ -11,8 +11,8 @@ channel) times delta False / True gives the six classes: identity, scalar, diago
 scalar_delta, diagonal_delta. All six run the same kernels, specialised by the compile-time
 flags GATE and DELTA:
 
-    chunk_cumsum_kernel   scalar gate alone  G = chunk-local cumsum of g (fp32, log2 units)
-    chunk_intra_kernel    delta or diagonal  G first (gated), Aqk (diagonal gate), Ai = (I + Akk)^-1 (delta)
+    chunk_cumsum_kernel   gated classes      G = chunk-local cumsum of g (fp32, log2 units)
+    chunk_intra_kernel    delta or diagonal  Aqk (diagonal gate), Ai = (I + Akk)^-1 (delta)
     chunk_wu_kernel       delta              w, u (WY factors); kg = k 2^(G_C - G) (diagonal gate)
     chunk_state_kernel    all                state entering each chunk, v~ = u - w S (delta)
     chunk_output_kernel   all                o
@@ -246,23 +246,16 @@ def chunk_stages(gate: str, delta: bool) -> dict[str, dict[str, str]]:
     codegen builds its kernel plan (a DAG) from this and hands chunk_fwd a launch order.
     """
     gated, diagonal = gate != "none", gate == "diagonal"
-    has_intra = delta or diagonal
     stages: dict[str, dict[str, str]] = {}
-    # the gate's cumsum is its own stage only without an intra stage; the intra kernel writes gc first
-    cum = "intra" if has_intra else "cumsum"
-    if gated and not has_intra:
-        stages["cumsum"] = {}
-    if has_intra:
-        stages["intra"] = {}
-    if delta:
-        stages["wu"] = {"intra": "Ai" + (", gc" if gated else "")}
-    stages["state"] = {"wu": "w, u"} if delta else {}
-    stages["output"] = {"state": "h, v_new" if delta else "h"}
     if gated:
-        stages["state"][cum] = "gc"
-        stages["output"][cum] = "gc"
-    if diagonal:
-        stages["output"]["intra"] = "Aqk, gc"
+        stages["cumsum"] = {}
+    if delta or diagonal:
+        stages["intra"] = {"cumsum": "gc"} if gated else {}
+    if delta:
+        stages["wu"] = {"intra": "Ai", **({"cumsum": "gc"} if gated else {})}
+    stages["state"] = {**({"wu": "w, u"} if delta else {}), **({"cumsum": "gc"} if gated else {})}
+    stages["output"] = {"state": "h" + (", v_new" if delta else ""), **({"intra": "Aqk"} if diagonal else {}),
+                        **({"cumsum": "gc"} if gated else {})}
     return stages
 
 
@@ -359,11 +352,9 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
     def intra():
         c["Aqk"] = empty((B, T, HV, BT), q.dtype, device) if GATE == 2 else None
         c["Ai"] = empty((B, T, HV, BT), q.dtype, device) if DELTA else None
-        if GATE:      # gc is written by the intra kernel (no cumsum stage when there is an intra stage)
-            c["gc"] = empty(g.shape, torch.float32, device)
         _launch("intra", chunk_intra.chunk_intra_kernel, chunk_intra.INTRA_CONFIGS, per_chunk, shape_key,
-                dict(q=q, k=k, g=g if GATE else None, gc=c["gc"], beta=beta, Aqk=c["Aqk"], Ai=c["Ai"], **common, H=H, HV=HV, K=K, BT=BT,
-                     BC=BC, BK=BK, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("Aqk", "Ai", "gc"), tune=tune)
+                dict(q=q, k=k, gc=c["gc"], beta=beta, Aqk=c["Aqk"], Ai=c["Ai"], **common, H=H, HV=HV, K=K, BT=BT,
+                     BC=BC, BK=BK, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("Aqk", "Ai"), tune=tune)
 
     def wu():
         c["w"] = empty((B, T, HV, K), q.dtype, device)

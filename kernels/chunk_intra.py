@@ -104,14 +104,7 @@ def chunk_cumsum_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_t, bos, T = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
-    _chunk_cumsum(g, gc, bos, i_hv, i_t * BT, T, HV, K, BT, BK, GATE)
-
-
-@triton.jit
-def _chunk_cumsum(g, gc, bos, i_hv, t0, T, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                  GATE: tl.constexpr):
-    """gc = inclusive cumsum of g over rows t0 .. t0+BT-1 (clamped to T) of sequence bos, head i_hv, / ln2."""
-    o_t = t0 + tl.arange(0, BT)
+    o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     if GATE == 1:
         p_g = g + (bos + o_t) * HV + i_hv
@@ -455,18 +448,15 @@ def _beta_rows(beta, t0, T, i_i: tl.constexpr, HV: tl.constexpr, BC: tl.constexp
     return tl.load(beta + o_r * HV, mask=o_r < T, other=0.).to(tl.float32)
 
 
-@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None, "CUMSUM": lambda a: a["g"] is not None})
+@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def chunk_intra_kernel(
-    q, k, g, gc, beta, Aqk, Ai, cu_seqlens, chunk_indices, T,
+    q, k, gc, beta, Aqk, Ai, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BK: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, CUMSUM: tl.constexpr, OFFDIAG: tl.constexpr = "blocks",
+    DOT_PREC: tl.constexpr, OFFDIAG: tl.constexpr = "blocks",
 ):
-    """Aqk (diagonal gate) and Ai = (I + Akk)^-1 (delta rules) of one chunk. Grid (NT, B * HV).
-
-    With g (CUMSUM, gated classes) the program first writes its chunk's gc = cumsum(g) / ln2 (the
-    cumsum stage folded in: one pass over g fewer), then reads it back as the blocks need it."""
+    """Aqk (diagonal gate) and Ai = (I + Akk)^-1 (delta rules) of one chunk. Grid (NT, B * HV)."""
     tl.static_assert(BT == BC or BT == 2 * BC or BT == 4 * BC)
     NC: tl.constexpr = BT // BC
     # OFFDIAG "fused": the per-channel-gate, 4-sub-chunk case computes its six off-diagonal blocks
@@ -481,10 +471,6 @@ def chunk_intra_kernel(
     i_h = i_hv // (HV // H)
     i_t, bos, T = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
     t0 = i_t * BT
-    if CUMSUM:
-        _chunk_cumsum(g, gc, bos, i_hv, t0, T, HV, K, BT, BK, GATE)
-        # this program's gc stores are read back below by other threads of the program
-        tl.debug_barrier()
 
     # move every pointer to row 0 of this sequence and this head
     q += bos * H * K + i_h * K

@@ -90,11 +90,11 @@ def intra():
     ok = []
     for gate, delta in ((2, False), (2, True), (1, True), (0, True)):
         for offdiag in ("blocks", "fused"):
-            ptr = {"q": "*bf16", "k": "*bf16", "g": "*fp32" if gate else None, "gc": "*fp32" if gate else None,
+            ptr = {"q": "*bf16", "k": "*bf16", "gc": "*fp32" if gate else None,
                    "beta": "*fp32" if delta else None, "Aqk": "*bf16" if gate == 2 else None,
                    "Ai": "*bf16" if delta else None, "cu_seqlens": None, "chunk_indices": None}
             const = dict(H=4, HV=4, K=128, BT=64, BC=16, BK=64, GATE=gate, DELTA=delta, IS_VARLEN=False,
-                         DOT_PREC="tf32", CUMSUM=bool(gate), OFFDIAG=offdiag)
+                         DOT_PREC="tf32", OFFDIAG=offdiag)
             ok.append(compile_one(f"chunk_intra_kernel gate={gate} delta={delta} {offdiag}", m.chunk_intra_kernel,
                                   ptr, const))
     return ok

@@ -220,20 +220,14 @@ def test_chunk_plan_is_the_launch_order():
     from unifattn.kernels.chunk import chunk_fwd
     f = check(ua.rules.kda)
     g = plan(f, [])
-    # the intra kernel writes the gate's cumsum: no cumsum stage where there is an intra stage
-    assert launch_order(g) == ["inputs", "intra", "wu", "state", "output"]
-    assert g.edges["intra", "wu"]["tensors"] == "Ai, gc"
-    assert g.edges["intra", "output"]["tensors"] == "Aqk, gc"
+    assert launch_order(g) == ["inputs", "cumsum", "intra", "wu", "state", "output"]
+    assert g.edges["intra", "wu"]["tensors"] == "Ai"
     assert launch_order(plan(check(ua.rules.linear_attention), [])) == ["inputs", "state", "output"]
-    assert launch_order(plan(check(ua.rules.simple_gla), [])) == ["inputs", "cumsum", "state", "output"]
-    assert "PLAN = ('intra', 'wu', 'state', 'output')" in codegen.source(ua.rules.kda, "chunk")
+    assert "PLAN = ('cumsum', 'intra', 'wu', 'state', 'output')" in codegen.source(ua.rules.kda, "chunk")
     case = make_inputs(ua.rules.kda, T=8, K=4, V=4)
     with pytest.raises(ValueError, match="every stage after the ones it reads"):
         chunk_fwd(case["q"], case["k"], case["v"], case["g"], case["beta"], gate="diagonal", delta=True,
-                  stages=("wu", "intra", "state", "output"))
-    with pytest.raises(ValueError, match="expected all of"):
-        chunk_fwd(case["q"], case["k"], case["v"], case["g"], case["beta"], gate="diagonal", delta=True,
-                  stages=("intra", "wu", "state"))
+                  stages=("cumsum", "wu", "intra", "state", "output"))
 
 
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
