@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for all GPU work (run from the repository root on the H200, `.whl` carried):
-#   bash benchmarks/h200.sh [linear|sparse|rules|probe|profile|select|topk|topk_tests|tests ...]   (default: linear sparse rules tests)
+#   bash benchmarks/h200.sh [linear|sparse|rules|probe|profile|select|topk|topk_tests|chunk_tests|tests ...]   (default: linear sparse rules tests)
 # Each part has its own time cap and writes its log to $OUT (or /tmp/h200) as it goes.
 # On a cold machine `linear` alone needs ~480-590 s (our tuning ~110 s, fla's first calls several
 # minutes of autotuning, kda's ~215 s): the 2026-11-29 runs were cut while timing fla's gated_deltanet
@@ -53,6 +53,15 @@ for part in $parts; do
                   2>&1 | tail -n 15 | tee "$LOG/topk_tests.log" ;;
     topk) timeout ${TOPK_S:-120} python3 benchmarks/bench_topk.py 2>&1 | tee "$LOG/topk.log" ;;
     select) timeout ${SELECT_S:-150} python3 benchmarks/bench_select.py ${SELECT_ARGS:---no-sweep} 2>&1 | tee "$LOG/select.log" ;;
+    chunk_tests) # chunk-kernel GPU tests selected by CHUNK_TESTS_K, one process per class, side by side
+           cp -r tests benchmarks /tmp/ua_pkg/ && (cd /tmp/ua_pkg && {
+             for c in identity scalar diagonal delta scalar_delta diagonal_delta; do
+               timeout ${CHUNK_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_chunk_kernels.py \
+                 -k "(${CHUNK_TESTS_K:-state_configs_gpu or state_pass_variants}) and cls_$c" > /tmp/ctests.$c.log 2>&1 &
+             done
+             wait
+             for f in /tmp/ctests.*.log; do echo "== $f"; tail -n 4 "$f"; done
+           }) 2>&1 | tee "$LOG/chunk_tests.log" ;;
     tests) # GPU tests side by side (compiling is CPU work): every launch config per chunk class, the
            # sparse kernels, and RULES_ARGS' rules vs float64 (e.g. RULES_ARGS="--rules dplr")
            cp -r tests benchmarks /tmp/ua_pkg/ && (cd /tmp/ua_pkg && {

@@ -44,9 +44,6 @@ STATE_CONFIGS = [
     # delta class; 8 warps holds the same tile without spills.
     triton.Config({"BV": 32}, num_warps=8, num_stages=1),
     triton.Config({"BV": 32}, num_warps=8, num_stages=2),
-    # the next chunk's loads issued by hand before this chunk's dots: probed on the H200 for every class;
-    # the same at BV=32 on 8 warps gave wrong outputs for the three delta classes, so it is not listed
-    triton.Config({"BV": 64, "PREFETCH": True}, num_warps=8, num_stages=1),
 ]
 # output (BV=32, warps 4, stages 1) raised an illegal memory access on the H200: not listed
 OUTPUT_CONFIGS = [
@@ -58,96 +55,21 @@ OUTPUT_CONFIGS = [
 
 
 @triton.jit
-def _state_chunk_loads(k, v, w, gc, i_t, T, o_k, m_k, o_v, m_v, s_k, HV: tl.constexpr, K: tl.constexpr,
-                       V: tl.constexpr, BT: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
-                       KG: tl.constexpr):
-    """What chunk i_t feeds the state pass, none of it depending on the state: values [BT, BV] (u for
-    delta rules), w [BT, BK] (delta rules), keys transposed [BK, BT] (gated by the wu kernel when KG)
-    and the gate at the chunk's rows [BK, BT] (per-channel gate without KG). A chunk past the end
-    loads zeros (the prefetch of the last iteration)."""
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < T
-    b_v = tl.load(v + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-    b_w = b_v
-    if DELTA:
-        b_w = tl.load(w + o_t[:, None] * (HV * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-    b_kt = tl.load(k + o_t[None, :] * s_k + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
-    b_gt = b_kt
-    if GATE == 2 and not KG:
-        b_gt = tl.load(gc + o_t[None, :] * (HV * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
-    return b_v, b_w, b_kt, b_gt
-
-
-@triton.jit
-def _state_half_rows(b_h, h, o_k, m_k, o_v, m_v, V: tl.constexpr):
+def _store_rows(b_h, h, o_k, m_k, o_v, m_v, V: tl.constexpr):
+    """Store the rows o_k of one state block (fp32 in registers) at h, in h's dtype."""
     tl.store(h + o_k[:, None] * V + o_v[None, :], b_h.to(h.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
 
 
 @triton.jit
-def _state_half_keys(k, gc, b_gl, o_t, m_t, o_k, m_k, s_k, HV: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr,
-                     KG: tl.constexpr):
-    """[BKH, BT] keys of one half, transposed on load, gated as the state adds them."""
+def _gated_keys(k, gc, b_gl, o_t, m_t, o_k, m_k, s_k, HV: tl.constexpr, K: tl.constexpr, GATE: tl.constexpr,
+                KG: tl.constexpr):
+    """[rows of o_k, BT] keys transposed on load, gated as the state adds them: k * 2^(G_C - G) (per-channel
+    gate without the wu kernel's kg); as loaded otherwise."""
     b_kt = tl.load(k + o_t[None, :] * s_k + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
     if GATE == 2 and not KG:
         b_gt = tl.load(gc + o_t[None, :] * (HV * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
         b_kt = (b_kt.to(tl.float32) * _exp2_masked(b_gl[:, None] - b_gt, m_t[None, :])).to(b_kt.dtype)
     return b_kt
-
-
-@triton.jit
-def _state_pass_split(k, v, w, gc, h, v_new, h0, ht, i_nh, T, NT, s_k, o_v, m_v,
-                      HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKH: tl.constexpr,
-                      BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                      STORE_FINAL_STATE: tl.constexpr, DOT_PREC: tl.constexpr, KG: tl.constexpr):
-    """The state pass of chunk_state_kernel with the state as two halves of BKH key rows (pointers already at
-    this sequence and head): the same arithmetic, each dot split along the key dimension."""
-    o_k1 = tl.arange(0, BKH)
-    o_k2 = BKH + tl.arange(0, BKH)
-    m_k1, m_k2 = o_k1 < K, o_k2 < K
-    b_h1 = tl.zeros([BKH, BV], dtype=tl.float32)
-    b_h2 = tl.zeros([BKH, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        p_h0 = h0 + i_nh.to(tl.int64) * K * V
-        b_h1 += tl.load(p_h0 + o_k1[:, None] * V + o_v[None, :], mask=m_k1[:, None] & m_v[None, :], other=0.)
-        b_h2 += tl.load(p_h0 + o_k2[:, None] * V + o_v[None, :], mask=m_k2[:, None] & m_v[None, :], other=0.)
-    for i_t in range(NT):
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
-        m_tv = m_t[:, None] & m_v[None, :]
-        _state_half_rows(b_h1, h, o_k1, m_k1, o_v, m_v, V)
-        _state_half_rows(b_h2, h, o_k2, m_k2, o_v, m_v, V)
-        h += HV * K * V
-        # [BT, BV]
-        b_v = tl.load(v + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
-        if DELTA:
-            # v~ = u - w S, one half of the key dimension at a time
-            b_w1 = tl.load(w + o_t[:, None] * (HV * K) + o_k1[None, :], mask=m_t[:, None] & m_k1[None, :], other=0.)
-            b_v -= _dot(b_w1, b_h1.to(b_w1.dtype), DOT_PREC)
-            b_w2 = tl.load(w + o_t[:, None] * (HV * K) + o_k2[None, :], mask=m_t[:, None] & m_k2[None, :], other=0.)
-            b_v -= _dot(b_w2, b_h2.to(b_w2.dtype), DOT_PREC)
-            tl.store(v_new + o_t[:, None] * (HV * V) + o_v[None, :], b_v.to(v_new.dtype.element_ty), mask=m_tv)
-        o_last = tl.minimum(i_t * BT + BT, T) - 1
-        b_gl1 = tl.zeros([BKH], dtype=tl.float32)
-        b_gl2 = tl.zeros([BKH], dtype=tl.float32)
-        if GATE == 1:
-            b_gl = tl.load(gc + o_last * HV)
-            b_g = tl.load(gc + o_t * HV, mask=m_t, other=0.)
-            b_v *= _exp2_masked(b_gl - b_g, m_t)[:, None]
-            b_h1 *= tl.exp2(b_gl)
-            b_h2 *= tl.exp2(b_gl)
-        elif GATE == 2:
-            b_gl1 = tl.load(gc + o_last * (HV * K) + o_k1, mask=m_k1, other=0.)
-            b_gl2 = tl.load(gc + o_last * (HV * K) + o_k2, mask=m_k2, other=0.)
-            b_h1 *= tl.exp2(b_gl1)[:, None]
-            b_h2 *= tl.exp2(b_gl2)[:, None]
-        b_kt1 = _state_half_keys(k, gc, b_gl1, o_t, m_t, o_k1, m_k1, s_k, HV, K, GATE, KG)
-        b_h1 += _dot(b_kt1, b_v.to(b_kt1.dtype), DOT_PREC)
-        b_kt2 = _state_half_keys(k, gc, b_gl2, o_t, m_t, o_k2, m_k2, s_k, HV, K, GATE, KG)
-        b_h2 += _dot(b_kt2, b_v.to(b_kt2.dtype), DOT_PREC)
-    if STORE_FINAL_STATE:
-        p_ht = ht + i_nh.to(tl.int64) * K * V
-        tl.store(p_ht + o_k1[:, None] * V + o_v[None, :], b_h1, mask=m_k1[:, None] & m_v[None, :])
-        tl.store(p_ht + o_k2[:, None] * V + o_v[None, :], b_h2, mask=m_k2[:, None] & m_v[None, :])
 
 
 @triton.heuristics({
@@ -161,17 +83,16 @@ def chunk_state_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, KG: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-    KSPLIT: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, KG: tl.constexpr = False, KSPLIT: tl.constexpr = False,
 ):
     """States entering each chunk (and v~ for delta rules). Grid (cdiv(V, BV), N * HV).
 
     v is u for delta rules. BK >= K: the whole key dimension of the state is one block.
     KG: k is already k * 2^(G_C - G), [B, T, HV, K] (the wu kernel's kg, per-channel delta rules).
-    PREFETCH: the loads of chunk i + 1 are issued before chunk i's dots, by hand (one stage, no
-    pipeliner), so their latency hides behind the sequential part.
-    KSPLIT: the state is held as two [BK / 2, BV] halves of the key dimension, each its own pair of
-    dots (_state_pass_split), as fla's state pass holds it (BK >= 32; smaller runs whole).
+    KSPLIT: the [BK, BV] fp32 state is held as two halves of BK / 2 key rows (1 and 2 below), each
+    with its own dots, as fla's state pass holds it; Triton pipelines that at 4 warps without the
+    miscompiles the whole tile met on the H200. Under BK = 32 (halves under tl.dot's 16 rows) the
+    state stays whole: half 1 is all of it and half 2 is empty (its code is compiled out).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -185,13 +106,6 @@ def chunk_state_kernel(
         bos = i_n.to(tl.int64) * T
         NT = tl.cdiv(T, BT)
         boh = i_n.to(tl.int64) * NT
-
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * V + o_v[None, :]
     # move pointers to row 0 of this sequence / head
     if KG:
         k += bos * HV * K + i_hv * K
@@ -209,64 +123,70 @@ def chunk_state_kernel(
     elif GATE == 2:
         gc += bos * HV * K + i_hv * K
 
-    if KSPLIT and BK >= 32:          # halves of at least 16 rows: tl.dot's smallest inner dimension
-        _state_pass_split(k, v, w, gc, h, v_new, h0, ht, i_nh, T, NT, s_k, o_v, m_v, HV, K, V, BT, BK // 2, BV,
-                          GATE, DELTA, USE_INITIAL_STATE, STORE_FINAL_STATE, DOT_PREC, KG)
-        return
-    # [BK, BV] fp32 state
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    TWO: tl.constexpr = KSPLIT and BK >= 32
+    BKH: tl.constexpr = BK // 2 if TWO else BK
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    o_k1 = tl.arange(0, BKH)
+    o_k2 = BKH + tl.arange(0, BKH)
+    m_k1, m_k2 = o_k1 < K, o_k2 < K
+    # [BKH, BV] fp32 state halves
+    b_h1 = tl.zeros([BKH, BV], dtype=tl.float32)
+    b_h2 = tl.zeros([BKH, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_kv, mask=m_kv, other=0.)
-
-    if PREFETCH:
-        b_vn, b_wn, b_ktn, b_gtn = _state_chunk_loads(k, v, w, gc, 0, T, o_k, m_k, o_v, m_v, s_k, HV, K, V, BT,
-                                                      GATE, DELTA, KG)
+        p_h0 = h0 + i_nh.to(tl.int64) * K * V
+        b_h1 += tl.load(p_h0 + o_k1[:, None] * V + o_v[None, :], mask=m_k1[:, None] & m_v[None, :], other=0.)
+        if TWO:
+            b_h2 += tl.load(p_h0 + o_k2[:, None] * V + o_v[None, :], mask=m_k2[:, None] & m_v[None, :], other=0.)
     for i_t in range(NT):
         o_t = i_t * BT + tl.arange(0, BT)
         m_t = o_t < T
         m_tv = m_t[:, None] & m_v[None, :]
-        if PREFETCH:
-            b_v, b_w, b_kt, b_gt = b_vn, b_wn, b_ktn, b_gtn
-            b_vn, b_wn, b_ktn, b_gtn = _state_chunk_loads(k, v, w, gc, i_t + 1, T, o_k, m_k, o_v, m_v, s_k, HV, K,
-                                                          V, BT, GATE, DELTA, KG)
-        tl.store(h + o_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
+        _store_rows(b_h1, h, o_k1, m_k1, o_v, m_v, V)
+        if TWO:
+            _store_rows(b_h2, h, o_k2, m_k2, o_v, m_v, V)
         h += HV * K * V  # pointer arithmetic is 64-bit: no int32 overflow over long sequences
-        # [BT, BV] values written into the state by this chunk
-        if not PREFETCH:
-            # loads in this order, after the store (a reordering of them miscompiled for delta rules in
-            # bf16 on the H200 under Triton 3.6: outputs changed from run to run)
-            b_v = tl.load(v + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_tv, other=0.)
-        b_v = b_v.to(tl.float32)
+        # [BT, BV] values written into the state by this chunk. Loads in this order, after the stores:
+        # a reordering of them miscompiled for delta rules in bf16 on the H200 under Triton 3.6
+        # (outputs changed from run to run).
+        b_v = tl.load(v + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
         if DELTA:
-            # v~ = u - w S: what the keys do not already recall
-            if not PREFETCH:
-                # [BT, BK]
-                b_w = tl.load(w + o_t[:, None] * (HV * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-            b_v -= _dot(b_w, b_h.to(b_w.dtype), DOT_PREC)
+            # v~ = u - w S, what the keys do not already recall; one half of the key dimension at a time
+            b_w1 = tl.load(w + o_t[:, None] * (HV * K) + o_k1[None, :], mask=m_t[:, None] & m_k1[None, :], other=0.)
+            b_v -= _dot(b_w1, b_h1.to(b_w1.dtype), DOT_PREC)
+            if TWO:
+                b_w2 = tl.load(w + o_t[:, None] * (HV * K) + o_k2[None, :], mask=m_t[:, None] & m_k2[None, :],
+                               other=0.)
+                b_v -= _dot(b_w2, b_h2.to(b_w2.dtype), DOT_PREC)
             tl.store(v_new + o_t[:, None] * (HV * V) + o_v[None, :], b_v.to(v_new.dtype.element_ty), mask=m_tv)
-        if not PREFETCH:
-            # [BK, BT] keys, transposed on load
-            b_kt = tl.load(k + o_t[None, :] * s_k + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
         o_last = tl.minimum(i_t * BT + BT, T) - 1
+        b_gl1 = tl.zeros([BKH], dtype=tl.float32)
+        b_gl2 = tl.zeros([BKH], dtype=tl.float32)
         if GATE == 1:
             b_gl = tl.load(gc + o_last * HV)
             b_g = tl.load(gc + o_t * HV, mask=m_t, other=0.)
             b_v *= _exp2_masked(b_gl - b_g, m_t)[:, None]
-            b_h *= tl.exp2(b_gl)
+            b_h1 *= tl.exp2(b_gl)
+            if TWO:
+                b_h2 *= tl.exp2(b_gl)
         elif GATE == 2:
-            # [BK]
-            b_gl = tl.load(gc + o_last * (HV * K) + o_k, mask=m_k, other=0.)
-            if not KG:
-                if not PREFETCH:
-                    # [BK, BT]
-                    b_gt = tl.load(gc + o_t[None, :] * (HV * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                                   other=0.)
-                b_kt = (b_kt.to(tl.float32) * _exp2_masked(b_gl[:, None] - b_gt, m_t[None, :])).to(k.dtype.element_ty)
-            b_h *= tl.exp2(b_gl)[:, None]
-        b_h += _dot(b_kt, b_v.to(b_kt.dtype), DOT_PREC)
-
+            # [BKH] the gate at the chunk's last row
+            b_gl1 = tl.load(gc + o_last * (HV * K) + o_k1, mask=m_k1, other=0.)
+            b_h1 *= tl.exp2(b_gl1)[:, None]
+            if TWO:
+                b_gl2 = tl.load(gc + o_last * (HV * K) + o_k2, mask=m_k2, other=0.)
+                b_h2 *= tl.exp2(b_gl2)[:, None]
+        # [BKH, BT] keys of each half
+        b_kt1 = _gated_keys(k, gc, b_gl1, o_t, m_t, o_k1, m_k1, s_k, HV, K, GATE, KG)
+        b_h1 += _dot(b_kt1, b_v.to(b_kt1.dtype), DOT_PREC)
+        if TWO:
+            b_kt2 = _gated_keys(k, gc, b_gl2, o_t, m_t, o_k2, m_k2, s_k, HV, K, GATE, KG)
+            b_h2 += _dot(b_kt2, b_v.to(b_kt2.dtype), DOT_PREC)
     if STORE_FINAL_STATE:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + o_kv, b_h, mask=m_kv)
+        p_ht = ht + i_nh.to(tl.int64) * K * V
+        tl.store(p_ht + o_k1[:, None] * V + o_v[None, :], b_h1, mask=m_k1[:, None] & m_v[None, :])
+        if TWO:
+            tl.store(p_ht + o_k2[:, None] * V + o_v[None, :], b_h2, mask=m_k2[:, None] & m_v[None, :])
 
 
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})

@@ -101,12 +101,12 @@ def intra():
 
 
 def state():
-    """The three paths of the state pass (whole, two key halves, hand prefetch), with and without kg."""
+    """The state pass, whole and as two key halves, with and without kg."""
     from unifattn.kernels import chunk_state as m
     ok = []
     for gate, delta in ((1, True), (2, True), (2, False)):
         kg = gate == 2 and delta
-        for variant in ({}, {"KSPLIT": True}, {"PREFETCH": True}):
+        for variant in ({}, {"KSPLIT": True}):
             ptr = {"k": "*bf16", "v": "*bf16", "w": "*bf16" if delta else None, "gc": "*fp32" if gate else None,
                    "h": "*bf16", "v_new": "*bf16" if delta else None, "h0": "*fp32", "ht": "*fp32",
                    "cu_seqlens": "*i32", "chunk_offsets": "*i32"}

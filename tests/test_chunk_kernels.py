@@ -245,19 +245,19 @@ def test_every_launch_config_gpu(cls, K, which, monkeypatch):
     check(make_inputs(cls, B=1, T=200, H=2, HV=4, K=K, V=128), dtype=torch.bfloat16, scale=K ** -0.5)
 
 
-@pytest.mark.parametrize("variant", [{"BV": 32}, {"BV": 32, "KSPLIT": True}, {"BV": 32, "PREFETCH": True}],
-                         ids=["whole", "ksplit", "prefetch"])
+@pytest.mark.parametrize("variant,K", [({"BV": 32}, 40), ({"BV": 32, "KSPLIT": True}, 40),
+                                       ({"BV": 32, "KSPLIT": True}, 16)], ids=["whole", "ksplit", "ksplit_k16"])
 @pytest.mark.parametrize("cls", list(CLASSES), ids=lambda c: f"cls_{c}")
-def test_state_pass_variants(cls, variant, monkeypatch):
-    # the three code paths of chunk_state_kernel (the interpreter runs only the first candidate): whole state,
-    # two key halves (K=40 -> halves of 32 rows, the upper one partly masked), the hand prefetch; varlen
-    # with an empty sequence and grouped value heads, against the float64 reference
+def test_state_pass_variants(cls, variant, K, monkeypatch):
+    # both shapes of chunk_state_kernel's state (the interpreter runs only the first candidate): whole, and
+    # two key halves (K=40 -> halves of 32 rows, the upper one partly masked; K=16 cannot be halved, so the
+    # kernel keeps it whole); varlen with an empty sequence and grouped value heads, against float64
     import triton
 
     from unifattn.kernels import chunk_state
     monkeypatch.setattr(chunk_state, "STATE_CONFIGS", [triton.Config(variant, num_warps=4, num_stages=1)])
     monkeypatch.setattr(chunk_module, "_TUNED", {})
-    check(make_inputs(cls, B=1, T=150, H=1, HV=2, K=40, V=24, N=3, seed=3),
+    check(make_inputs(cls, B=1, T=150, H=1, HV=2, K=K, V=24, N=3, seed=3),
           cu_seqlens=torch.tensor([0, 70, 70, 150], device=DEVICE))
 
 
