@@ -57,7 +57,7 @@ for part in $parts; do
            cp -r tests benchmarks /tmp/ua_pkg/ && (cd /tmp/ua_pkg && {
              for c in identity scalar diagonal delta scalar_delta diagonal_delta; do
                timeout ${CHUNK_TESTS_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_chunk_kernels.py \
-                 -k "(${CHUNK_TESTS_K:-state_configs_gpu or state_pass_variants}) and cls_$c" > /tmp/ctests.$c.log 2>&1 &
+                 -k "(${CHUNK_TESTS_K:-state_configs_gpu or state_pass_variants}) and cls_$c-" > /tmp/ctests.$c.log 2>&1 &
              done
              wait
              for f in /tmp/ctests.*.log; do echo "== $f"; tail -n 4 "$f"; done
