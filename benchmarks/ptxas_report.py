@@ -82,10 +82,11 @@ def main():
         if gate == 2 or delta:
             report("intra", chunk_intra.chunk_intra_kernel,
                    {"q": "*bf16", "k": "*bf16", "gc": "*fp32" if gate else None, "beta": "*fp32" if delta else None,
-                    "Aqk": "*bf16" if gate == 2 else None, "Ai": "*bf16" if delta else None, "cu_seqlens": None,
+                    "Aqk": "*bf16" if gate == 2 else None, "Ai": "*bf16" if delta else None,
+                    "qg": "*bf16" if gate == 2 else None, "cu_seqlens": None,
                     "chunk_indices": None},
                    dict(H=16, HV=16, K=128, BT=64, BC=16, BK=64, GATE=gate, DELTA=delta, IS_VARLEN=False,
-                        DOT_PREC="tf32"), chunk_intra.INTRA_CONFIGS)
+                        DOT_PREC="tf32", QG=gate == 2), chunk_intra.INTRA_CONFIGS)
         report("state", chunk_state.chunk_state_kernel,
                {"k": "*bf16", "v": "*bf16", "w": "*bf16" if delta else None, "gc": "*fp32" if gate else None,
                 "h": "*bf16", "v_new": "*bf16" if delta else None, "h0": None, "ht": None, "cu_seqlens": None,
@@ -95,8 +96,10 @@ def main():
                chunk_state.STATE_CONFIGS)
         report("output", chunk_state.chunk_output_kernel,
                {"q": "*bf16", "k": "*bf16", "v": "*bf16", "gc": "*fp32" if gate else None, "h": "*bf16",
-                "Aqk": "*bf16" if gate == 2 else None, "o": "*bf16", "cu_seqlens": None, "chunk_indices": None},
-               dict(H=16, HV=16, K=128, V=128, BT=64, BK=64, GATE=gate, IS_VARLEN=False, DOT_PREC="tf32"),
+                "Aqk": "*bf16" if gate == 2 else None, "qg": "*bf16" if gate == 2 else None, "o": "*bf16",
+                "cu_seqlens": None, "chunk_indices": None},
+               dict(H=16, HV=16, K=128, V=128, BT=64, BK=64, GATE=gate, IS_VARLEN=False, DOT_PREC="tf32",
+                    QG=gate == 2),
                chunk_state.OUTPUT_CONFIGS, {"scale": "fp32"})
 
 

@@ -12,7 +12,7 @@ scalar_delta, diagonal_delta. All six run the same kernels, specialised by the c
 flags GATE and DELTA:
 
     chunk_cumsum_kernel   gated classes      G = chunk-local cumsum of g (fp32, log2 units)
-    chunk_intra_kernel    delta or diagonal  Aqk (diagonal gate), Ai = (I + Akk)^-1 (delta)
+    chunk_intra_kernel    delta or diagonal  Aqk, qg = q 2^G (diagonal gate), Ai = (I + Akk)^-1 (delta)
     chunk_wu_kernel       delta              w, u (WY factors); kg = k 2^(G_C - G) (diagonal gate)
     chunk_state_kernel    all                state entering each chunk, v~ = u - w S (delta)
     chunk_output_kernel   all                o
@@ -254,7 +254,7 @@ def chunk_stages(gate: str, delta: bool) -> dict[str, dict[str, str]]:
     if delta:
         stages["wu"] = {"intra": "Ai", **({"cumsum": "gc"} if gated else {})}
     stages["state"] = {**({"wu": "w, u"} if delta else {}), **({"cumsum": "gc"} if gated else {})}
-    stages["output"] = {"state": "h" + (", v_new" if delta else ""), **({"intra": "Aqk"} if diagonal else {}),
+    stages["output"] = {"state": "h" + (", v_new" if delta else ""), **({"intra": "Aqk, qg"} if diagonal else {}),
                         **({"cumsum": "gc"} if gated else {})}
     return stages
 
@@ -338,7 +338,7 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
     plan = chunk_stages(gate, DELTA)
     order = tuple(plan) if stages is None else tuple(stages)
     _check_order(order, plan)
-    c = dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0, gc=None, Aqk=None, Ai=None, w=None, u=None, kg=None,
+    c = dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0, gc=None, Aqk=None, Ai=None, qg=None, w=None, u=None, kg=None,
              v_new=None, h=None, ht=None, o=None)
     shape_key = (H, HV, K, V, BT, GATE, DELTA, str(q.dtype), cu_seqlens is not None)
     per_chunk = lambda kwargs: (NT_grid, NB * HV)  # noqa: E731 - one program per (chunk, head)
@@ -352,9 +352,13 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
     def intra():
         c["Aqk"] = empty((B, T, HV, BT), q.dtype, device) if GATE == 2 else None
         c["Ai"] = empty((B, T, HV, BT), q.dtype, device) if DELTA else None
+        # per-channel gate: the output kernel's gated queries q 2^G (in q's dtype, as that kernel's dot takes
+        # them), written where q and G are loaded anyway; the output kernel then skips the fp32 G
+        c["qg"] = empty((B, T, HV, K), q.dtype, device) if GATE == 2 else None
         _launch("intra", chunk_intra.chunk_intra_kernel, chunk_intra.INTRA_CONFIGS, per_chunk, shape_key,
-                dict(q=q, k=k, gc=c["gc"], beta=beta, Aqk=c["Aqk"], Ai=c["Ai"], **common, H=H, HV=HV, K=K, BT=BT,
-                     BC=BC, BK=BK, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("Aqk", "Ai"), tune=tune)
+                dict(q=q, k=k, gc=c["gc"], beta=beta, Aqk=c["Aqk"], Ai=c["Ai"], qg=c["qg"], **common, H=H, HV=HV, K=K,
+                     BT=BT, BC=BC, BK=BK, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("Aqk", "Ai", "qg"),
+                tune=tune)
 
     def wu():
         c["w"] = empty((B, T, HV, K), q.dtype, device)
@@ -381,7 +385,8 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
         c["o"] = empty(v.shape, v.dtype, device)
         _launch("output", chunk_state.chunk_output_kernel, chunk_state.OUTPUT_CONFIGS,
                 lambda kwargs: (cdiv(V, kwargs["BV"]), NT_grid, NB * HV), shape_key,
-                dict(q=q, k=k, v=c["v_new"] if DELTA else v, gc=c["gc"], h=c["h"], Aqk=c["Aqk"], o=c["o"],
+                dict(q=q, k=k, v=c["v_new"] if DELTA else v, gc=c["gc"], h=c["h"], Aqk=c["Aqk"], qg=c["qg"],
+                     o=c["o"],
                      cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, scale=float(scale), T=T,
                      H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, GATE=GATE, DOT_PREC=DOT_PREC), V, ("o",), tune=tune)
 

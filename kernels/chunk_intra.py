@@ -349,11 +349,12 @@ def _kk_all_4(k, gc, t0, T, s_qk, s_g, K: tl.constexpr, BC: tl.constexpr, BK: tl
 
 @triton.jit
 def _diag_block(
-    q, k, gc, t0, T, i_i: tl.constexpr, s_qk, s_g,
+    q, k, gc, qg, t0, T, i_i: tl.constexpr, s_qk, s_g,
     K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    GATE: tl.constexpr, NEED_QK: tl.constexpr, NEED_KK: tl.constexpr, DOT_PREC: tl.constexpr,
+    GATE: tl.constexpr, NEED_QK: tl.constexpr, NEED_KK: tl.constexpr, DOT_PREC: tl.constexpr, QG: tl.constexpr,
 ):
-    """Diagonal sub-block i_i: q k^T masked to i >= j, k k^T masked to i > j (fp32, no beta)."""
+    """Diagonal sub-block i_i: q k^T masked to i >= j, k k^T masked to i > j (fp32, no beta).
+    QG (per-channel gate): also store the sub-chunk's rows of qg = q * 2^G, laid out as gc."""
     o_c = tl.arange(0, BC)
     o_r = t0 + i_i * BC + o_c
     m_r = o_r < T
@@ -379,6 +380,10 @@ def _diag_block(
             if NEED_QK:
                 b_q = b_q.to(tl.float32)
             b_g = tl.load(gc + o_r[:, None] * s_g + o_k[None, :], mask=m_rk, other=0.)
+            if QG:
+                # the output kernel's gated queries, formed here where q and G are loaded anyway
+                tl.store(qg + o_r[:, None] * s_g + o_k[None, :], (b_q * tl.exp2(b_g)).to(qg.dtype.element_ty),
+                         mask=m_rk)
             # largest |G_first - G_last| over the channels of this block (G is non-increasing)
             b_g0 = tl.load(gc + o_first * s_g + o_k, mask=m_k, other=0.)
             b_g1 = tl.load(gc + o_last * s_g + o_k, mask=m_k, other=0.)
@@ -448,15 +453,16 @@ def _beta_rows(beta, t0, T, i_i: tl.constexpr, HV: tl.constexpr, BC: tl.constexp
     return tl.load(beta + o_r * HV, mask=o_r < T, other=0.).to(tl.float32)
 
 
-@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
+@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None, "QG": lambda a: a["qg"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def chunk_intra_kernel(
-    q, k, gc, beta, Aqk, Ai, cu_seqlens, chunk_indices, T,
+    q, k, gc, beta, Aqk, Ai, qg, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BK: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, OFFDIAG: tl.constexpr = "blocks",
+    DOT_PREC: tl.constexpr, QG: tl.constexpr = False, OFFDIAG: tl.constexpr = "blocks",
 ):
-    """Aqk (diagonal gate) and Ai = (I + Akk)^-1 (delta rules) of one chunk. Grid (NT, B * HV)."""
+    """Aqk (diagonal gate) and Ai = (I + Akk)^-1 (delta rules) of one chunk. Grid (NT, B * HV).
+    qg (diagonal gate; None otherwise) = q * 2^G [B, T, HV, K], for the output kernel."""
     tl.static_assert(BT == BC or BT == 2 * BC or BT == 4 * BC)
     NC: tl.constexpr = BT // BC
     # OFFDIAG "fused": the per-channel-gate, 4-sub-chunk case computes its six off-diagonal blocks
@@ -486,6 +492,8 @@ def chunk_intra_kernel(
         s_g = 0
     if NEED_QK:
         Aqk += (bos * HV + i_hv) * BT
+    if QG:
+        qg += (bos * HV + i_hv) * K
     if DELTA:
         beta += bos * HV + i_hv
         Ai += (bos * HV + i_hv) * BT
@@ -500,14 +508,14 @@ def chunk_intra_kernel(
             (b_qk10, b_qk20, b_qk21, b_qk30, b_qk31, b_qk32,
              b_kk10, b_kk20, b_kk21, b_kk30, b_kk31, b_kk32) = _offdiag_diagonal_gate_4(
                 q, k, gc, t0, T, s_qk, s_g, K, BC, BK, NEED_KK, DOT_PREC)
-        b_qk00, b_kk00 = _diag_block(q, k, gc, t0, T, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+        b_qk00, b_kk00 = _diag_block(q, k, gc, qg, t0, T, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG)
         if NEED_QK:
             _store_block(Aqk, b_qk00, t0, T, 0, 0, s_A, BC)
         if NC > 1:
             if not FUSED:
                 b_qk10, b_kk10 = _offdiag_block(q, k, gc, t0, T, 1, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
                                                 DOT_PREC)
-            b_qk11, b_kk11 = _diag_block(q, k, gc, t0, T, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+            b_qk11, b_kk11 = _diag_block(q, k, gc, qg, t0, T, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG)
             if NEED_QK:
                 _store_block(Aqk, b_qk10, t0, T, 1, 0, s_A, BC)
                 _store_block(Aqk, b_qk11, t0, T, 1, 1, s_A, BC)
@@ -523,8 +531,8 @@ def chunk_intra_kernel(
                                                 DOT_PREC)
                 b_qk32, b_kk32 = _offdiag_block(q, k, gc, t0, T, 3, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
                                                 DOT_PREC)
-            b_qk22, b_kk22 = _diag_block(q, k, gc, t0, T, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
-            b_qk33, b_kk33 = _diag_block(q, k, gc, t0, T, 3, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC)
+            b_qk22, b_kk22 = _diag_block(q, k, gc, qg, t0, T, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG)
+            b_qk33, b_kk33 = _diag_block(q, k, gc, qg, t0, T, 3, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG)
             if NEED_QK:
                 _store_block(Aqk, b_qk20, t0, T, 2, 0, s_A, BC)
                 _store_block(Aqk, b_qk21, t0, T, 2, 1, s_A, BC)

@@ -189,15 +189,16 @@ def chunk_state_kernel(
             tl.store(p_ht + o_k2[:, None] * V + o_v[None, :], b_h2, mask=m_k2[:, None] & m_v[None, :])
 
 
-@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
+@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None, "QG": lambda a: a["qg"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def chunk_output_kernel(
-    q, k, v, gc, h, Aqk, o, cu_seqlens, chunk_indices, scale, T,
+    q, k, v, gc, h, Aqk, qg, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, QG: tl.constexpr = False,
 ):
-    """o of one chunk and V block. Grid (cdiv(V, BV), NT, B * HV); v is v~ for delta rules."""
+    """o of one chunk and V block. Grid (cdiv(V, BV), NT, B * HV); v is v~ for delta rules.
+    qg (diagonal gate): the intra kernel's q * 2^G [B, T, HV, K], read instead of q and the fp32 G."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
@@ -220,6 +221,8 @@ def chunk_output_kernel(
         gc += bos * HV + i_hv
     elif GATE == 2:
         gc += bos * HV * K + i_hv * K
+    if QG:
+        qg += bos * HV * K + i_hv * K
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -227,10 +230,15 @@ def chunk_output_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         # [BT, BK]
-        b_q = tl.load(q + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        if QG:
+            b_q = tl.load(qg + o_t[:, None] * (HV * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        else:
+            b_q = tl.load(q + o_t[:, None] * (H * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         # [BK, BV]
         b_h = tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
-        if GATE == 2:
+        if QG:
+            b_q = b_q.to(b_h.dtype)
+        elif GATE == 2:
             b_g = tl.load(gc + o_t[:, None] * (HV * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
             b_q = (b_q.to(tl.float32) * tl.exp2(b_g)).to(b_h.dtype)
         else:

@@ -92,9 +92,10 @@ def intra():
         for offdiag in ("blocks", "fused"):
             ptr = {"q": "*bf16", "k": "*bf16", "gc": "*fp32" if gate else None,
                    "beta": "*fp32" if delta else None, "Aqk": "*bf16" if gate == 2 else None,
+                   "qg": "*bf16" if gate == 2 else None,
                    "Ai": "*bf16" if delta else None, "cu_seqlens": None, "chunk_indices": None}
             const = dict(H=4, HV=4, K=128, BT=64, BC=16, BK=64, GATE=gate, DELTA=delta, IS_VARLEN=False,
-                         DOT_PREC="tf32", OFFDIAG=offdiag)
+                         DOT_PREC="tf32", QG=gate == 2, OFFDIAG=offdiag)
             ok.append(compile_one(f"chunk_intra_kernel gate={gate} delta={delta} {offdiag}", m.chunk_intra_kernel,
                                   ptr, const))
     return ok
@@ -114,6 +115,21 @@ def state():
                          STORE_FINAL_STATE=True, IS_VARLEN=True, DOT_PREC="tf32", KG=kg, **variant)
             ok.append(compile_one(f"chunk_state_kernel gate={gate} delta={delta} kg={kg} {variant or 'whole'}",
                                   m.chunk_state_kernel, ptr, const, options=dict(num_warps=4, num_stages=2)))
+    return ok
+
+
+def output():
+    """The output kernel per gate; the per-channel gate with the intra kernel's qg."""
+    from unifattn.kernels import chunk_state as m
+    ok = []
+    for gate in (0, 1, 2):
+        ptr = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "gc": "*fp32" if gate else None, "h": "*bf16",
+               "Aqk": "*bf16" if gate == 2 else None, "qg": "*bf16" if gate == 2 else None, "o": "*bf16",
+               "cu_seqlens": "*i32", "chunk_indices": "*i32"}
+        const = dict(H=4, HV=8, K=128, V=128, BT=64, BK=64, BV=64, GATE=gate, IS_VARLEN=True, DOT_PREC="tf32",
+                     QG=gate == 2)
+        ok.append(compile_one(f"chunk_output_kernel gate={gate}", m.chunk_output_kernel, ptr, const, {"scale": "fp32"},
+                              options=dict(num_warps=4, num_stages=2)))
     return ok
 
 
@@ -201,7 +217,8 @@ def select():
     return ok
 
 
-PARTS = {"topk": topk, "scan": scan, "intra": intra, "state": state, "recurrent": recurrent, "prep": prep, "sparse": sparse, "select": select}
+PARTS = {"topk": topk, "scan": scan, "intra": intra, "state": state, "output": output, "recurrent": recurrent,
+         "prep": prep, "sparse": sparse, "select": select}
 
 
 def main():
