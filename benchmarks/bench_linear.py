@@ -1,6 +1,9 @@
 """Generated chunk kernels vs flash-linear-attention and SDPA on one GPU, one run.
 
-    python benchmarks/bench_linear.py [--quick]
+    python benchmarks/bench_linear.py [--quick] [--rules dplr --fla dplr]
+
+`--rules dplr` adds the DPLR chunk form (kernels/chunk_dplr.py; RWKV-7-like inputs) beside fla's
+chunk_dplr_delta_rule; it is not in the default list and has not yet run on the H200.
 
 1. correctness at the benchmark shape: chunk form vs our recurrent form (fp32
    inputs, full shape) and vs the float32 reference on a slice;
@@ -65,8 +68,12 @@ def inputs(name, B, T, H, K, V, dtype, device, seed=0):
         extra["beta"] = torch.sigmoid(torch.randn(B, T, H, device=device))
     if name in ("simple_gla", "gated_deltanet"):
         extra["g"] = F.logsigmoid(torch.randn(B, T, H, device=device)) / 8
-    if name in ("gla", "kda"):
+    if name in ("gla", "kda", "dplr"):
         extra["g"] = F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 8
+    if name == "dplr":    # RWKV-7's removal: b a unit vector, a = -c b with c in (0, 1)
+        extra["b"] = F.normalize(torch.randn(B, T, H, K, device=device), dim=-1)
+        extra["a"] = -torch.rand(B, T, H, 1, device=device) * extra["b"]
+        k = (0.3 * k.float()).to(dtype)
     return q, k, v, extra
 
 
@@ -90,6 +97,11 @@ def fla_fn(name):
         if name == "kda":
             from fla.ops.kda import chunk_kda
             return lambda q, k, v, e: chunk_kda(q, k, v, g=e["g"], beta=e["beta"])
+        if name == "dplr":
+            # fla's a reads the state and its b writes: S' = Diag(exp gk) S + b (a^T S) + k v^T
+            from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
+            return lambda q, k, v, e: chunk_dplr_delta_rule(q, k, v, a=e["b"].to(q.dtype), b=e["a"].to(q.dtype),
+                                                            gk=e["g"])
     except Exception as exc:  # noqa: BLE001 - fla is optional
         return f"{type(exc).__name__}: {exc}"[:80]
     return None
@@ -152,6 +164,9 @@ def flops(name, B, T, H, K, V, C=64):
     f = 2 * B * T * H * (C * K + C * V + 2 * K * V)
     if "delta" in name or name == "kda":
         f += 2 * B * T * H * (C * K + C * C + C * (K + V) + K * V)
+    if name == "dplr":    # chunks of 16: four gated C x C matrices, the solve, W, U, and two more state terms
+        C = 16
+        f = 2 * B * T * H * (4 * C * K + C * C + C * (K + V) + 3 * C * V + 4 * K * V)
     return f
 
 

@@ -23,17 +23,27 @@ from unifattn.dsl.rule import Rule
 from .printer import Printer
 from .recurrent import header
 
-TEMPLATE_VERSION = "chunk-3"
-FACTS = ("query", "key", "value", "log_gate", "beta")
+TEMPLATE_VERSION = "chunk-4"
+FACTS = ("query", "key", "value", "log_gate", "beta", "lowrank_a", "lowrank_b")
+
+
+def fact_nodes(facts: Facts) -> dict[str, ir.Node]:
+    """The facts the chunk form reads, by name (dplr's low-rank pair A = Diag(exp g) + a b^T as lowrank_a, _b)."""
+    out = {f: getattr(facts, f) for f in FACTS[:5]}
+    a, b = facts.lowrank or (None, None)
+    out.update(lowrank_a=a, lowrank_b=b)
+    return {f: n for f, n in out.items() if n is not None}
 
 
 def plan(facts: Facts, computed: list[str]) -> nx.DiGraph:
     """Stages of the chunk forward (as the shared pipeline declares them) and the tensors between them."""
     from unifattn.kernels.chunk import chunk_stages
+    from unifattn.kernels.chunk_dplr import dplr_stages
     g = nx.DiGraph()
     src = "prep" if computed else "inputs"
-    g.add_node(src, tensors="q, k, v, g, beta")
-    for stage, reads in chunk_stages(facts.gate, facts.delta).items():
+    g.add_node(src, tensors="q, k, v, g, a, b" if facts.transition == "dplr" else "q, k, v, g, beta")
+    stages = dplr_stages() if facts.transition == "dplr" else chunk_stages(facts.gate, facts.delta)
+    for stage, reads in stages.items():
         g.add_node(stage)
         g.add_edge(src, stage)
         for dep, tensors in reads.items():
@@ -54,12 +64,16 @@ def _raw(node: ir.Node | None) -> str | None:
 def emit(r: Rule, facts: Facts, digest: str) -> str:
     K, V = r.state_dims
     dims = {K: ("o_k", "m_k", "K"), V: ("o_v", "m_v", "V")}
-    computed = [f for f in FACTS if getattr(facts, f) is not None and _raw(getattr(facts, f)) is None]
+    nodes = fact_nodes(facts)
+    computed = [f for f in FACTS if f in nodes and _raw(nodes[f]) is None]
     order = launch_order(plan(facts, computed))
-    raw = {f: _raw(getattr(facts, f)) for f in FACTS if _raw(getattr(facts, f)) is not None}
+    raw = {f: _raw(nodes[f]) for f in FACTS if f in nodes and _raw(nodes[f]) is not None}
     text = header(r, facts, "chunk", "fwd", digest, " -> ".join(order))
     text += "\nimport torch\nimport triton\nimport triton.language as tl\n\n"
-    text += "from unifattn.kernels.chunk import chunk_fwd\nfrom unifattn.kernels.utils import empty\n\n"
+    if facts.transition == "dplr":
+        text += "from unifattn.kernels.chunk_dplr import chunk_dplr_fwd\nfrom unifattn.kernels.utils import empty\n\n"
+    else:
+        text += "from unifattn.kernels.chunk import chunk_fwd\nfrom unifattn.kernels.utils import empty\n\n"
     text += f"GATE = {facts.gate!r}\nDELTA = {facts.delta}\nCOMPUTED = {tuple(computed)!r}\nRAW = {raw!r}\n"
     text += f"PLAN = {tuple(s for s in order if s not in ('prep', 'inputs'))!r}   # launch order of the stages\n"
     if computed:
@@ -69,7 +83,8 @@ def emit(r: Rule, facts: Facts, digest: str) -> str:
 
 
 def _prep_kernel(r: Rule, facts: Facts, computed: list[str], dims) -> str:
-    roots = [getattr(facts, f) for f in computed]
+    nodes = fact_nodes(facts)
+    roots = [nodes[f] for f in computed]
     used = {n.name: n for n in ir.walk(roots) if n.op in ("input", "param")}
     specs = [s for s in r.inputs if s.name in used]
     names: dict[int, str] = {}
@@ -94,7 +109,7 @@ def _prep_kernel(r: Rule, facts: Facts, computed: list[str], dims) -> str:
             lines.append(f"b_{st.target} = {pr(st.node)}")
             names[id(st.node)] = f"b_{st.target}"
     for f in computed:
-        node = getattr(facts, f)
+        node = nodes[f]
         expr = pr(node)
         if node.shape:
             o_d, m_d, D = dims[node.shape[0]]
@@ -126,21 +141,20 @@ def {r.name}_chunk_prep(
 
 
 def _forward(r: Rule, facts: Facts, computed: list[str]) -> str:
-    roots = [getattr(facts, f) for f in computed]
+    nodes = fact_nodes(facts)
+    roots = [nodes[f] for f in computed]
     used = {n.name for n in ir.walk(roots) if n.op in ("input", "param")}
     specs = [s for s in r.inputs if s.name in used]
     tok = [s for s in specs if s.kind == "token"]
-    shapes = {"query": "K", "key": "K", "value": "V", "log_gate": "K", "beta": None}
     alloc = []
     for f in computed:
-        node = getattr(facts, f)
+        node = nodes[f]
         if node.shape:
             d = "K" if node.shape[0] == r.state_dims[0] else "V"
-            dt = "torch.float32" if f in ("log_gate", "beta") else "dtype"
+            dt = "torch.float32" if f in ("log_gate", "beta", "lowrank_a", "lowrank_b") else "dtype"
             alloc.append(f"prep[{f!r}] = empty((B, T, HV, {d}), {dt}, device)")
         else:
             alloc.append(f"prep[{f!r}] = empty((B, T, HV), torch.float32, device)")
-    del shapes
     launch = ""
     if computed:
         launch = f'''    if B * T:
@@ -163,20 +177,32 @@ def _forward(r: Rule, facts: Facts, computed: list[str]) -> str:
     v = prep["value"]
     if v.shape[2] != HV:
         v = v.repeat_interleave(HV // v.shape[2], dim=2)
-    g, beta = prep.get("log_gate"), prep.get("beta")
+{_call(facts)}
+
+
+def _per_value_head(x, HV, K=None):
+    """x [B, T, heads(, K)] as fp32 [B, T, HV(, K)]; with K, a per-head scalar becomes one per channel."""
+    if x is None:
+        return None
+    x = x.float()
+    x = x.repeat_interleave(HV // x.shape[2], dim=2) if x.shape[2] != HV else x
+    return x[..., None].expand(*x.shape, K).contiguous() if K is not None and x.dim() == 3 else x
+'''
+
+
+def _call(facts: Facts) -> str:
+    """The generated forward's last lines: the pipeline call for the rule's class."""
+    if facts.transition == "dplr":
+        return '''    g = _per_value_head(prep.get("log_gate"), HV, K)   # per channel (a scalar gate is repeated)
+    a, b = _per_value_head(prep["lowrank_a"], HV), _per_value_head(prep["lowrank_b"], HV)
+    return chunk_dplr_fwd(q, k, v.to(dtype), a, b, g, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, tune=tune, stages=PLAN)'''
+    return '''    g, beta = prep.get("log_gate"), prep.get("beta")
     g = _per_value_head(g, HV)
     beta = _per_value_head(beta, HV)
     return chunk_fwd(q, k, v.to(dtype), g, beta, gate=GATE, delta=DELTA, scale=scale,
                      initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                     tune=tune, stages=PLAN)
-
-
-def _per_value_head(x, HV):
-    if x is None:
-        return None
-    x = x.float()
-    return x.repeat_interleave(HV // x.shape[2], dim=2) if x.shape[2] != HV else x
-'''
+                     tune=tune, stages=PLAN)'''
 
 
 def run_chunk(mod, r: Rule, facts: Facts, full: dict, d, scale, initial_state, output_final_state, cu_seqlens,

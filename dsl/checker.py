@@ -27,7 +27,7 @@ from .linearize import KOp, LinMat, LinVec, NotLinear, as_outer, linearize
 from .rule import InputSpec, Rule
 
 CLASSES = ("identity", "scalar", "diagonal", "delta", "scalar_delta", "diagonal_delta", "dplr", "recurrent_only")
-CHUNK_CLASSES = ("identity", "scalar", "diagonal", "delta", "scalar_delta", "diagonal_delta")
+CHUNK_CLASSES = ("identity", "scalar", "diagonal", "delta", "scalar_delta", "diagonal_delta", "dplr")
 GATE_OF = {"identity": "none", "scalar": "scalar", "diagonal": "diagonal", "delta": "none",
            "scalar_delta": "scalar", "diagonal_delta": "diagonal"}
 
@@ -300,6 +300,9 @@ def chunk_identity(cls: str) -> str:
     """Prove the chunk form of ALGORITHMS.md §2 equals the recurrence, C=3 tokens, K=2, V=1."""
     if cls in _CHUNK_PROOF:
         return _CHUNK_PROOF[cls]
+    if cls == "dplr":
+        _CHUNK_PROOF[cls] = _dplr_identity()
+        return _CHUNK_PROOF[cls]
     C, K = 3, 2
     gate, delta = GATE_OF[cls], cls.endswith("delta")
     q = sp.Matrix(C, K, lambda t, i: sp.Symbol(f"q{t}{i}"))
@@ -343,6 +346,36 @@ def chunk_identity(cls: str) -> str:
     ok = all(sp.simplify(sp.together(d)) == 0 for d in diffs)
     _CHUNK_PROOF[cls] = "proved" if ok else "FAILED"
     return _CHUNK_PROOF[cls]
+
+
+def _dplr_identity() -> str:
+    """The DPLR chunk form of kernels/chunk_dplr.py against S_t = (Diag(alpha_t) + a_t b_t^T) S_{t-1} + k_t v_t,
+    C=3 tokens, K=2, V=1, every entry a symbol."""
+    C, K = 3, 2
+    sym = lambda n: sp.Matrix(C, K, lambda t, i: sp.Symbol(f"{n}{t}{i}"))  # noqa: E731
+    q, k, a, b = sym("q"), sym("k"), sym("a"), sym("b")
+    al = sp.Matrix(C, K, lambda t, i: sp.Symbol(f"al{t}{i}", positive=True))
+    v = sp.Matrix(C, 1, lambda t, i: sp.Symbol(f"v{t}"))
+    H0 = sp.Matrix(K, 1, lambda i, j: sp.Symbol(f"h{i}"))
+    H, O_rec = H0, []
+    for t in range(C):
+        H = sp.diag(*al[t, :]) * H + a[t, :].T * (b[t, :] * H) + k[t, :].T * v[t, :]
+        O_rec.append((H.T * q[t, :].T)[0])
+    G = sp.Matrix(C, K, lambda t, i: sp.Mul(*[al[s, i] for s in range(t + 1)]))     # inclusive
+    Gx = sp.Matrix(C, K, lambda t, i: sp.Mul(*[al[s, i] for s in range(t)]))        # exclusive
+    Qg = q.multiply_elementwise(G)
+    Bx = b.multiply_elementwise(Gx)
+    Ad = sp.Matrix(C, K, lambda t, i: a[t, i] / G[t, i])
+    Kd = sp.Matrix(C, K, lambda t, i: k[t, i] / G[t, i])
+    low = lambda M, strict: sp.Matrix(C, C, lambda i, j: M[i, j] if (i > j if strict else i >= j) else 0)  # noqa: E731
+    A_ab, A_bk = low(Bx * Ad.T, True), low(Bx * Kd.T, True)
+    A_qa, A_qk = low(Qg * Ad.T, False), low(Qg * Kd.T, False)
+    P = (sp.eye(C) - A_ab).inv() * (Bx * H0 + A_bk * v)
+    O_chunk = Qg * H0 + A_qa * P + A_qk * v
+    end = lambda X: sp.Matrix(C, K, lambda t, i: X[t, i] * G[C - 1, i] / G[t, i])  # noqa: E731
+    H_chunk = sp.diag(*G[C - 1, :]) * H0 + end(a).T * P + end(k).T * v
+    diffs = [O_rec[t] - O_chunk[t] for t in range(C)] + list(H - H_chunk)
+    return "proved" if all(sp.simplify(sp.together(d)) == 0 for d in diffs) else "FAILED"
 
 
 # ------------------------------------------------------------------ bounds

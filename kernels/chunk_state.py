@@ -80,6 +80,7 @@ def _gated_keys(k, gc, b_gl, o_t, m_t, o_k, m_k, s_k, HV: tl.constexpr, K: tl.co
     "USE_INITIAL_STATE": lambda a: a["h0"] is not None,
     "STORE_FINAL_STATE": lambda a: a["ht"] is not None,
     "IS_VARLEN": lambda a: a["cu_seqlens"] is not None,
+    "DPLR": lambda a: a.get("k2") is not None,
 })
 @triton.jit(do_not_specialize=["T"])
 def chunk_state_kernel(
@@ -88,6 +89,7 @@ def chunk_state_kernel(
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, DELTA: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr, KG: tl.constexpr = False, KSPLIT: tl.constexpr = False,
+    k2=None, v2=None, DPLR: tl.constexpr = False,
 ):
     """States entering each chunk (and v~ for delta rules). Grid (cdiv(V, BV), N * HV).
 
@@ -97,6 +99,8 @@ def chunk_state_kernel(
     with its own dots, as fla's state pass holds it; Triton pipelines that at 4 warps without the
     miscompiles the whole tile met on the H200. Under BK = 32 (halves under tl.dot's 16 rows) the
     state stays whole: half 1 is all of it and half 2 is empty (its code is compiled out).
+    DPLR (kernels/chunk_dplr.py): v~ is the low-rank read P = u - w S (w holds -W), k is a 2^(G_C - G),
+    and the state also takes the write k2^T v2 (k2 = k 2^(G_C - G) [B, T, HV, K], v2 the values).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -126,6 +130,9 @@ def chunk_state_kernel(
         gc += bos * HV + i_hv
     elif GATE == 2:
         gc += bos * HV * K + i_hv * K
+    if DPLR:
+        k2 += bos * HV * K + i_hv * K
+        v2 += bos * HV * V + i_hv * V
 
     TWO: tl.constexpr = KSPLIT and BK >= 32
     BKH: tl.constexpr = BK // 2 if TWO else BK
@@ -186,6 +193,15 @@ def chunk_state_kernel(
         if TWO:
             b_kt2 = _gated_keys(k, gc, b_gl2, o_t, m_t, o_k2, m_k2, s_k, HV, K, GATE, KG)
             b_h2 += _dot(b_kt2, b_v.to(b_kt2.dtype), DOT_PREC)
+        if DPLR:
+            # the write k v^T, its keys gated to the chunk's end by the wu kernel
+            b_v2 = tl.load(v2 + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_tv, other=0.)
+            b_k2t = tl.load(k2 + o_t[None, :] * (HV * K) + o_k1[:, None], mask=m_k1[:, None] & m_t[None, :], other=0.)
+            b_h1 += _dot(b_k2t, b_v2.to(b_k2t.dtype), DOT_PREC)
+            if TWO:
+                b_k2t = tl.load(k2 + o_t[None, :] * (HV * K) + o_k2[:, None], mask=m_k2[:, None] & m_t[None, :],
+                                other=0.)
+                b_h2 += _dot(b_k2t, b_v2.to(b_k2t.dtype), DOT_PREC)
     if STORE_FINAL_STATE:
         p_ht = ht + i_nh.to(tl.int64) * K * V
         tl.store(p_ht + o_k1[:, None] * V + o_v[None, :], b_h1, mask=m_k1[:, None] & m_v[None, :])
@@ -193,16 +209,18 @@ def chunk_state_kernel(
             tl.store(p_ht + o_k2[:, None] * V + o_v[None, :], b_h2, mask=m_k2[:, None] & m_v[None, :])
 
 
-@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None, "QG": lambda a: a["qg"] is not None})
+@triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None, "QG": lambda a: a["qg"] is not None,
+                    "DPLR": lambda a: a.get("A2") is not None})
 @triton.jit(do_not_specialize=["T"])
 def chunk_output_kernel(
     q, k, v, gc, h, Aqk, qg, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, QG: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, QG: tl.constexpr = False, A2=None, v2=None, DPLR: tl.constexpr = False,
 ):
     """o of one chunk and V block. Grid (cdiv(V, BV), NT, B * HV); v is v~ for delta rules.
-    qg (diagonal gate): the intra kernel's q * 2^G [B, T, HV, K], read instead of q and the fp32 G."""
+    qg (diagonal gate): the intra kernel's q * 2^G [B, T, HV, K], read instead of q and the fp32 G.
+    DPLR: Aqk holds A_qa and v the low-rank reads P; A2 (A_qk) times v2 (the values) is added."""
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
@@ -265,5 +283,10 @@ def chunk_output_kernel(
     p_v = v + ((bos + o_t) * HV + i_hv)[:, None] * V + o_v[None, :]
     b_v = tl.load(p_v, mask=m_t[:, None] & m_v[None, :], other=0.)
     b_o += _dot(b_A.to(b_v.dtype), b_v, DOT_PREC)
+    if DPLR:
+        b_A2 = tl.load(A2 + ((bos + o_t) * HV + i_hv)[:, None] * BT + o_i[None, :], mask=m_A, other=0.)
+        b_v2 = tl.load(v2 + ((bos + o_t) * HV + i_hv)[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                       other=0.)
+        b_o += _dot(b_A2.to(b_v2.dtype), b_v2, DOT_PREC)
     p_o = o + ((bos + o_t) * HV + i_hv)[:, None] * V + o_v[None, :]
     tl.store(p_o, (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])

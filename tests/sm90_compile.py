@@ -133,6 +133,36 @@ def output():
     return ok
 
 
+def dplr():
+    """The DPLR chunk kernels, and the state / output kernels with their DPLR terms."""
+    from unifattn.kernels import chunk_dplr as m, chunk_state as s
+    rows = {"cu_seqlens": "*i32", "chunk_indices": "*i32"}
+    ok = [compile_one("chunk_dplr_intra_kernel", m.chunk_dplr_intra_kernel,
+                      {"q": "*bf16", "k": "*bf16", "a": "*fp32", "b": "*fp32", "gc": "*fp32", "Aqk": "*bf16",
+                       "Aqa": "*bf16", "Abk": "*bf16", "Ai": "*bf16", "qg": "*bf16", **rows},
+                      dict(H=4, HV=8, K=128, BT=m.CHUNK, BK=64, IS_VARLEN=True), options=dict(num_warps=4)),
+          compile_one("chunk_dplr_wu_kernel", m.chunk_dplr_wu_kernel,
+                      {"k": "*bf16", "v": "*bf16", "a": "*fp32", "b": "*fp32", "gc": "*fp32", "Abk": "*bf16",
+                       "Ai": "*bf16", "w": "*bf16", "u": "*bf16", "kg": "*bf16", "kg2": "*bf16", **rows},
+                      dict(H=4, HV=8, K=128, V=128, BT=m.CHUNK, BK=64, BV=64, IS_VARLEN=True, DOT_PREC="tf32"),
+                      options=dict(num_warps=4, num_stages=2))]
+    for variant in ({}, {"KSPLIT": True}):
+        ok.append(compile_one(f"chunk_state_kernel dplr {variant or 'whole'}", s.chunk_state_kernel,
+                              {"k": "*bf16", "v": "*bf16", "w": "*bf16", "gc": "*fp32", "h": "*bf16", "v_new": "*bf16",
+                               "h0": "*fp32", "ht": "*fp32", "k2": "*bf16", "v2": "*bf16", "cu_seqlens": "*i32",
+                               "chunk_offsets": "*i32"},
+                              dict(H=4, HV=8, K=128, V=128, BT=m.CHUNK, BK=128, BV=64, GATE=2, DELTA=True,
+                                   USE_INITIAL_STATE=True, STORE_FINAL_STATE=True, IS_VARLEN=True, DOT_PREC="tf32",
+                                   KG=True, DPLR=True, **variant), options=dict(num_warps=4, num_stages=2)))
+    ok.append(compile_one("chunk_output_kernel dplr", s.chunk_output_kernel,
+                          {"q": "*bf16", "k": "*bf16", "v": "*bf16", "gc": "*fp32", "h": "*bf16", "Aqk": "*bf16",
+                           "qg": "*bf16", "A2": "*bf16", "v2": "*bf16", "o": "*bf16", **rows},
+                          dict(H=4, HV=8, K=128, V=128, BT=m.CHUNK, BK=64, BV=64, GATE=2, IS_VARLEN=True,
+                               DOT_PREC="tf32", QG=True, DPLR=True), {"scale": "fp32"},
+                          options=dict(num_warps=4, num_stages=2)))
+    return ok
+
+
 def recurrent():
     """The generated recurrent kernel of every built-in rule (retnet, mamba2, dplr, ... included)."""
     import importlib.util
@@ -217,7 +247,8 @@ def select():
     return ok
 
 
-PARTS = {"topk": topk, "scan": scan, "intra": intra, "state": state, "output": output, "recurrent": recurrent,
+PARTS = {"topk": topk, "scan": scan, "intra": intra, "state": state, "output": output, "dplr": dplr,
+         "recurrent": recurrent,
          "prep": prep, "sparse": sparse, "select": select}
 
 

@@ -42,13 +42,13 @@ def test_show_kda(cli):
     assert "proved" in out
 
 
-def test_show_dplr_names_its_recurrent_only_forms(cli):
+def test_show_dplr_names_its_chunk_form_and_low_rank_pair(cli):
     p = cli("show", "dplr")
     assert p.returncode == 0, p.stderr
     assert _field(p.stdout, "transition class") == "dplr"
-    forms = _field(p.stdout, "forms")
-    assert forms.startswith("reference, recurrent") and "chunk" not in forms.split("(")[0]
+    assert "chunk" in _field(p.stdout, "forms")
     assert "low rank a, b" in p.stdout
+    assert "chunk form of 'dplr' == recurrence on 3 symbolic tokens: proved" in p.stdout
 
 
 def test_show_mamba2_bound(cli):

@@ -35,7 +35,7 @@ def test_chunk_every_rule(r, T):
 
 
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
-@pytest.mark.parametrize("name", ["gla", "kda", "mamba2"])
+@pytest.mark.parametrize("name", ["gla", "kda", "mamba2", "dplr"])
 def test_varlen_and_gate_extremes(form, name):
     r = ua.rules.BUILTIN[name]
     for low in (-8.0, -1e-4):
@@ -46,7 +46,7 @@ def test_varlen_and_gate_extremes(form, name):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs(dtype):
-    for r in (ua.rules.gated_deltanet, ua.rules.gla):
+    for r in (ua.rules.gated_deltanet, ua.rules.gla, ua.rules.rwkv7):
         case = make_inputs(r, T=70, H=1, K=16, V=16, dtype=dtype, initial_state=True)
         assert_matches_reference(r, form="chunk", **case)
         assert_matches_reference(r, form="recurrent", **case)
@@ -238,10 +238,11 @@ def test_float64_inputs_point_to_the_reference_form(form):
 
 
 def test_checker_classes_map_to_the_pipeline_flags():
-    """dsl (which cannot import kernels) and the chunk pipeline name the same (gate, delta) per class."""
+    """dsl (which cannot import kernels) and the chunk pipeline name the same (gate, delta) per class;
+    dplr has its own pipeline (kernels/chunk_dplr.py)."""
     from unifattn.dsl.checker import CHUNK_CLASSES, GATE_OF
     from unifattn.kernels.chunk import CLASS_FLAGS
-    assert set(CHUNK_CLASSES) == set(CLASS_FLAGS)
+    assert set(CHUNK_CLASSES) == set(CLASS_FLAGS) | {"dplr"}
     for cls, (gate, delta) in CLASS_FLAGS.items():
         assert GATE_OF[cls] == gate and cls.endswith("delta") == delta
 

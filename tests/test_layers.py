@@ -23,7 +23,7 @@ def _x(B=2, T=40, seed=0, grad=False):
 
 
 # --------------------------------------------------------------------------- LinearAttention
-@pytest.mark.parametrize("name", ["kda", "gla", "retnet", "mamba2"])
+@pytest.mark.parametrize("name", ["kda", "gla", "retnet", "mamba2", "rwkv7"])
 def test_linear_chunk_equals_reference(name):
     torch.manual_seed(0)
     layer = LinearAttention(D_MODEL, 2, 8, ua.rules.BUILTIN[name], num_v_heads=4, form="chunk").to(DEVICE)
@@ -187,13 +187,25 @@ def test_hybrid_stack_dense_and_varlen():
 
 
 # --------------------------------------------------------------------------- errors
+@ua.dsl.rule(state=("K", "V"))
+def cubic(S, q: ua.dsl.Vec["K"], k: ua.dsl.Vec["K"], v: ua.dsl.Vec["V"]):
+    """Not affine in S: recurrent_only, no chunk form."""
+    S = S @ S.T @ S
+    S = S + ua.dsl.outer(k, v)
+    return S, S.T @ q
+
+
+def _cubic_rule():
+    return cubic
+
+
 @pytest.mark.parametrize("make, exc, match", [
     (lambda: LinearAttention(D_MODEL, 2, 8, "kda"), TypeError, "rule: expected a rule"),
     (lambda: LinearAttention(D_MODEL, 2, 8, ua.rules.kda, num_v_heads=3), ValueError, "multiple of num_heads=2"),
     (lambda: LinearAttention(D_MODEL, 2, 0, ua.rules.kda), ValueError, "head_dim: expected a positive int"),
     (lambda: LinearAttention(D_MODEL, 2.0, 8, ua.rules.kda), TypeError, "num_heads: expected a positive int"),
     (lambda: LinearAttention(D_MODEL, 2, 8, ua.rules.kda, form="fast"), ValueError, "form: expected one of"),
-    (lambda: LinearAttention(D_MODEL, 2, 8, ua.rules.rwkv7, form="chunk"), ValueError, "form='recurrent'"),
+    (lambda: LinearAttention(D_MODEL, 2, 8, _cubic_rule(), form="chunk"), ValueError, "form='recurrent'"),
     (lambda: LinearAttention(D_MODEL, 2, 8, ua.rules.retnet, param_init={"gamma": torch.full((2,), 1.5)}),
      ValueError, r"values in \(0, 1\]"),
     (lambda: LinearAttention(D_MODEL, 2, 8, ua.rules.retnet, param_init={"gamma": torch.tensor([0.5, float("nan")])}),
