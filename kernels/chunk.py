@@ -132,7 +132,7 @@ def _launch(name, kernel, configs, grid, key, args, V, writes, tune=False):
 
     if interpreting() or len(candidates) == 1:
         return run(candidates[0])
-    key = (name,) + tuple(key)
+    key = (name, _source_hash(kernel)) + tuple(key)
     if key not in _TUNED:
         # tuned.json is read once per kernel and shape; None remembers "no choice on disk", so an
         # untuned call does not reopen the file (it ran 5 times per forward: ~60 us of host time)
@@ -144,6 +144,20 @@ def _launch(name, kernel, configs, grid, key, args, V, writes, tune=False):
             return run(candidates[0])
         _TUNED[key] = _tune(key, candidates, run, [args[w] for w in writes if args.get(w) is not None])
     run(_TUNED[key])
+
+
+def _source_hash(kernel) -> str:
+    """Triton's hash of the kernel's source and the jit functions it calls: a tuned choice made for an
+    earlier version of a kernel (tuned.json outlives code changes) is not reused for the new one."""
+    fn = kernel
+    while not hasattr(fn, "cache_key") and hasattr(fn, "fn"):      # through @triton.heuristics wrappers
+        fn = fn.fn
+    if hasattr(fn, "cache_key"):
+        return fn.cache_key[:16]
+    # under the interpreter a kernel is its Python function, without Triton's hash: hash its text
+    import hashlib
+    import inspect
+    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
 
 
 _CANDIDATES: dict = {}

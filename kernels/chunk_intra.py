@@ -4,6 +4,7 @@ Shape legend (one for the whole chunk family):
     q, k   [B, T, H, K]        v, u, v_new  [B, T, HV, V]       w  [B, T, HV, K]
     g, gc  [B, T, HV] (scalar gate) or [B, T, HV, K] (diagonal gate), fp32
     beta   [B, T, HV] fp32     Aqk, Ai  [B, T, HV, BT]: row t holds its chunk's row
+    qg     [B, T, HV, K] = q * 2^G (diagonal gate), for the output kernel
 
 Within one chunk of BT rows (G = chunk-local cumsum of the log gate, stored in log2 units):
 

@@ -97,7 +97,7 @@ def chunk_state_kernel(
     KG: k is already k * 2^(G_C - G), [B, T, HV, K] (the wu kernel's kg, per-channel delta rules).
     KSPLIT: the [BK, BV] fp32 state is held as two halves of BK / 2 key rows (1 and 2 below), each
     with its own dots, as fla's state pass holds it; Triton pipelines that at 4 warps without the
-    miscompiles the whole tile met on the H200. Under BK = 32 (halves under tl.dot's 16 rows) the
+    miscompiles the whole tile met on the H200. With BK < 32 (halves under tl.dot's 16 rows) the
     state stays whole: half 1 is all of it and half 2 is empty (its code is compiled out).
     DPLR (kernels/chunk_dplr.py): v~ is the low-rank read P = u - w S (w holds -W), k is a 2^(G_C - G),
     and the state also takes the write k2^T v2 (k2 = k 2^(G_C - G) [B, T, HV, K], v2 the values).
@@ -157,9 +157,9 @@ def chunk_state_kernel(
         if TWO:
             _store_rows(b_h2, h, o_k2, m_k2, o_v, m_v, V)
         h += HV * K * V  # pointer arithmetic is 64-bit: no int32 overflow over long sequences
-        # [BT, BV] values written into the state by this chunk. Loads in this order, after the stores:
-        # a reordering of them miscompiled for delta rules in bf16 on the H200 under Triton 3.6
-        # (outputs changed from run to run).
+        # [BT, BV] values written into the state by this chunk. The loads of v, w and k stay after the
+        # stores of h: moving them above the stores miscompiled for delta rules in bf16 on the H200 under
+        # Triton 3.6 (outputs changed from run to run). The order below is the one the H200 probes passed.
         b_v = tl.load(v + o_t[:, None] * (HV * V) + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
         if DELTA:
             # v~ = u - w S, what the keys do not already recall; one half of the key dimension at a time
@@ -239,10 +239,10 @@ def chunk_output_kernel(
     q += bos * H * K + i_h * K
     k += bos * H * K + i_h * K
     h += (i_tg * HV + i_hv) * K * V
+    # the per-channel gate enters only through qg (the intra kernel's q 2^G)
+    tl.static_assert(QG == (GATE == 2), "chunk_output_kernel: qg is given exactly for the per-channel gate")
     if GATE == 1:
         gc += bos * HV + i_hv
-    elif GATE == 2:
-        gc += bos * HV * K + i_hv * K
     if QG:
         qg += bos * HV * K + i_hv * K
 
@@ -260,9 +260,6 @@ def chunk_output_kernel(
         b_h = tl.load(h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.)
         if QG:
             b_q = b_q.to(b_h.dtype)
-        elif GATE == 2:
-            b_g = tl.load(gc + o_t[:, None] * (HV * K) + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-            b_q = (b_q.to(tl.float32) * tl.exp2(b_g)).to(b_h.dtype)
         else:
             # [BK, BT]
             b_kt = tl.load(k + o_t[None, :] * (H * K) + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)

@@ -90,6 +90,8 @@ def test_gate_extremes(gates):
 def test_free_low_rank_pair_and_odd_dims():
     # a not parallel to b; K = 40 (a partly masked key block), V = 24
     check(make(B=1, T=35, K=40, V=24, lowrank="free", seed=2))
+    # K = 80: two key blocks of 64 in the intra and wu kernels, the state in halves of 64 rows
+    check(make(B=1, T=20, K=80, V=16, lowrank="free", seed=7))
 
 
 def test_varlen_empty_sequence_grouped_value_heads():

@@ -377,3 +377,14 @@ def test_launch_runs_the_default_config_until_asked_to_tune(tmp_path, monkeypatc
     chunk_mod._launch("k", FakeKernel(), configs, lambda kw: (1,), ("shape",), args, 128, ("o",), tune=True)
     chunk_mod._launch("k", FakeKernel(), configs, lambda kw: (1,), ("shape",), args, 128, ("o",))
     assert launched[1:] == [(64, 8), (64, 8)]
+
+
+def test_tuned_choices_are_keyed_by_kernel_source():
+    # tuned.json outlives code changes: a choice is remembered per kernel source hash (through the
+    # heuristics wrapper), so an edited kernel is tuned again instead of reusing an old choice
+    from unifattn.kernels import chunk_intra, chunk_state
+    h_out, h_state = (chunk_module._source_hash(k) for k in (chunk_state.chunk_output_kernel,
+                                                              chunk_state.chunk_state_kernel))
+    assert len(h_out) == 16 and h_out != h_state
+    assert chunk_module._source_hash(chunk_intra.chunk_intra_kernel) == chunk_module._source_hash(
+        chunk_intra.chunk_intra_kernel.fn)
