@@ -273,6 +273,27 @@ def chunk_stages(gate: str, delta: bool) -> dict[str, dict[str, str]]:
     return stages
 
 
+def chunk_grid(cu_seqlens, B: int, T: int, BT: int, device):
+    """(cu_seqlens as int32, chunk_indices, chunk_offsets, NT_grid, NB, n_chunks): per-chunk grids run
+    (NT_grid, NB * HV) programs; with cu_seqlens NT_grid counts the chunks of all sequences and NB = 1."""
+    if cu_seqlens is None:
+        NT_grid = cdiv(T, BT)
+        return None, None, None, NT_grid, B, B * NT_grid
+    cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+    chunk_indices, chunk_offsets, NT = prepare_chunk_indices(cu_seqlens, BT)
+    return cu_seqlens, chunk_indices, chunk_offsets, NT, 1, NT
+
+
+def empty_result(v, N: int, K: int, h0, output_final_state: bool):
+    """Nothing to run (every sequence empty): an empty o, and each initial state passed through."""
+    o = empty(v.shape, v.dtype, v.device)
+    ht = None
+    if output_final_state:
+        ht = empty((N, v.shape[2], K, v.shape[3]), torch.float32, v.device)
+        ht.copy_(h0 if h0 is not None else torch.zeros_like(ht))
+    return o, ht
+
+
 def _check_order(order, stages):
     done = set()
     for name in order:
@@ -330,24 +351,9 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
     BK_STATE = max(16, next_pow2(K))
     BK = min(64, BK_STATE)
 
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
-        chunk_indices, chunk_offsets, NT = prepare_chunk_indices(cu_seqlens, BT)
-        NT_grid, NB = NT, 1           # per-chunk grids: (all chunks, HV)
-        n_chunks = NT
-    else:
-        chunk_indices = chunk_offsets = None
-        NT_grid, NB = cdiv(T, BT), B
-        n_chunks = B * NT_grid
-
+    cu_seqlens, chunk_indices, chunk_offsets, NT_grid, NB, n_chunks = chunk_grid(cu_seqlens, B, T, BT, device)
     if n_chunks == 0:
-        # nothing to run: every sequence is empty and passes its initial state through
-        o = empty(v.shape, v.dtype, device)
-        ht = None
-        if output_final_state:
-            ht = empty((N, HV, K, V), torch.float32, device)
-            ht.copy_(h0 if h0 is not None else torch.zeros_like(ht))
-        return o, ht
+        return empty_result(v, N, K, h0, output_final_state)
 
     plan = chunk_stages(gate, DELTA)
     order = tuple(plan) if stages is None else tuple(stages)

@@ -219,21 +219,9 @@ def chunk_dplr_fwd(q, k, v, a, b, g=None, *, scale: float = 1.0, initial_state=N
     DOT_PREC = "ieee" if dt == torch.float32 else ("upcast" if interpreting() and dt == torch.bfloat16 else "tf32")
     BK_STATE = max(16, next_pow2(K))
     BK = min(64, BK_STATE)
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
-        chunk_indices, chunk_offsets, NT = chunk.prepare_chunk_indices(cu_seqlens, BT)
-        NT_grid, NB, n_chunks = NT, 1, NT
-    else:
-        chunk_indices = chunk_offsets = None
-        NT_grid, NB = chunk.cdiv(T, BT), B
-        n_chunks = B * NT_grid
+    cu_seqlens, chunk_indices, chunk_offsets, NT_grid, NB, n_chunks = chunk.chunk_grid(cu_seqlens, B, T, BT, device)
     if n_chunks == 0:
-        o = empty(v.shape, v.dtype, device)
-        ht = None
-        if output_final_state:
-            ht = empty((N, HV, K, V), torch.float32, device)
-            ht.copy_(h0 if h0 is not None else torch.zeros_like(ht))
-        return o, ht
+        return chunk.empty_result(v, N, K, h0, output_final_state)
     per_chunk = lambda kwargs: (NT_grid, NB * HV)  # noqa: E731
     key = (H, HV, K, V, BT, "dplr", str(dt), cu_seqlens is not None)
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T)

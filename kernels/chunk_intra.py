@@ -516,7 +516,8 @@ def chunk_intra_kernel(
             if not FUSED:
                 b_qk10, b_kk10 = _offdiag_block(q, k, gc, t0, T, 1, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
                                                 DOT_PREC)
-            b_qk11, b_kk11 = _diag_block(q, k, gc, qg, t0, T, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG)
+            b_qk11, b_kk11 = _diag_block(q, k, gc, qg, t0, T, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                             DOT_PREC, QG)
             if NEED_QK:
                 _store_block(Aqk, b_qk10, t0, T, 1, 0, s_A, BC)
                 _store_block(Aqk, b_qk11, t0, T, 1, 1, s_A, BC)
@@ -532,8 +533,10 @@ def chunk_intra_kernel(
                                                 DOT_PREC)
                 b_qk32, b_kk32 = _offdiag_block(q, k, gc, t0, T, 3, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
                                                 DOT_PREC)
-            b_qk22, b_kk22 = _diag_block(q, k, gc, qg, t0, T, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG)
-            b_qk33, b_kk33 = _diag_block(q, k, gc, qg, t0, T, 3, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG)
+            b_qk22, b_kk22 = _diag_block(q, k, gc, qg, t0, T, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                             DOT_PREC, QG)
+            b_qk33, b_kk33 = _diag_block(q, k, gc, qg, t0, T, 3, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                             DOT_PREC, QG)
             if NEED_QK:
                 _store_block(Aqk, b_qk20, t0, T, 2, 0, s_A, BC)
                 _store_block(Aqk, b_qk21, t0, T, 2, 1, s_A, BC)
