@@ -23,7 +23,7 @@ from unifattn.dsl.rule import Rule
 from .printer import Printer
 from .recurrent import header
 
-TEMPLATE_VERSION = "chunk-4"
+TEMPLATE_VERSION = "chunk-5"
 FACTS = ("query", "key", "value", "log_gate", "beta", "lowrank_a", "lowrank_b")
 
 
@@ -74,7 +74,9 @@ def emit(r: Rule, facts: Facts, digest: str) -> str:
         text += "from unifattn.kernels.chunk_dplr import chunk_dplr_fwd\nfrom unifattn.kernels.utils import empty\n\n"
     else:
         text += "from unifattn.kernels.chunk import chunk_fwd\nfrom unifattn.kernels.utils import empty\n\n"
-    text += f"GATE = {facts.gate!r}\nDELTA = {facts.delta}\nCOMPUTED = {tuple(computed)!r}\nRAW = {raw!r}\n"
+    if facts.transition != "dplr":
+        text += f"GATE = {facts.gate!r}\nDELTA = {facts.delta}\n"
+    text += f"COMPUTED = {tuple(computed)!r}\nRAW = {raw!r}\n"
     text += f"PLAN = {tuple(s for s in order if s not in ('prep', 'inputs'))!r}   # launch order of the stages\n"
     if computed:
         text += "\n\n" + _prep_kernel(r, facts, computed, dims)

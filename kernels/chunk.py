@@ -97,17 +97,22 @@ def _validate(q, k, v, g, beta, gate, delta, initial_state, cu_seqlens, chunk_si
     if delta and (beta is None or tuple(beta.shape) != (B, T, HV)):
         got = None if beta is None else tuple(beta.shape)
         raise ValueError(f"beta: delta=True expects shape [{B}, {T}, {HV}], got {got}")
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"cu_seqlens: packed sequences expect B == 1, got B={B}; flatten the batch into T")
-        if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens: expected a 1-D int32/int64 tensor of N + 1 >= 2 boundaries, got "
-                             f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    check_cu_seqlens(cu_seqlens, B)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, HV, K, V):
         raise ValueError(f"initial_state: expected [N, HV, K, V] = [{N}, {HV}, {K}, {V}], got "
                          f"{tuple(initial_state.shape)}")
     return B, T, H, K, HV, V, N
+
+
+def check_cu_seqlens(cu_seqlens, B: int):
+    if cu_seqlens is None:
+        return
+    if B != 1:
+        raise ValueError(f"cu_seqlens: packed sequences expect B == 1, got B={B}; flatten the batch into T")
+    if cu_seqlens.dim() != 1 or len(cu_seqlens) < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens: expected a 1-D int32/int64 tensor of N + 1 >= 2 boundaries, got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
 
 
 def _launch(name, kernel, configs, grid, key, args, V, writes, tune=False):
@@ -273,6 +278,24 @@ def chunk_stages(gate: str, delta: bool) -> dict[str, dict[str, str]]:
     return stages
 
 
+INT32_LIMIT = 2 ** 31
+
+
+def check_sequence_extent(T: int, cu_seqlens, HV: int, K: int, V: int, BT: int):
+    """The chunk kernels move their pointers to a sequence's first row in 64 bits but index the rows inside
+    it in 32: one sequence's T * HV * max(K, V, BT) elements must stay under 2^31 (about a million tokens
+    at HV=16, K=V=128). Raises a ValueError past that; one host read of cu_seqlens only in that range."""
+    width = HV * max(K, V, BT)
+    if T * width < INT32_LIMIT:
+        return
+    longest = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if longest * width >= INT32_LIMIT:
+        raise ValueError(
+            f"sequence length: expected at most {(INT32_LIMIT - 1) // width} tokens in one sequence at HV={HV}, "
+            f"K={K}, V={V} (the chunk kernels index the rows of a sequence in 32 bits), got {longest}; fix: "
+            "split the sequence and carry the state across the pieces (initial_state / output_final_state)")
+
+
 def chunk_grid(cu_seqlens, B: int, T: int, BT: int, device):
     """(cu_seqlens as int32, chunk_indices, chunk_offsets, NT_grid, NB, n_chunks): per-chunk grids run
     (NT_grid, NB * HV) programs; with cu_seqlens NT_grid counts the chunks of all sequences and NB = 1."""
@@ -351,6 +374,7 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
     BK_STATE = max(16, next_pow2(K))
     BK = min(64, BK_STATE)
 
+    check_sequence_extent(T, cu_seqlens, HV, K, V, BT)
     cu_seqlens, chunk_indices, chunk_offsets, NT_grid, NB, n_chunks = chunk_grid(cu_seqlens, B, T, BT, device)
     if n_chunks == 0:
         return empty_result(v, N, K, h0, output_final_state)

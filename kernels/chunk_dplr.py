@@ -16,15 +16,16 @@ exclusive one, both per channel; Gamma = 2^G in the log2 units the kernels keep)
     A_bk[i, j] = sum_c b_ic k_jc 2^(Gx_ic - G_jc)   i >  j      A_ab: a in place of k
 
 Every exponent above is <= 0. dsl.checker.chunk_identity proves these equations equal to the
-recurrence on symbolic tokens. The chunk is C = 16 rows (ALGORITHMS.md §2: general DPLR needs
-C = 16 or careful anchoring): the four gated matrices are summed element-wise in fp32, one column
-per step, so no exponent is ever formed outside (-inf, 0]. P = W H + U has the shape of the delta
+recurrence on symbolic tokens. The four gated matrices are summed element-wise in fp32, one column
+per step, so no exponent is ever formed outside (-inf, 0], for any gate; the chunk is C = 16 rows
+(ALGORITHMS.md §2), which bounds the cost of that sum and the conditioning of (I - A_ab)^-1 (no
+anchored tensor-core path yet, as _diag_block has for KDA). P = W H + U has the shape of the delta
 rule's v~ = u - w H (with w = -W), so the state and output kernels of kernels/chunk_state.py run
 it with their DPLR flag, which adds the k v^T terms:
 
     chunk_cumsum_kernel      G (fp32, log2 units)                         kernels/chunk_intra.py
     chunk_dplr_intra_kernel  A_qk, A_qa, A_bk, Ai = (I - A_ab)^-1, qg = q 2^G
-    chunk_dplr_wu_kernel     w = -Ai Bx, u = (Ai A_bk) V, kg = a 2^(G_C - G), kg2 = k 2^(G_C - G)
+    chunk_dplr_wu_kernel     w = -Ai Bx, u = (Ai A_bk) V, ag = a 2^(G_C - G), kg = k 2^(G_C - G)
     chunk_state_kernel       states entering each chunk, v~ = P             kernels/chunk_state.py
     chunk_output_kernel      o                                               kernels/chunk_state.py
 
@@ -37,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_intra import RCP_LN2, _chunk_bounds, _dot, _exp2_masked, _inv_unit_lower  # noqa: F401
+from .chunk_intra import _chunk_bounds, _dot, _exp2_masked, _inv_unit_lower
 from .utils import empty, interpreting, next_pow2
 
 CHUNK = 16
@@ -66,7 +67,7 @@ def chunk_dplr_intra_kernel(
     i_t, bos, T = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
     t0 = i_t * BT
     o_i = tl.arange(0, BT)
-    o_t = t0 + o_i
+    o_t = (t0 + o_i).to(tl.int64)      # rows times strides: 64-bit inside long sequences too
     m_t = o_t < T
     # row 0 of this sequence and head: q, k per key head; a, b, gc, qg per value head
     q += bos * H * K + i_h * K
@@ -95,7 +96,7 @@ def chunk_dplr_intra_kernel(
         tl.store(qg + o_t[:, None] * s_x + o_k[None, :], (b_q * tl.exp2(b_g)).to(qg.dtype.element_ty), mask=m)
         for j in range(0, BT):
             # column j (clamped into the sequence: a column past T only meets rows past T, masked)
-            o_j = tl.minimum(t0 + j, T - 1)
+            o_j = tl.minimum(t0 + j, T - 1).to(tl.int64)
             b_kj = tl.load(k + o_j * s_qk + o_k, mask=m_k, other=0.).to(tl.float32)
             b_aj = tl.load(a + o_j * s_x + o_k, mask=m_k, other=0.).to(tl.float32)
             b_gj = tl.load(gc + o_j * s_x + o_k, mask=m_k, other=0.)
@@ -120,11 +121,11 @@ def chunk_dplr_intra_kernel(
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def chunk_dplr_wu_kernel(
-    k, v, a, b, gc, Abk, Ai, w, u, kg, kg2, cu_seqlens, chunk_indices, T,
+    k, v, a, b, gc, Abk, Ai, w, u, ag, kg, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """w = -Ai (b 2^Gx), u = (Ai A_bk) v, kg = a 2^(G_C - G), kg2 = k 2^(G_C - G) of one chunk.
+    """w = -Ai (b 2^Gx), u = (Ai A_bk) v, ag = a 2^(G_C - G), kg = k 2^(G_C - G) of one chunk.
     Grid (NT, B * HV). The state pass then forms v~ = u - w S = P."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hv = i_bh // HV, i_bh % HV
@@ -153,9 +154,9 @@ def chunk_dplr_wu_kernel(
         b_gl = tl.load(gc + ((bos + o_last) * HV + i_hv) * K + o_k, mask=m_k, other=0.)
         b_e = _exp2_masked(b_gl[None, :] - b_g, m)
         b_a = tl.load(a + p_x, mask=m, other=0.).to(tl.float32)
-        tl.store(kg + p_x, (b_a * b_e).to(kg.dtype.element_ty), mask=m)
+        tl.store(ag + p_x, (b_a * b_e).to(ag.dtype.element_ty), mask=m)
         b_k = tl.load(k + ((bos + o_t) * H + i_h)[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
-        tl.store(kg2 + p_x, (b_k * b_e).to(kg2.dtype.element_ty), mask=m)
+        tl.store(kg + p_x, (b_k * b_e).to(kg.dtype.element_ty), mask=m)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
@@ -168,7 +169,7 @@ def dplr_stages() -> dict[str, dict[str, str]]:
     """The stages chunk_dplr_fwd runs: stage -> {stage it reads from: tensor it reads} (codegen's plan)."""
     return {"cumsum": {}, "intra": {"cumsum": "gc"},
             "wu": {"intra": "Ai, A_bk", "cumsum": "gc"},
-            "state": {"wu": "w, u, kg, kg2", "cumsum": "gc"},
+            "state": {"wu": "w, u, ag, kg", "cumsum": "gc"},
             "output": {"state": "h, P", "intra": "A_qa, A_qk, qg"}}
 
 
@@ -181,15 +182,16 @@ def _validate(q, k, v, a, b, g, initial_state, cu_seqlens):
                          f"got {tuple(v.shape)}")
     HV, V = v.shape[2], v.shape[3]
     for name, x in (("a", a), ("b", b), ("g", g)):
-        if x is not None and tuple(x.shape) != (B, T, HV, K):
-            raise ValueError(f"{name}: expected [B, T, HV, K] = [{B}, {T}, {HV}, {K}], got {tuple(x.shape)}")
+        if (x is None and name != "g") or (x is not None and tuple(x.shape) != (B, T, HV, K)):
+            got = None if x is None else tuple(x.shape)
+            raise ValueError(f"{name}: expected [B, T, HV, K] = [{B}, {T}, {HV}, {K}], got {got}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"q, k, v: expected one dtype among fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
     from .chunk import MAX_HEAD_DIM
     if not (1 <= K <= MAX_HEAD_DIM and 1 <= V <= MAX_HEAD_DIM):
         raise ValueError(f"head dims: expected 1 <= K, V <= {MAX_HEAD_DIM}, got K={K}, V={V}")
-    if cu_seqlens is not None and B != 1:
-        raise ValueError(f"cu_seqlens: packed sequences expect B == 1, got B={B}; flatten the batch into T")
+    from .chunk import check_cu_seqlens
+    check_cu_seqlens(cu_seqlens, B)
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, HV, K, V):
         raise ValueError(f"initial_state: expected [N, HV, K, V] = [{N}, {HV}, {K}, {V}], got "
@@ -219,6 +221,7 @@ def chunk_dplr_fwd(q, k, v, a, b, g=None, *, scale: float = 1.0, initial_state=N
     DOT_PREC = "ieee" if dt == torch.float32 else ("upcast" if interpreting() and dt == torch.bfloat16 else "tf32")
     BK_STATE = max(16, next_pow2(K))
     BK = min(64, BK_STATE)
+    chunk.check_sequence_extent(T, cu_seqlens, HV, K, V, BT)
     cu_seqlens, chunk_indices, chunk_offsets, NT_grid, NB, n_chunks = chunk.chunk_grid(cu_seqlens, B, T, BT, device)
     if n_chunks == 0:
         return chunk.empty_result(v, N, K, h0, output_final_state)
@@ -233,18 +236,18 @@ def chunk_dplr_fwd(q, k, v, a, b, g=None, *, scale: float = 1.0, initial_state=N
     chunk._launch("dplr_intra", chunk_dplr_intra_kernel, INTRA_CONFIGS, per_chunk, key,
                   dict(q=q, k=k, a=a, b=b, gc=gc, **A, qg=qg, **common, H=H, HV=HV, K=K, BT=BT, BK=BK), V,
                   ("Aqk", "Aqa", "Abk", "Ai", "qg"), tune=tune)
-    w, kg, kg2 = (empty((B, T, HV, K), dt, device) for _ in range(3))
+    w, ag, kg = (empty((B, T, HV, K), dt, device) for _ in range(3))
     u = empty((B, T, HV, V), dt, device)
     chunk._launch("dplr_wu", chunk_dplr_wu_kernel, WU_CONFIGS, per_chunk, key,
-                  dict(k=k, v=v, a=a, b=b, gc=gc, Abk=A["Abk"], Ai=A["Ai"], w=w, u=u, kg=kg, kg2=kg2, **common,
-                       H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, DOT_PREC=DOT_PREC), V, ("w", "u", "kg", "kg2"), tune=tune)
+                  dict(k=k, v=v, a=a, b=b, gc=gc, Abk=A["Abk"], Ai=A["Ai"], w=w, u=u, ag=ag, kg=kg, **common,
+                       H=H, HV=HV, K=K, V=V, BT=BT, BK=BK, DOT_PREC=DOT_PREC), V, ("w", "u", "ag", "kg"), tune=tune)
     # the sequential pass: P = u - w S is the delta rule's v~; the k v^T terms enter through k2, v2
     h = empty((n_chunks, HV, K, V), dt, device)
     p = empty(v.shape, v.dtype, device)
     ht = empty((N, HV, K, V), torch.float32, device) if output_final_state else None
     chunk._launch("state", chunk_state.chunk_state_kernel, chunk._state_configs(BK_STATE),
                   lambda kwargs: (chunk.cdiv(V, kwargs["BV"]), N * HV), key + (h0 is None, ht is None),
-                  dict(k=kg, v=u, w=w, gc=gc, h=h, v_new=p, h0=h0, ht=ht, k2=kg2, v2=v, cu_seqlens=cu_seqlens,
+                  dict(k=ag, v=u, w=w, gc=gc, h=h, v_new=p, h0=h0, ht=ht, k2=kg, v2=v, cu_seqlens=cu_seqlens,
                        chunk_offsets=chunk_offsets, T=T, H=H, HV=HV, K=K, V=V, BT=BT, BK=BK_STATE, GATE=2,
                        DELTA=True, DOT_PREC=DOT_PREC, KG=True), V, ("h", "v_new", "ht"), tune=tune)
     o = empty(v.shape, v.dtype, device)

@@ -32,6 +32,9 @@ import triton.language as tl
 
 # gates are kept in log2 units so that every exponential is one exp2
 RCP_LN2 = tl.constexpr(1.4426950408889634)
+# per-step log gates are clamped here before the cumsum: exp(-1e4) is already 0 in fp32, so nothing changes,
+# but a finite g near -3.4e38 would otherwise sum to -inf in a chunk, and -inf - -inf is NaN
+LOG_GATE_MIN = tl.constexpr(-1e4)
 # a diagonal sub-block is anchored at its middle row when the gate spans at most this much
 # (log2 units): factors stay within 2^(+-96), products within fp32 range
 SPAN_LOG2 = tl.constexpr(96.0)
@@ -101,7 +104,7 @@ def chunk_cumsum_kernel(
     HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """gc = chunk-local inclusive cumsum of g, times 1/ln2 (fp32). Grid (NT, B * HV)."""
+    """gc = chunk-local inclusive cumsum of max(g, LOG_GATE_MIN), times 1/ln2 (fp32). Grid (NT, B * HV)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_t, bos, T = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
@@ -110,7 +113,7 @@ def chunk_cumsum_kernel(
     if GATE == 1:
         p_g = g + (bos + o_t) * HV + i_hv
         # [BT]
-        b_g = tl.load(p_g, mask=m_t, other=0.).to(tl.float32) * RCP_LN2
+        b_g = tl.maximum(tl.load(p_g, mask=m_t, other=0.).to(tl.float32), LOG_GATE_MIN) * RCP_LN2
         tl.store(gc + (bos + o_t) * HV + i_hv, tl.cumsum(b_g, axis=0), mask=m_t)
     else:
         for i_k in range(tl.cdiv(K, BK)):
@@ -118,7 +121,7 @@ def chunk_cumsum_kernel(
             m = m_t[:, None] & (o_k < K)[None, :]
             p_g = g + ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :]
             # [BT, BK]
-            b_g = tl.load(p_g, mask=m, other=0.).to(tl.float32) * RCP_LN2
+            b_g = tl.maximum(tl.load(p_g, mask=m, other=0.).to(tl.float32), LOG_GATE_MIN) * RCP_LN2
             p_gc = gc + ((bos + o_t) * HV + i_hv)[:, None] * K + o_k[None, :]
             tl.store(p_gc, tl.cumsum(b_g, axis=0), mask=m)
 

@@ -9,6 +9,9 @@ cumsum (log2 units), G_C its value at the chunk's last row and S the state enter
     o      = scale * ((q * 2^G) S + A v~)   A = Aqk (diagonal gate, precomputed) or
                                             (q k^T) o 2^(G_i - G_j), masked to i >= j
 
+The DPLR class (kernels/chunk_dplr.py) runs both kernels with their DPLR flag: v~ is the low-rank read
+P = u - w S, and the terms k2^T v2 (state) and A2 v2 (output) add its k v^T write.
+
 How it is parallelized: the state pass runs one program per (V block, sequence x value head)
 and walks that sequence's chunks in order, holding the [K, BV] fp32 state in registers; it is
 the only sequential part. The output kernel runs one program per (V block, chunk, batch x value

@@ -143,7 +143,7 @@ def dplr():
                       dict(H=4, HV=8, K=128, BT=m.CHUNK, BK=64, IS_VARLEN=True), options=dict(num_warps=4)),
           compile_one("chunk_dplr_wu_kernel", m.chunk_dplr_wu_kernel,
                       {"k": "*bf16", "v": "*bf16", "a": "*fp32", "b": "*fp32", "gc": "*fp32", "Abk": "*bf16",
-                       "Ai": "*bf16", "w": "*bf16", "u": "*bf16", "kg": "*bf16", "kg2": "*bf16", **rows},
+                       "Ai": "*bf16", "w": "*bf16", "u": "*bf16", "ag": "*bf16", "kg": "*bf16", **rows},
                       dict(H=4, HV=8, K=128, V=128, BT=m.CHUNK, BK=64, BV=64, IS_VARLEN=True, DOT_PREC="tf32"),
                       options=dict(num_warps=4, num_stages=2))]
     for variant in ({}, {"KSPLIT": True}):

@@ -97,6 +97,22 @@ def test_free_low_rank_pair_and_odd_dims():
 def test_varlen_empty_sequence_grouped_value_heads():
     cu = torch.tensor([0, 17, 17, 60])
     check(make(B=1, T=60, H=2, HV=4, N=3, seed=3), cu_seqlens=cu)
+    # sequences of one token and one chunk plus one, V under tl.dot's 16
+    check(make(B=1, T=21, H=1, HV=2, V=5, N=4, seed=8), cu_seqlens=torch.tensor([0, 1, 2, 19, 21]))
+
+
+def test_three_key_blocks_and_half_inputs_with_grouped_heads():
+    # K = 130: three key blocks of 64 (the last one of 2 rows), the state in halves of 128
+    check(make(B=1, T=17, K=130, V=16, lowrank="free", seed=9))
+    check(make(B=1, T=33, H=1, HV=2, K=32, V=16, seed=10), dtype=torch.bfloat16, scale=32 ** -0.5)
+
+
+def test_astronomically_negative_gates_stay_finite():
+    # finite g near the bottom of fp32 would sum to -inf in a chunk (then -inf - -inf = NaN); the cumsum
+    # clamps each step at -1e4, where exp already underflows to 0
+    x = make(T=20, seed=11)
+    x["g"] = torch.full_like(x["g"], -3e38)
+    check(x)
 
 
 def test_no_initial_or_final_state():

@@ -388,3 +388,24 @@ def test_tuned_choices_are_keyed_by_kernel_source():
     assert len(h_out) == 16 and h_out != h_state
     assert chunk_module._source_hash(chunk_intra.chunk_intra_kernel) == chunk_module._source_hash(
         chunk_intra.chunk_intra_kernel.fn)
+
+
+def test_sequences_past_32_bit_row_indexing_are_refused():
+    # the kernels index the rows of one sequence in 32 bits: 2^20 tokens at HV=16, K=V=128 is 2^31 elements
+    T = 2 ** 20
+    with pytest.raises(ValueError, match=r"expected at most 1048575 tokens in one sequence .* got 1048576; fix: split"):
+        chunk_module.check_sequence_extent(T, None, 16, 128, 128, 64)
+    chunk_module.check_sequence_extent(T - 1, None, 16, 128, 128, 64)            # one token fewer fits
+    halves = torch.tensor([0, T // 2, T])                                          # packed: each sequence counts
+    chunk_module.check_sequence_extent(T, halves, 16, 128, 128, 64)
+    with pytest.raises(ValueError, match="got 1048576"):
+        chunk_module.check_sequence_extent(T + 5, torch.tensor([0, 5, T + 5]), 16, 128, 128, 64)
+
+
+@pytest.mark.parametrize("cls", ["scalar", "diagonal_delta"])
+def test_astronomically_negative_gates_stay_finite(cls):
+    # a finite g near -3.4e38 would sum to -inf within a chunk (then -inf - -inf = NaN): the cumsum clamps
+    # each step at -1e4, where exp already underflows to 0
+    x = make_inputs(cls, B=1, T=70, seed=12)
+    x["g"] = torch.full_like(x["g"], -3e38)
+    check(x)
