@@ -159,10 +159,15 @@ def _source_hash(kernel) -> str:
         fn = fn.fn
     if hasattr(fn, "cache_key"):
         return fn.cache_key[:16]
-    # under the interpreter a kernel is its Python function, without Triton's hash: hash its text
+    # under the interpreter a kernel is its Python function, without Triton's hash: hash its text (or,
+    # for a callable without source, its name)
     import hashlib
     import inspect
-    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+    try:
+        text = inspect.getsource(fn)
+    except (TypeError, OSError):
+        text = type(fn).__qualname__
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 _CANDIDATES: dict = {}
