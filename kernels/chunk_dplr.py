@@ -42,9 +42,12 @@ from .chunk_intra import _chunk_bounds, _dot, _exp2_masked, _inv_unit_lower
 from .utils import empty, interpreting, next_pow2
 
 CHUNK = 16
+# launch candidates (the first runs under the interpreter and until tune=True picks); not yet probed on a GPU
 INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2)]
-WU_CONFIGS = [triton.Config({"BV": 64}, num_warps=4, num_stages=2), triton.Config({"BV": 32}, num_warps=2,
-                                                                                   num_stages=2)]
+WU_CONFIGS = [
+    triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 32}, num_warps=2, num_stages=2),
+]
 
 
 @triton.jit
