@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 from unifattn.kernels.chunk_dplr import CHUNK, chunk_dplr_fwd, dplr_stages
 from unifattn.kernels.utils import poisoned
@@ -135,3 +136,17 @@ def test_bad_arguments_name_what_was_expected():
         chunk_dplr_fwd(x["q"], x["k"], x["v"], x["a"], x["b"], x["g"],
                        stages=("cumsum", "wu", "intra", "state", "output"))
     assert list(dplr_stages()) == ["cumsum", "intra", "wu", "state", "output"]
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(
+    T=st.integers(1, 70),
+    H=st.integers(1, 2),
+    group=st.integers(1, 2),
+    K=st.integers(1, 40),
+    V=st.integers(1, 24),
+    gates=st.sampled_from(["real", "mixed", "none"]),
+    lowrank=st.sampled_from(["rwkv", "free"]),
+)
+def test_random_shapes(T, H, group, K, V, gates, lowrank):
+    check(make(B=1, T=T, H=H, HV=H * group, K=K, V=V, gates=gates, lowrank=lowrank, seed=T))
