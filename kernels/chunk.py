@@ -69,9 +69,8 @@ def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int):
     return chunk_indices, chunk_offsets.to(torch.int32), NT
 
 
-def _validate(q, k, v, g, beta, gate, delta, initial_state, cu_seqlens, chunk_size):
-    if gate not in GATES:
-        raise ValueError(f"gate: expected one of {sorted(GATES)}, got {gate!r}")
+def validate_qkv(q, k, v):
+    """Shapes and dtypes every chunk form takes: q, k [B, T, H, K], v [B, T, HV, V]. Returns (B, T, H, K, HV, V)."""
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q, k: expected equal shapes [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
     B, T, H, K = q.shape
@@ -84,6 +83,23 @@ def _validate(q, k, v, g, beta, gate, delta, initial_state, cu_seqlens, chunk_si
         raise ValueError(f"q, k, v: expected one dtype among fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (1 <= K <= MAX_HEAD_DIM and 1 <= V <= MAX_HEAD_DIM):
         raise ValueError(f"head dims: expected 1 <= K, V <= {MAX_HEAD_DIM}, got K={K}, V={V}")
+    return B, T, H, K, HV, V
+
+
+def validate_sequences(initial_state, cu_seqlens, B: int, HV: int, K: int, V: int) -> int:
+    """cu_seqlens and the initial state's shape; returns N, the number of sequences."""
+    check_cu_seqlens(cu_seqlens, B)
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, HV, K, V):
+        raise ValueError(f"initial_state: expected [N, HV, K, V] = [{N}, {HV}, {K}, {V}], got "
+                         f"{tuple(initial_state.shape)}")
+    return N
+
+
+def _validate(q, k, v, g, beta, gate, delta, initial_state, cu_seqlens, chunk_size):
+    if gate not in GATES:
+        raise ValueError(f"gate: expected one of {sorted(GATES)}, got {gate!r}")
+    B, T, H, K, HV, V = validate_qkv(q, k, v)
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size: expected one of {CHUNK_SIZES}, got {chunk_size}")
     if gate == "none":
@@ -97,11 +113,7 @@ def _validate(q, k, v, g, beta, gate, delta, initial_state, cu_seqlens, chunk_si
     if delta and (beta is None or tuple(beta.shape) != (B, T, HV)):
         got = None if beta is None else tuple(beta.shape)
         raise ValueError(f"beta: delta=True expects shape [{B}, {T}, {HV}], got {got}")
-    check_cu_seqlens(cu_seqlens, B)
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    if initial_state is not None and tuple(initial_state.shape) != (N, HV, K, V):
-        raise ValueError(f"initial_state: expected [N, HV, K, V] = [{N}, {HV}, {K}, {V}], got "
-                         f"{tuple(initial_state.shape)}")
+    N = validate_sequences(initial_state, cu_seqlens, B, HV, K, V)
     return B, T, H, K, HV, V, N
 
 

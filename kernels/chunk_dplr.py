@@ -169,7 +169,8 @@ def chunk_dplr_wu_kernel(
 
 
 def dplr_stages() -> dict[str, dict[str, str]]:
-    """The stages chunk_dplr_fwd runs: stage -> {stage it reads from: tensor it reads} (codegen's plan)."""
+    """The stages chunk_dplr_fwd runs: stage -> {stage it reads from: tensor it reads} (codegen's plan).
+    Without a gate the cumsum stage launches nothing: gc is zeros."""
     return {"cumsum": {}, "intra": {"cumsum": "gc"},
             "wu": {"intra": "Ai, A_bk", "cumsum": "gc"},
             "state": {"wu": "w, u, ag, kg", "cumsum": "gc"},
@@ -177,29 +178,13 @@ def dplr_stages() -> dict[str, dict[str, str]]:
 
 
 def _validate(q, k, v, a, b, g, initial_state, cu_seqlens):
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q, k: expected equal shapes [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
-    B, T, H, K = q.shape
-    if v.dim() != 4 or v.shape[:2] != (B, T) or v.shape[2] % H:
-        raise ValueError(f"v: expected [B, T, HV, V] = [{B}, {T}, HV, V] with HV a multiple of H={H}, "
-                         f"got {tuple(v.shape)}")
-    HV, V = v.shape[2], v.shape[3]
+    from .chunk import validate_qkv, validate_sequences
+    B, T, H, K, HV, V = validate_qkv(q, k, v)
     for name, x in (("a", a), ("b", b), ("g", g)):
         if (x is None and name != "g") or (x is not None and tuple(x.shape) != (B, T, HV, K)):
             got = None if x is None else tuple(x.shape)
             raise ValueError(f"{name}: expected [B, T, HV, K] = [{B}, {T}, {HV}, {K}], got {got}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"q, k, v: expected one dtype among fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    from .chunk import MAX_HEAD_DIM
-    if not (1 <= K <= MAX_HEAD_DIM and 1 <= V <= MAX_HEAD_DIM):
-        raise ValueError(f"head dims: expected 1 <= K, V <= {MAX_HEAD_DIM}, got K={K}, V={V}")
-    from .chunk import check_cu_seqlens
-    check_cu_seqlens(cu_seqlens, B)
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    if initial_state is not None and tuple(initial_state.shape) != (N, HV, K, V):
-        raise ValueError(f"initial_state: expected [N, HV, K, V] = [{N}, {HV}, {K}, {V}], got "
-                         f"{tuple(initial_state.shape)}")
-    return B, T, H, K, HV, V, N
+    return B, T, H, K, HV, V, validate_sequences(initial_state, cu_seqlens, B, HV, K, V)
 
 
 def chunk_dplr_fwd(q, k, v, a, b, g=None, *, scale: float = 1.0, initial_state=None, output_final_state=False,
@@ -219,7 +204,7 @@ def chunk_dplr_fwd(q, k, v, a, b, g=None, *, scale: float = 1.0, initial_state=N
     device, dt, BT = q.device, q.dtype, CHUNK
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     a, b = a.contiguous().to(torch.float32), b.contiguous().to(torch.float32)
-    g = torch.zeros(a.shape, dtype=torch.float32, device=device) if g is None else g.contiguous().float()
+    g = None if g is None else g.contiguous().float()
     h0 = None if initial_state is None else initial_state.contiguous().to(torch.float32)
     DOT_PREC = "ieee" if dt == torch.float32 else ("upcast" if interpreting() and dt == torch.bfloat16 else "tf32")
     BK_STATE = max(16, next_pow2(K))
@@ -231,9 +216,12 @@ def chunk_dplr_fwd(q, k, v, a, b, g=None, *, scale: float = 1.0, initial_state=N
     per_chunk = lambda kwargs: (NT_grid, NB * HV)  # noqa: E731
     key = (H, HV, K, V, BT, "dplr", str(dt), cu_seqlens is not None)
     common = dict(cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T)
-    gc = empty(g.shape, torch.float32, device)
-    chunk._launch("cumsum", chunk_intra.chunk_cumsum_kernel, chunk_intra.CUMSUM_CONFIGS, per_chunk, key,
-                  dict(g=g, gc=gc, **common, HV=HV, K=K, BT=BT, BK=BK, GATE=2), V, ("gc",), tune=tune)
+    if g is None:      # no decay: the cumulative gate is 0 everywhere, no cumsum pass
+        gc = torch.zeros((B, T, HV, K), dtype=torch.float32, device=device)
+    else:
+        gc = empty(g.shape, torch.float32, device)
+        chunk._launch("cumsum", chunk_intra.chunk_cumsum_kernel, chunk_intra.CUMSUM_CONFIGS, per_chunk, key,
+                      dict(g=g, gc=gc, **common, HV=HV, K=K, BT=BT, BK=BK, GATE=2), V, ("gc",), tune=tune)
     A = {n: empty((B, T, HV, BT), dt, device) for n in ("Aqk", "Aqa", "Abk", "Ai")}
     qg = empty((B, T, HV, K), dt, device)
     chunk._launch("dplr_intra", chunk_dplr_intra_kernel, INTRA_CONFIGS, per_chunk, key,
