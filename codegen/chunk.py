@@ -70,11 +70,10 @@ def emit(r: Rule, facts: Facts, digest: str) -> str:
     raw = {f: _raw(nodes[f]) for f in FACTS if f in nodes and _raw(nodes[f]) is not None}
     text = header(r, facts, "chunk", "fwd", digest, " -> ".join(order))
     text += "\nimport torch\nimport triton\nimport triton.language as tl\n\n"
-    if facts.transition == "dplr":
-        text += "from unifattn.kernels.chunk_dplr import chunk_dplr_fwd\nfrom unifattn.kernels.utils import empty\n\n"
-    else:
-        text += "from unifattn.kernels.chunk import chunk_fwd\nfrom unifattn.kernels.utils import empty\n\n"
-    if facts.transition != "dplr":
+    dplr = facts.transition == "dplr"          # its own pipeline; the six affine classes share chunk_fwd
+    pipeline = "chunk_dplr import chunk_dplr_fwd" if dplr else "chunk import chunk_fwd"
+    text += f"from unifattn.kernels.{pipeline}\nfrom unifattn.kernels.utils import empty\n\n"
+    if not dplr:
         text += f"GATE = {facts.gate!r}\nDELTA = {facts.delta}\n"
     text += f"COMPUTED = {tuple(computed)!r}\nRAW = {raw!r}\n"
     text += f"PLAN = {tuple(s for s in order if s not in ('prep', 'inputs'))!r}   # launch order of the stages\n"
