@@ -16,12 +16,17 @@ exclusive one, both per channel; Gamma = 2^G in the log2 units the kernels keep)
     A_bk[i, j] = sum_c b_ic k_jc 2^(Gx_ic - G_jc)   i >  j      A_ab: a in place of k
 
 Every exponent above is <= 0. dsl.checker.chunk_identity proves these equations equal to the
-recurrence on symbolic tokens. The four gated matrices are summed element-wise in fp32, one column
-per step, so no exponent is ever formed outside (-inf, 0], for any gate; the chunk is C = 16 rows
-(ALGORITHMS.md §2), which bounds the cost of that sum and the conditioning of (I - A_ab)^-1 (no
-anchored tensor-core path yet, as _diag_block has for KDA). P = W H + U has the shape of the delta
-rule's v~ = u - w H (with w = -W), so the state and output kernels of kernels/chunk_state.py run
-it with their DPLR flag, which adds the k v^T terms:
+recurrence on symbolic tokens. The chunk is C = 64 rows, cut into four sub-chunks of 16 as in
+kernels/chunk_intra.py, so no factor of the gated matrices ever leaves fp32's range, for any gate:
+an off-diagonal sub-block anchors both factors at the exclusive gate of its query sub-chunk's first
+row (every exponent <= 0, tensor-core dots); a diagonal sub-block is anchored at its middle row when
+the gate spans at most SPAN_LOG2 over it (factors within 2^(+-SPAN_LOG2)), and is otherwise summed
+element-wise in fp32, one column per step (every exponent <= 0). (I - A_ab)^-1 is the delta rule's
+blockwise inverse (chunk_intra._inv_offdiag_4); its conditioning is the recurrence's own: for
+RWKV-7's removal (a = -c b, |b| = 1, c in (0, 1)) A_ab is the gated delta rule's beta k k^T with
+the roles of rows and columns exchanged. P = W H + U has the shape of the delta rule's
+v~ = u - w H (with w = -W), so the state and output kernels of kernels/chunk_state.py run it with
+their DPLR flag, which adds the k v^T terms:
 
     chunk_cumsum_kernel      G (fp32, log2 units)                         kernels/chunk_intra.py
     chunk_dplr_intra_kernel  A_qk, A_qa, A_bk, Ai = (I - A_ab)^-1, qg = q 2^G
@@ -38,12 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_intra import _chunk_bounds, _dot, _exp2_masked, _inv_unit_lower
+from .chunk_intra import (SPAN_LOG2, _chunk_bounds, _dot, _exp2_masked, _inv_offdiag_4, _inv_unit_lower,
+                          _store_block)
 from .utils import empty, interpreting, next_pow2
 
-CHUNK = 16
+CHUNK = 64
 # launch candidates (the first runs under the interpreter and until tune=True picks); not yet probed on a GPU
-INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2)]
+INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2), triton.Config({}, num_warps=8)]
 WU_CONFIGS = [
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
     triton.Config({"BV": 32}, num_warps=2, num_stages=2),
@@ -51,9 +57,114 @@ WU_CONFIGS = [
 
 
 @triton.jit
-def _rows(x, o_t, m_t, o_k, m_k, s_x):
-    """[BT, BK] rows o_t, columns o_k of x (row stride s_x) as fp32, zeros where masked."""
-    return tl.load(x + o_t[:, None] * s_x + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.).to(tl.float32)
+def _tiles(q, k, a, b, gc, o_r, m_r, o_k, m_k, t0, s_qk, s_x):
+    """[BC, BK] fp32 tiles of rows o_r, columns o_k: q, k, a, b, G and the exclusive gate Gx (the
+    previous row's G; 0 at the chunk's first row t0). Zeros where masked."""
+    m = m_r[:, None] & m_k[None, :]
+    p_qk = o_r[:, None] * s_qk + o_k[None, :]
+    p_x = o_r[:, None] * s_x + o_k[None, :]
+    b_q = tl.load(q + p_qk, mask=m, other=0.).to(tl.float32)
+    b_k = tl.load(k + p_qk, mask=m, other=0.).to(tl.float32)
+    b_a = tl.load(a + p_x, mask=m, other=0.).to(tl.float32)
+    b_b = tl.load(b + p_x, mask=m, other=0.).to(tl.float32)
+    b_g = tl.load(gc + p_x, mask=m, other=0.)
+    b_gx = tl.load(gc + p_x - s_x, mask=m & (o_r > t0)[:, None], other=0.)
+    return b_q, b_k, b_a, b_b, b_g, b_gx
+
+
+@triton.jit
+def _four_dots(b_q, b_b, b_k, b_a, b_Aqk, b_Aqa, b_Abk, b_Aab, DOT_PREC: tl.constexpr):
+    """Accumulate the four products of gated row tiles (q, b) and column tiles (k, a)."""
+    b_Aqk += _dot(b_q, tl.trans(b_k), DOT_PREC)
+    b_Aqa += _dot(b_q, tl.trans(b_a), DOT_PREC)
+    b_Abk += _dot(b_b, tl.trans(b_k), DOT_PREC)
+    b_Aab += _dot(b_b, tl.trans(b_a), DOT_PREC)
+    return b_Aqk, b_Aqa, b_Abk, b_Aab
+
+
+@triton.jit
+def _dplr_offdiag(q, k, a, b, gc, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s_qk, s_x,
+                  K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Sub-block (i_i, i_j), i_i > i_j, of A_qk, A_qa, A_bk, A_ab ([BC, BC] fp32 each). Both factors are
+    anchored at G of the row before sub-chunk i_i (the exclusive gate of its first row), so every
+    exponent is <= 0: 2^(G_r - G_n), 2^(Gx_r - G_n) for its rows r, 2^(G_n - G_s) for rows s < n."""
+    o_c = tl.arange(0, BC)
+    o_r = t0 + i_i * BC + o_c
+    o_s = t0 + i_j * BC + o_c
+    m_r = o_r < T
+    m_s = o_s < T
+    o_n = tl.minimum(t0 + i_i * BC - 1, T - 1)
+    b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Aqa = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Abk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Aab = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q, b_kr, b_ar, b_b, b_g, b_gx = _tiles(q, k, a, b, gc, o_r, m_r, o_k, m_k, t0, s_qk, s_x)
+        b_qs, b_k, b_a, b_bs, b_gs, b_gxs = _tiles(q, k, a, b, gc, o_s, m_s, o_k, m_k, t0, s_qk, s_x)
+        b_gn = tl.load(gc + o_n * s_x + o_k, mask=m_k, other=0.)
+        b_fc = _exp2_masked(b_gn[None, :] - b_gs, m_s[:, None])
+        b_Aqk, b_Aqa, b_Abk, b_Aab = _four_dots(
+            b_q * _exp2_masked(b_g - b_gn[None, :], m_r[:, None]), b_b * _exp2_masked(b_gx - b_gn[None, :], m_r[:, None]),
+            b_k * b_fc, b_a * b_fc, b_Aqk, b_Aqa, b_Abk, b_Aab, DOT_PREC)
+    return b_Aqk, b_Aqa, b_Abk, b_Aab
+
+
+@triton.jit
+def _dplr_diag(q, k, a, b, gc, qg, t0, T, i_i: tl.constexpr, s_qk, s_x,
+               K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Diagonal sub-block i_i of A_qk, A_qa (r >= s) and A_bk, A_ab (r > s), fp32; also stores the
+    sub-chunk's rows of qg = q 2^G. Per K block: anchored at the middle row (tensor-core dots) when
+    the gate spans at most SPAN_LOG2 over the sub-chunk (from the first row's Gx to the last row's
+    G), so every factor stays within 2^(+-SPAN_LOG2); otherwise summed element-wise in fp32, one
+    column per step, every exponent <= 0."""
+    o_c = tl.arange(0, BC)
+    o_r = t0 + i_i * BC + o_c
+    m_r = o_r < T
+    m_ge = (o_c[:, None] >= o_c[None, :]) & m_r[:, None]
+    m_gt = (o_c[:, None] > o_c[None, :]) & m_r[:, None]
+    # rows spanned by this sub-chunk, clamped into the sequence; o_top's G is the first row's Gx
+    o_top = tl.minimum(t0 + i_i * BC - 1, T - 1)
+    o_mid = tl.minimum(t0 + i_i * BC + BC // 2, T - 1)
+    o_last = tl.minimum(t0 + i_i * BC + BC - 1, T - 1)
+    b_Aqk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Aqa = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Abk = tl.zeros([BC, BC], dtype=tl.float32)
+    b_Aab = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_r[:, None] & m_k[None, :]
+        b_q, b_k, b_a, b_b, b_g, b_gx = _tiles(q, k, a, b, gc, o_r, m_r, o_k, m_k, t0, s_qk, s_x)
+        tl.store(qg + o_r[:, None] * s_x + o_k[None, :], (b_q * tl.exp2(b_g)).to(qg.dtype.element_ty), mask=m)
+        # largest Gx_first - G_last over the channels of this block (G is non-increasing)
+        b_gt = tl.load(gc + o_top * s_x + o_k, mask=m_k & (i_i > 0), other=0.)
+        b_gl = tl.load(gc + o_last * s_x + o_k, mask=m_k, other=0.)
+        if tl.max(b_gt - b_gl, axis=0) <= SPAN_LOG2:
+            b_gm = tl.load(gc + o_mid * s_x + o_k, mask=m_k, other=0.)
+            b_fc = _exp2_masked(b_gm[None, :] - b_g, m)
+            b_Aqk, b_Aqa, b_Abk, b_Aab = _four_dots(
+                b_q * _exp2_masked(b_g - b_gm[None, :], m), b_b * _exp2_masked(b_gx - b_gm[None, :], m),
+                b_k * b_fc, b_a * b_fc, b_Aqk, b_Aqa, b_Abk, b_Aab, DOT_PREC)
+        else:
+            for j in range(0, BC):
+                # column j (clamped into the sequence: a column past T only meets rows past T, masked)
+                o_j = tl.minimum(t0 + i_i * BC + j, T - 1)
+                b_kj = tl.load(k + o_j * s_qk + o_k, mask=m_k, other=0.).to(tl.float32)
+                b_aj = tl.load(a + o_j * s_x + o_k, mask=m_k, other=0.).to(tl.float32)
+                b_gj = tl.load(gc + o_j * s_x + o_k, mask=m_k, other=0.)
+                # [BC, BK] 2^(G_r - G_j) for rows r >= j, 2^(Gx_r - G_j) for rows r > j; both <= 1
+                b_eq = _exp2_masked(b_g - b_gj[None, :], m & (o_c >= j)[:, None])
+                b_eb = _exp2_masked(b_gx - b_gj[None, :], m & (o_c > j)[:, None])
+                m_col = o_c[None, :] == j
+                b_Aqk += tl.where(m_col, tl.sum(b_q * b_eq * b_kj[None, :], axis=1)[:, None], 0.)
+                b_Aqa += tl.where(m_col, tl.sum(b_q * b_eq * b_aj[None, :], axis=1)[:, None], 0.)
+                b_Abk += tl.where(m_col, tl.sum(b_b * b_eb * b_kj[None, :], axis=1)[:, None], 0.)
+                b_Aab += tl.where(m_col, tl.sum(b_b * b_eb * b_aj[None, :], axis=1)[:, None], 0.)
+    # the anchored products are unbounded above the diagonal: keep the triangle only
+    return (tl.where(m_ge, b_Aqk, 0.), tl.where(m_ge, b_Aqa, 0.), tl.where(m_gt, b_Abk, 0.),
+            tl.where(m_gt, b_Aab, 0.))
 
 
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
@@ -61,18 +172,18 @@ def _rows(x, o_t, m_t, o_k, m_k, s_x):
 def chunk_dplr_intra_kernel(
     q, k, a, b, gc, Aqk, Aqa, Abk, Ai, qg, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """A_qk, A_qa (i >= j), A_bk (i > j), Ai = (I - A_ab)^-1 and qg = q 2^G of one chunk. Grid (NT, B * HV)."""
+    """A_qk, A_qa (r >= s), A_bk (r > s), Ai = (I - A_ab)^-1 and qg = q 2^G of one chunk of
+    BT = 4 BC rows, as 4 x 4 sub-blocks of BC = 16 (kernels/chunk_intra.py's layout). Grid (NT, B * HV)."""
+    BC: tl.constexpr = BT // 4
+    tl.static_assert(BC == 16)
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_hv = i_bh // HV, i_bh % HV
     i_h = i_hv // (HV // H)
     i_t, bos, T = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, BT, IS_VARLEN)
     t0 = i_t * BT
-    o_i = tl.arange(0, BT)
-    o_t = (t0 + o_i).to(tl.int64)      # rows times strides: 64-bit inside long sequences too
-    m_t = o_t < T
-    # row 0 of this sequence and head: q, k per key head; a, b, gc, qg per value head
+    # row 0 of this sequence and head: q, k per key head; a, b, gc, qg per value head; A per value head
     q += bos * H * K + i_h * K
     k += bos * H * K + i_h * K
     s_qk = H * K
@@ -81,44 +192,60 @@ def chunk_dplr_intra_kernel(
     gc += (bos * HV + i_hv) * K
     qg += (bos * HV + i_hv) * K
     s_x = HV * K
+    Aqk += (bos * HV + i_hv) * BT
+    Aqa += (bos * HV + i_hv) * BT
+    Abk += (bos * HV + i_hv) * BT
+    Ai += (bos * HV + i_hv) * BT
+    s_A = HV * BT
 
-    b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_Aqa = tl.zeros([BT, BT], dtype=tl.float32)
-    b_Abk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_Aab = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m = m_t[:, None] & m_k[None, :]
-        # [BT, BK] fp32
-        b_q = _rows(q, o_t, m_t, o_k, m_k, s_qk)
-        b_b = _rows(b, o_t, m_t, o_k, m_k, s_x)
-        b_g = _rows(gc, o_t, m_t, o_k, m_k, s_x)
-        # the exclusive gate Gx_t = G_{t-1}: the previous row's G, 0 at the chunk's first row
-        b_gx = _rows(gc, o_t - 1, m_t & (o_i > 0), o_k, m_k, s_x)
-        tl.store(qg + o_t[:, None] * s_x + o_k[None, :], (b_q * tl.exp2(b_g)).to(qg.dtype.element_ty), mask=m)
-        for j in range(0, BT):
-            # column j (clamped into the sequence: a column past T only meets rows past T, masked)
-            o_j = tl.minimum(t0 + j, T - 1).to(tl.int64)
-            b_kj = tl.load(k + o_j * s_qk + o_k, mask=m_k, other=0.).to(tl.float32)
-            b_aj = tl.load(a + o_j * s_x + o_k, mask=m_k, other=0.).to(tl.float32)
-            b_gj = tl.load(gc + o_j * s_x + o_k, mask=m_k, other=0.)
-            # [BT, BK] 2^(G_i - G_j) for rows i >= j, 2^(Gx_i - G_j) for rows i > j; both <= 1
-            b_eq = _exp2_masked(b_g - b_gj[None, :], m & (o_i >= j)[:, None])
-            b_eb = _exp2_masked(b_gx - b_gj[None, :], m & (o_i > j)[:, None])
-            m_col = o_i[None, :] == j
-            b_Aqk += tl.where(m_col, tl.sum(b_q * b_eq * b_kj[None, :], axis=1)[:, None], 0.)
-            b_Aqa += tl.where(m_col, tl.sum(b_q * b_eq * b_aj[None, :], axis=1)[:, None], 0.)
-            b_Abk += tl.where(m_col, tl.sum(b_b * b_eb * b_kj[None, :], axis=1)[:, None], 0.)
-            b_Aab += tl.where(m_col, tl.sum(b_b * b_eb * b_aj[None, :], axis=1)[:, None], 0.)
-    # (I - A_ab)^-1 by forward substitution: A_ab is strictly lower triangular
-    b_Ai = _inv_unit_lower(-b_Aab, BT)
-    p_A = ((bos + o_t) * HV + i_hv)[:, None] * BT + o_i[None, :]
-    m_A = m_t[:, None]
-    tl.store(Aqk + p_A, b_Aqk.to(Aqk.dtype.element_ty), mask=m_A)
-    tl.store(Aqa + p_A, b_Aqa.to(Aqa.dtype.element_ty), mask=m_A)
-    tl.store(Abk + p_A, b_Abk.to(Abk.dtype.element_ty), mask=m_A)
-    tl.store(Ai + p_A, b_Ai.to(Ai.dtype.element_ty), mask=m_A)
+    # A_qk, A_qa, A_bk are stored block by block; A_ab stays for the solve
+    qk, qa, bk, ab00 = _dplr_diag(q, k, a, b, gc, qg, t0, T, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 0, 0, s_A, BC)
+    qk, qa, bk, ab11 = _dplr_diag(q, k, a, b, gc, qg, t0, T, 1, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 1, 1, s_A, BC)
+    qk, qa, bk, ab22 = _dplr_diag(q, k, a, b, gc, qg, t0, T, 2, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 2, 2, s_A, BC)
+    qk, qa, bk, ab33 = _dplr_diag(q, k, a, b, gc, qg, t0, T, 3, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 3, 3, s_A, BC)
+    qk, qa, bk, ab10 = _dplr_offdiag(q, k, a, b, gc, t0, T, 1, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 1, 0, s_A, BC)
+    qk, qa, bk, ab20 = _dplr_offdiag(q, k, a, b, gc, t0, T, 2, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 2, 0, s_A, BC)
+    qk, qa, bk, ab21 = _dplr_offdiag(q, k, a, b, gc, t0, T, 2, 1, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 2, 1, s_A, BC)
+    qk, qa, bk, ab30 = _dplr_offdiag(q, k, a, b, gc, t0, T, 3, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 3, 0, s_A, BC)
+    qk, qa, bk, ab31 = _dplr_offdiag(q, k, a, b, gc, t0, T, 3, 1, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 3, 1, s_A, BC)
+    qk, qa, bk, ab32 = _dplr_offdiag(q, k, a, b, gc, t0, T, 3, 2, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 3, 2, s_A, BC)
+
+    # Ai = (I - A_ab)^-1: A_ab is strictly lower triangular; forward substitution on the diagonal
+    # blocks, merged with matmuls
+    b_i00 = _inv_unit_lower(-ab00, BC)
+    b_i11 = _inv_unit_lower(-ab11, BC)
+    b_i22 = _inv_unit_lower(-ab22, BC)
+    b_i33 = _inv_unit_lower(-ab33, BC)
+    b_i10, b_i20, b_i21, b_i30, b_i31, b_i32 = _inv_offdiag_4(b_i00, b_i11, b_i22, b_i33, -ab10, -ab20, -ab21,
+                                                              -ab30, -ab31, -ab32)
+    _store_block(Ai, b_i00, t0, T, 0, 0, s_A, BC)
+    _store_block(Ai, b_i10, t0, T, 1, 0, s_A, BC)
+    _store_block(Ai, b_i11, t0, T, 1, 1, s_A, BC)
+    _store_block(Ai, b_i20, t0, T, 2, 0, s_A, BC)
+    _store_block(Ai, b_i21, t0, T, 2, 1, s_A, BC)
+    _store_block(Ai, b_i22, t0, T, 2, 2, s_A, BC)
+    _store_block(Ai, b_i30, t0, T, 3, 0, s_A, BC)
+    _store_block(Ai, b_i31, t0, T, 3, 1, s_A, BC)
+    _store_block(Ai, b_i32, t0, T, 3, 2, s_A, BC)
+    _store_block(Ai, b_i33, t0, T, 3, 3, s_A, BC)
+
+
+@triton.jit
+def _store_three(Aqk, Aqa, Abk, b_qk, b_qa, b_bk, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s_A,
+                 BC: tl.constexpr):
+    _store_block(Aqk, b_qk, t0, T, i_i, i_j, s_A, BC)
+    _store_block(Aqa, b_qa, t0, T, i_i, i_j, s_A, BC)
+    _store_block(Abk, b_bk, t0, T, i_i, i_j, s_A, BC)
 
 
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
@@ -225,7 +352,8 @@ def chunk_dplr_fwd(q, k, v, a, b, g=None, *, scale: float = 1.0, initial_state=N
     A = {n: empty((B, T, HV, BT), dt, device) for n in ("Aqk", "Aqa", "Abk", "Ai")}
     qg = empty((B, T, HV, K), dt, device)
     chunk._launch("dplr_intra", chunk_dplr_intra_kernel, INTRA_CONFIGS, per_chunk, key,
-                  dict(q=q, k=k, a=a, b=b, gc=gc, **A, qg=qg, **common, H=H, HV=HV, K=K, BT=BT, BK=BK), V,
+                  dict(q=q, k=k, a=a, b=b, gc=gc, **A, qg=qg, **common, H=H, HV=HV, K=K, BT=BT, BK=BK,
+                       DOT_PREC=DOT_PREC), V,
                   ("Aqk", "Aqa", "Abk", "Ai", "qg"), tune=tune)
     w, ag, kg = (empty((B, T, HV, K), dt, device) for _ in range(3))
     u = empty((B, T, HV, V), dt, device)

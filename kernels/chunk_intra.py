@@ -444,6 +444,24 @@ def _inv_unit_lower(b_A, BC: tl.constexpr):
 
 
 @triton.jit
+def _inv_offdiag_4(b_i00, b_i11, b_i22, b_i33, b_a10, b_a20, b_a21, b_a30, b_a31, b_a32):
+    """Off-diagonal blocks (10, 20, 21, 30, 31, 32) of (I + A)^-1 for a 4 x 4-block lower-triangular A
+    (blocks a_ij), given the inverses i_jj of its diagonal blocks: each block from the finished
+    blocks above it, first the sub-diagonal (A21^-1 = -A22^-1 A21 A11^-1), in fp32."""
+    b_i10 = -tl.dot(tl.dot(b_i11, b_a10, input_precision="ieee"), b_i00, input_precision="ieee")
+    b_i21 = -tl.dot(tl.dot(b_i22, b_a21, input_precision="ieee"), b_i11, input_precision="ieee")
+    b_i32 = -tl.dot(tl.dot(b_i33, b_a32, input_precision="ieee"), b_i22, input_precision="ieee")
+    b_s20 = tl.dot(b_a20, b_i00, input_precision="ieee") + tl.dot(b_a21, b_i10, input_precision="ieee")
+    b_i20 = -tl.dot(b_i22, b_s20, input_precision="ieee")
+    b_s31 = tl.dot(b_a31, b_i11, input_precision="ieee") + tl.dot(b_a32, b_i21, input_precision="ieee")
+    b_i31 = -tl.dot(b_i33, b_s31, input_precision="ieee")
+    b_s30 = (tl.dot(b_a30, b_i00, input_precision="ieee") + tl.dot(b_a31, b_i10, input_precision="ieee")
+             + tl.dot(b_a32, b_i20, input_precision="ieee"))
+    b_i30 = -tl.dot(b_i33, b_s30, input_precision="ieee")
+    return b_i10, b_i20, b_i21, b_i30, b_i31, b_i32
+
+
+@triton.jit
 def _store_block(p, b, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s_A, BC: tl.constexpr):
     """Store a [BC, BC] sub-block (i_i, i_j) of a chunk's [BT, BT] matrix (rows inside the sequence)."""
     o_c = tl.arange(0, BC)
@@ -554,33 +572,25 @@ def chunk_intra_kernel(
         b_b0 = _beta_rows(beta, t0, T, 0, HV, BC)
         b_i00 = _inv_unit_lower(b_kk00 * b_b0[:, None], BC)
         _store_block(Ai, b_i00, t0, T, 0, 0, s_A, BC)
-        if NC > 1:
+        if NC == 2:
             b_b1 = _beta_rows(beta, t0, T, 1, HV, BC)
-            b_a10 = b_kk10 * b_b1[:, None]
             b_i11 = _inv_unit_lower(b_kk11 * b_b1[:, None], BC)
-            b_i10 = -tl.dot(tl.dot(b_i11, b_a10, input_precision="ieee"), b_i00, input_precision="ieee")
+            b_i10 = -tl.dot(tl.dot(b_i11, b_kk10 * b_b1[:, None], input_precision="ieee"), b_i00,
+                            input_precision="ieee")
             _store_block(Ai, b_i10, t0, T, 1, 0, s_A, BC)
             _store_block(Ai, b_i11, t0, T, 1, 1, s_A, BC)
-        if NC > 2:
+        if NC == 4:
+            b_b1 = _beta_rows(beta, t0, T, 1, HV, BC)
             b_b2 = _beta_rows(beta, t0, T, 2, HV, BC)
             b_b3 = _beta_rows(beta, t0, T, 3, HV, BC)
-            b_a20 = b_kk20 * b_b2[:, None]
-            b_a21 = b_kk21 * b_b2[:, None]
-            b_a30 = b_kk30 * b_b3[:, None]
-            b_a31 = b_kk31 * b_b3[:, None]
-            b_a32 = b_kk32 * b_b3[:, None]
+            b_i11 = _inv_unit_lower(b_kk11 * b_b1[:, None], BC)
             b_i22 = _inv_unit_lower(b_kk22 * b_b2[:, None], BC)
             b_i33 = _inv_unit_lower(b_kk33 * b_b3[:, None], BC)
-            # first sub-diagonal, then the blocks below it, each from the finished blocks above
-            b_i21 = -tl.dot(tl.dot(b_i22, b_a21, input_precision="ieee"), b_i11, input_precision="ieee")
-            b_i32 = -tl.dot(tl.dot(b_i33, b_a32, input_precision="ieee"), b_i22, input_precision="ieee")
-            b_s20 = tl.dot(b_a20, b_i00, input_precision="ieee") + tl.dot(b_a21, b_i10, input_precision="ieee")
-            b_i20 = -tl.dot(b_i22, b_s20, input_precision="ieee")
-            b_s31 = tl.dot(b_a31, b_i11, input_precision="ieee") + tl.dot(b_a32, b_i21, input_precision="ieee")
-            b_i31 = -tl.dot(b_i33, b_s31, input_precision="ieee")
-            b_s30 = (tl.dot(b_a30, b_i00, input_precision="ieee") + tl.dot(b_a31, b_i10, input_precision="ieee")
-                     + tl.dot(b_a32, b_i20, input_precision="ieee"))
-            b_i30 = -tl.dot(b_i33, b_s30, input_precision="ieee")
+            b_i10, b_i20, b_i21, b_i30, b_i31, b_i32 = _inv_offdiag_4(
+                b_i00, b_i11, b_i22, b_i33, b_kk10 * b_b1[:, None], b_kk20 * b_b2[:, None],
+                b_kk21 * b_b2[:, None], b_kk30 * b_b3[:, None], b_kk31 * b_b3[:, None], b_kk32 * b_b3[:, None])
+            _store_block(Ai, b_i10, t0, T, 1, 0, s_A, BC)
+            _store_block(Ai, b_i11, t0, T, 1, 1, s_A, BC)
             _store_block(Ai, b_i20, t0, T, 2, 0, s_A, BC)
             _store_block(Ai, b_i21, t0, T, 2, 1, s_A, BC)
             _store_block(Ai, b_i22, t0, T, 2, 2, s_A, BC)
