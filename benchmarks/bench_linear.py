@@ -219,7 +219,7 @@ def main():
         o_b, _ = ua.ops.linear_attention(r, bf_q, bf_k, bf_v, form="chunk", **bf_e)
         err_tuned = ((o_b.float() - o_r).abs().max() / o_r.abs().max()).item()
         chosen = {key[0]: cfg for key, cfg in chunk_module._TUNED.items() if cfg is not None and before.get(key) is None}
-        print(f"  {name}: tuned in {t_tune:.1f} s; intra {chosen.get('intra')}, state {chosen.get('state')}",
+        print(f"  {name}: tuned in {t_tune:.1f} s; " + ", ".join(f"{st} {cfg}" for st, cfg in chosen.items()),
               flush=True)
         checks.append((name, err_ref, err_full, err_bf, err_tuned, first))
         del q, k, v, e, o_c, o_r, S_c, S_r, o_b

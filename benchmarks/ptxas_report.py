@@ -1,6 +1,6 @@
 """Registers and spills of the chunk kernels' launch candidates on Hopper, without a GPU.
 
-    python benchmarks/ptxas_report.py          # TRITON_INTERPRET must be unset
+    python benchmarks/ptxas_report.py [dplr]   # TRITON_INTERPRET must be unset
 
 Compiles each candidate of kernels/chunk_intra.py and kernels/chunk_state.py for sm_90 (Triton's
 frontend and the bundled ptxas run on the CPU) at K = V = 128, bf16, chunk 64, and prints ptxas'
@@ -75,8 +75,26 @@ def sparse():
            dict(meta, BLOCK=1, HAS_DLSE=False, DKV=True), bwd_cfgs, {"scale": "fp32"})
 
 
+def dplr():
+    """The DPLR intra and wu kernels (chunk 64, K = V = 128, bf16 q / k, fp32 a / b)."""
+    from unifattn.kernels import chunk_dplr as m
+    print("dplr")
+    report("intra", m.chunk_dplr_intra_kernel,
+           {"q": "*bf16", "k": "*bf16", "a": "*fp32", "b": "*fp32", "gc": "*fp32", "Aqk": "*bf16", "Aqa": "*bf16",
+            "Abk": "*bf16", "Aab": "*fp32", "Ai": "*bf16", "qg": "*bf16", "cu_seqlens": None,
+            "chunk_indices": None},
+           dict(H=16, HV=16, K=128, BT=m.CHUNK, BK=64, IS_VARLEN=False, DOT_PREC="tf32"), m.INTRA_CONFIGS)
+    report("wu", m.chunk_dplr_wu_kernel,
+           {"k": "*bf16", "v": "*bf16", "a": "*fp32", "b": "*fp32", "gc": "*fp32", "Abk": "*bf16", "Ai": "*bf16",
+            "w": "*bf16", "u": "*bf16", "ag": "*bf16", "kg": "*bf16", "cu_seqlens": None, "chunk_indices": None},
+           dict(H=16, HV=16, K=128, V=128, BT=m.CHUNK, BK=64, IS_VARLEN=False, DOT_PREC="tf32"), m.WU_CONFIGS)
+
+
 def main():
+    if sys.argv[1:] == ["dplr"]:
+        return dplr()
     sparse()
+    dplr()
     for cls, (gate, delta) in CLASSES.items():
         print(cls)
         if gate == 2 or delta:

@@ -49,10 +49,14 @@ from .utils import empty, interpreting, next_pow2
 
 CHUNK = 64
 # launch candidates (the first runs under the interpreter and until tune=True picks); not yet probed on a GPU
-INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2), triton.Config({}, num_warps=8)]
+INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8),
+                 triton.Config({"BK": 32}, num_warps=4), triton.Config({"BK": 32}, num_warps=8),
+                 triton.Config({"BK": 16}, num_warps=4)]
 WU_CONFIGS = [
     triton.Config({"BV": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BV": 32}, num_warps=2, num_stages=2),
+    triton.Config({"BV": 64, "BK": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BV": 128, "BK": 32}, num_warps=8, num_stages=2),
 ]
 
 
@@ -80,6 +84,51 @@ def _four_dots(b_q, b_b, b_k, b_a, b_Aqk, b_Aqa, b_Abk, b_Aab, DOT_PREC: tl.cons
     b_Abk += _dot(b_b, tl.trans(b_k), DOT_PREC)
     b_Aab += _dot(b_b, tl.trans(b_a), DOT_PREC)
     return b_Aqk, b_Aqa, b_Abk, b_Aab
+
+
+@triton.jit
+def _whole_chunk_pair(x, s_xr, EXCL: tl.constexpr, y1, y2, s_y, gc, qg, t0, T, s_x,
+                      K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
+                      QG: tl.constexpr):
+    """[BT, BT] (x 2^(Gr - G_m)) (y 2^(G_m - G))^T for y = y1 and y2, both factors anchored at the chunk's
+    middle row m (tensor-core dots over the whole chunk); Gr is x's gate: G, or Gx if EXCL. The caller
+    has checked that the gate spans at most SPAN_LOG2 over the chunk, so every factor stays within
+    2^(+-SPAN_LOG2); entries above the diagonal can overflow and are the caller's to mask.
+    QG: also store qg = x 2^G (x = q)."""
+    o_i = tl.arange(0, BT)
+    o_r = t0 + o_i
+    m_r = o_r < T
+    o_mid = tl.minimum(t0 + BT // 2, T - 1)
+    b_A1 = tl.zeros([BT, BT], dtype=tl.float32)
+    b_A2 = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_r[:, None] & m_k[None, :]
+        p_x = o_r[:, None] * s_x + o_k[None, :]
+        b_x = tl.load(x + o_r[:, None] * s_xr + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        b_g = tl.load(gc + p_x, mask=m, other=0.)
+        b_gm = tl.load(gc + o_mid * s_x + o_k, mask=m_k, other=0.)
+        if QG:
+            tl.store(qg + p_x, (b_x * tl.exp2(b_g)).to(qg.dtype.element_ty), mask=m)
+        if EXCL:
+            b_gr = tl.load(gc + p_x - s_x, mask=m & (o_r > t0)[:, None], other=0.)
+        else:
+            b_gr = b_g
+        b_x = b_x * _exp2_masked(b_gr - b_gm[None, :], m)
+        b_fc = _exp2_masked(b_gm[None, :] - b_g, m)
+        b_y1 = tl.load(y1 + o_r[:, None] * s_y + o_k[None, :], mask=m, other=0.).to(tl.float32) * b_fc
+        b_A1 += _dot(b_x, tl.trans(b_y1), DOT_PREC)
+        b_y2 = tl.load(y2 + p_x, mask=m, other=0.).to(tl.float32) * b_fc
+        b_A2 += _dot(b_x, tl.trans(b_y2), DOT_PREC)
+    return b_A1, b_A2
+
+
+@triton.jit
+def _store_chunk(p, b, t0, T, s_A, BT: tl.constexpr):
+    """Store a chunk's [BT, BT] matrix (rows inside the sequence)."""
+    o_i = tl.arange(0, BT)
+    tl.store(p + (t0 + o_i)[:, None] * s_A + o_i[None, :], b.to(p.dtype.element_ty), mask=(t0 + o_i < T)[:, None])
 
 
 @triton.jit
@@ -170,12 +219,18 @@ def _dplr_diag(q, k, a, b, gc, qg, t0, T, i_i: tl.constexpr, s_qk, s_x,
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def chunk_dplr_intra_kernel(
-    q, k, a, b, gc, Aqk, Aqa, Abk, Ai, qg, cu_seqlens, chunk_indices, T,
+    q, k, a, b, gc, Aqk, Aqa, Abk, Aab, Ai, qg, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    """A_qk, A_qa (r >= s), A_bk (r > s), Ai = (I - A_ab)^-1 and qg = q 2^G of one chunk of
-    BT = 4 BC rows, as 4 x 4 sub-blocks of BC = 16 (kernels/chunk_intra.py's layout). Grid (NT, B * HV)."""
+    """A_qk, A_qa (r >= s), A_bk (r > s), Ai = (I - A_ab)^-1 and qg = q 2^G of one chunk of BT = 64
+    rows. Grid (NT, B * HV). Aab: fp32 scratch [B, T, HV, BT] for A_ab, written, then read back as
+    16 x 16 blocks for the blockwise inverse.
+
+    Where the gate spans at most SPAN_LOG2 over the chunk (every key channel; RWKV-7's decay of at
+    most e^-0.61 a step always does), the four matrices are four tensor-core products anchored at
+    the middle row; elsewhere, 4 x 4 sub-blocks of BC = 16 rows anchored per sub-chunk
+    (_dplr_offdiag, _dplr_diag: no exponent ever leaves fp32's range, for any gate)."""
     BC: tl.constexpr = BT // 4
     tl.static_assert(BC == 16)
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -195,33 +250,43 @@ def chunk_dplr_intra_kernel(
     Aqk += (bos * HV + i_hv) * BT
     Aqa += (bos * HV + i_hv) * BT
     Abk += (bos * HV + i_hv) * BT
+    Aab += (bos * HV + i_hv) * BT
     Ai += (bos * HV + i_hv) * BT
     s_A = HV * BT
 
-    # A_qk, A_qa, A_bk are stored block by block; A_ab stays for the solve
-    qk, qa, bk, ab00 = _dplr_diag(q, k, a, b, gc, qg, t0, T, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
-    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 0, 0, s_A, BC)
-    qk, qa, bk, ab11 = _dplr_diag(q, k, a, b, gc, qg, t0, T, 1, s_qk, s_x, K, BC, BK, DOT_PREC)
-    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 1, 1, s_A, BC)
-    qk, qa, bk, ab22 = _dplr_diag(q, k, a, b, gc, qg, t0, T, 2, s_qk, s_x, K, BC, BK, DOT_PREC)
-    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 2, 2, s_A, BC)
-    qk, qa, bk, ab33 = _dplr_diag(q, k, a, b, gc, qg, t0, T, 3, s_qk, s_x, K, BC, BK, DOT_PREC)
-    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 3, 3, s_A, BC)
-    qk, qa, bk, ab10 = _dplr_offdiag(q, k, a, b, gc, t0, T, 1, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
-    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 1, 0, s_A, BC)
-    qk, qa, bk, ab20 = _dplr_offdiag(q, k, a, b, gc, t0, T, 2, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
-    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 2, 0, s_A, BC)
-    qk, qa, bk, ab21 = _dplr_offdiag(q, k, a, b, gc, t0, T, 2, 1, s_qk, s_x, K, BC, BK, DOT_PREC)
-    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 2, 1, s_A, BC)
-    qk, qa, bk, ab30 = _dplr_offdiag(q, k, a, b, gc, t0, T, 3, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
-    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 3, 0, s_A, BC)
-    qk, qa, bk, ab31 = _dplr_offdiag(q, k, a, b, gc, t0, T, 3, 1, s_qk, s_x, K, BC, BK, DOT_PREC)
-    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 3, 1, s_A, BC)
-    qk, qa, bk, ab32 = _dplr_offdiag(q, k, a, b, gc, t0, T, 3, 2, s_qk, s_x, K, BC, BK, DOT_PREC)
-    _store_three(Aqk, Aqa, Abk, qk, qa, bk, t0, T, 3, 2, s_A, BC)
+    # the gate's span over the chunk: from the first row's Gx (0) to the last row's G, per channel
+    o_last = tl.minimum(t0 + BT, T) - 1
+    b_span = tl.zeros([], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_span = tl.maximum(b_span, -tl.min(tl.load(gc + o_last * s_x + o_k, mask=o_k < K, other=0.), axis=0))
+    if b_span <= SPAN_LOG2:
+        o_i = tl.arange(0, BT)
+        m_ge = (o_i[:, None] >= o_i[None, :]) & (t0 + o_i < T)[:, None]
+        b_qk, b_qa = _whole_chunk_pair(q, s_qk, False, k, a, s_qk, gc, qg, t0, T, s_x, K, BT, BK, DOT_PREC, True)
+        _store_chunk(Aqk, tl.where(m_ge, b_qk, 0.), t0, T, s_A, BT)
+        _store_chunk(Aqa, tl.where(m_ge, b_qa, 0.), t0, T, s_A, BT)
+        m_gt = (o_i[:, None] > o_i[None, :]) & (t0 + o_i < T)[:, None]
+        b_bk, b_ab = _whole_chunk_pair(b, s_x, True, k, a, s_qk, gc, qg, t0, T, s_x, K, BT, BK, DOT_PREC, False)
+        _store_chunk(Abk, tl.where(m_gt, b_bk, 0.), t0, T, s_A, BT)
+        _store_chunk(Aab, tl.where(m_gt, b_ab, 0.), t0, T, s_A, BT)
+    else:
+        _dplr_blocks(q, k, a, b, gc, qg, Aqk, Aqa, Abk, Aab, t0, T, s_qk, s_x, s_A, K, BC, BK, DOT_PREC)
+    # A_ab's blocks are read back by the threads that need them, not those that wrote them
+    tl.debug_barrier()
 
     # Ai = (I - A_ab)^-1: A_ab is strictly lower triangular; forward substitution on the diagonal
     # blocks, merged with matmuls
+    ab00 = _load_block(Aab, t0, T, 0, 0, s_A, BC)
+    ab10 = _load_block(Aab, t0, T, 1, 0, s_A, BC)
+    ab11 = _load_block(Aab, t0, T, 1, 1, s_A, BC)
+    ab20 = _load_block(Aab, t0, T, 2, 0, s_A, BC)
+    ab21 = _load_block(Aab, t0, T, 2, 1, s_A, BC)
+    ab22 = _load_block(Aab, t0, T, 2, 2, s_A, BC)
+    ab30 = _load_block(Aab, t0, T, 3, 0, s_A, BC)
+    ab31 = _load_block(Aab, t0, T, 3, 1, s_A, BC)
+    ab32 = _load_block(Aab, t0, T, 3, 2, s_A, BC)
+    ab33 = _load_block(Aab, t0, T, 3, 3, s_A, BC)
     b_i00 = _inv_unit_lower(-ab00, BC)
     b_i11 = _inv_unit_lower(-ab11, BC)
     b_i22 = _inv_unit_lower(-ab22, BC)
@@ -241,11 +306,46 @@ def chunk_dplr_intra_kernel(
 
 
 @triton.jit
-def _store_three(Aqk, Aqa, Abk, b_qk, b_qa, b_bk, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s_A,
-                 BC: tl.constexpr):
+def _dplr_blocks(q, k, a, b, gc, qg, Aqk, Aqa, Abk, Aab, t0, T, s_qk, s_x, s_A,
+                 K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The four matrices of a chunk whose gate spans more than SPAN_LOG2, block by block (lower blocks only)."""
+    qk, qa, bk, ab = _dplr_diag(q, k, a, b, gc, qg, t0, T, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 0, 0, s_A, BC)
+    qk, qa, bk, ab = _dplr_diag(q, k, a, b, gc, qg, t0, T, 1, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 1, 1, s_A, BC)
+    qk, qa, bk, ab = _dplr_diag(q, k, a, b, gc, qg, t0, T, 2, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 2, 2, s_A, BC)
+    qk, qa, bk, ab = _dplr_diag(q, k, a, b, gc, qg, t0, T, 3, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 3, 3, s_A, BC)
+    qk, qa, bk, ab = _dplr_offdiag(q, k, a, b, gc, t0, T, 1, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 1, 0, s_A, BC)
+    qk, qa, bk, ab = _dplr_offdiag(q, k, a, b, gc, t0, T, 2, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 2, 0, s_A, BC)
+    qk, qa, bk, ab = _dplr_offdiag(q, k, a, b, gc, t0, T, 2, 1, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 2, 1, s_A, BC)
+    qk, qa, bk, ab = _dplr_offdiag(q, k, a, b, gc, t0, T, 3, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 3, 0, s_A, BC)
+    qk, qa, bk, ab = _dplr_offdiag(q, k, a, b, gc, t0, T, 3, 1, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 3, 1, s_A, BC)
+    qk, qa, bk, ab = _dplr_offdiag(q, k, a, b, gc, t0, T, 3, 2, s_qk, s_x, K, BC, BK, DOT_PREC)
+    _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 3, 2, s_A, BC)
+
+
+@triton.jit
+def _store_four(Aqk, Aqa, Abk, Aab, b_qk, b_qa, b_bk, b_ab, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s_A,
+                BC: tl.constexpr):
     _store_block(Aqk, b_qk, t0, T, i_i, i_j, s_A, BC)
     _store_block(Aqa, b_qa, t0, T, i_i, i_j, s_A, BC)
     _store_block(Abk, b_bk, t0, T, i_i, i_j, s_A, BC)
+    _store_block(Aab, b_ab, t0, T, i_i, i_j, s_A, BC)
+
+
+@triton.jit
+def _load_block(p, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s_A, BC: tl.constexpr):
+    """A [BC, BC] sub-block (i_i, i_j) of a chunk's [BT, BT] matrix; zeros for rows past T."""
+    o_c = tl.arange(0, BC)
+    o_r = t0 + i_i * BC + o_c
+    return tl.load(p + o_r[:, None] * s_A + (i_j * BC + o_c)[None, :], mask=(o_r < T)[:, None], other=0.)
 
 
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None})
@@ -268,8 +368,6 @@ def chunk_dplr_wu_kernel(
     p_A = ((bos + o_t) * HV + i_hv)[:, None] * BT + o_i[None, :]
     # [BT, BT]: Ai unit lower triangular, A_bk strictly lower; the other entries are never written
     b_Ai = tl.load(Ai + p_A, mask=m_t[:, None] & (o_i[:, None] >= o_i[None, :]), other=0.)
-    b_Abk = tl.load(Abk + p_A, mask=m_t[:, None] & (o_i[:, None] > o_i[None, :]), other=0.)
-    b_M = _dot(b_Ai, b_Abk, DOT_PREC).to(b_Ai.dtype)
     o_row = (bos + o_t) * HV + i_hv
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -287,6 +385,9 @@ def chunk_dplr_wu_kernel(
         tl.store(ag + p_x, (b_a * b_e).to(ag.dtype.element_ty), mask=m)
         b_k = tl.load(k + ((bos + o_t) * H + i_h)[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
         tl.store(kg + p_x, (b_k * b_e).to(kg.dtype.element_ty), mask=m)
+    # after the K loop, so that its tiles and M are never live together
+    b_Abk = tl.load(Abk + p_A, mask=m_t[:, None] & (o_i[:, None] > o_i[None, :]), other=0.)
+    b_M = _dot(b_Ai, b_Abk, DOT_PREC).to(b_Ai.dtype)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
@@ -350,6 +451,7 @@ def chunk_dplr_fwd(q, k, v, a, b, g=None, *, scale: float = 1.0, initial_state=N
         chunk._launch("cumsum", chunk_intra.chunk_cumsum_kernel, chunk_intra.CUMSUM_CONFIGS, per_chunk, key,
                       dict(g=g, gc=gc, **common, HV=HV, K=K, BT=BT, BK=BK, GATE=2), V, ("gc",), tune=tune)
     A = {n: empty((B, T, HV, BT), dt, device) for n in ("Aqk", "Aqa", "Abk", "Ai")}
+    A["Aab"] = empty((B, T, HV, BT), torch.float32, device)      # scratch: A_ab before the inverse
     qg = empty((B, T, HV, K), dt, device)
     chunk._launch("dplr_intra", chunk_dplr_intra_kernel, INTRA_CONFIGS, per_chunk, key,
                   dict(q=q, k=k, a=a, b=b, gc=gc, **A, qg=qg, **common, H=H, HV=HV, K=K, BT=BT, BK=BK,

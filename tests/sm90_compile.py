@@ -139,7 +139,7 @@ def dplr():
     rows = {"cu_seqlens": "*i32", "chunk_indices": "*i32"}
     ok = [compile_one("chunk_dplr_intra_kernel", m.chunk_dplr_intra_kernel,
                       {"q": "*bf16", "k": "*bf16", "a": "*fp32", "b": "*fp32", "gc": "*fp32", "Aqk": "*bf16",
-                       "Aqa": "*bf16", "Abk": "*bf16", "Ai": "*bf16", "qg": "*bf16", **rows},
+                       "Aqa": "*bf16", "Abk": "*bf16", "Aab": "*fp32", "Ai": "*bf16", "qg": "*bf16", **rows},
                       dict(H=4, HV=8, K=128, BT=m.CHUNK, BK=64, IS_VARLEN=True, DOT_PREC="tf32"),
                       options=dict(num_warps=4)),
           compile_one("chunk_dplr_wu_kernel", m.chunk_dplr_wu_kernel,
