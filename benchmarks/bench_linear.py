@@ -173,6 +173,7 @@ def flops(name, B, T, H, K, V, C=64):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode step (and its fla side)")
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--fla", default=",".join(RULES),
                     help="rules to time fla on (its first call autotunes for minutes: kda took 215 s)")
@@ -244,7 +245,7 @@ def main():
         del q, k, v, e, x
         torch.cuda.empty_cache()
 
-    print_decode = _decode(H, K, V, dtype, dev)
+    print_decode = None if a.no_decode else _decode(H, K, V, dtype, dev)
     qs = torch.randn(B, H, T, K, device=dev, dtype=dtype)
     t_sdpa = bench(lambda: F.scaled_dot_product_attention(qs, qs, qs, is_causal=True))
     print(f"  SDPA causal fwd {t_sdpa:.3f} ms", flush=True)
@@ -293,6 +294,8 @@ def main():
         if not isinstance(t_fla, float) and t_fla:
             print(f"{'':18s}   fla: {t_fla}")
     print(f"{'SDPA causal':18s} {t_sdpa:8.3f}")
+    if print_decode is None:
+        return
     dec, Bd, gb = print_decode
     print(f"\ndecode step B={Bd} H={H} K=V={K} (state fp32 read + written: {gb * 1e3:.1f} MB; graph = CUDA-graph "
           "replay, the GPU time of a step; loop = launch loop, bound by the host's launch cost at this size)")

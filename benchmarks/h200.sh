@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for all GPU work (run from the repository root on the H200, `.whl` carried):
-#   bash benchmarks/h200.sh [linear|sparse|rules|probe|profile|select|topk|topk_tests|chunk_tests|tests ...]   (default: linear sparse rules tests)
+#   bash benchmarks/h200.sh [linear|sparse|rules|rules_split|probe|profile|select|topk|topk_tests|chunk_tests|tests ...]   (default: linear sparse rules tests)
 # Each part has its own time cap and writes its log to $OUT (or /tmp/h200) as it goes.
 # On a cold machine `linear` alone needs ~480-590 s (our tuning ~110 s, fla's first calls several
 # minutes of autotuning, kda's ~215 s): the 2026-11-29 runs were cut while timing fla's gated_deltanet
@@ -46,6 +46,11 @@ for part in $parts; do
                > /tmp/rules.$i.log 2>&1 &
            done; wait; cat /tmp/rules.?.log | tee "$LOG/rules.log"
            grep -h "cases match" /tmp/rules.?.log ;;
+    rules_split) # RULES_LIST's rules, one process per rule and dtype (compiling is CPU work), RULES_ARGS added
+           for r in ${RULES_LIST:-dplr rwkv7}; do for d in float32 bfloat16 float16; do
+             timeout ${RULES_S:-200} python3 benchmarks/check_rules_gpu.py --rules $r --dtypes $d ${RULES_ARGS:-} \
+               > /tmp/rules_split.$r.$d.log 2>&1 &
+           done; done; wait; cat /tmp/rules_split.*.log | tee "$LOG/rules.log" | grep -v ": ok$" ;;
     probe) timeout ${PROBE_S:-240} python3 benchmarks/diag_chunk_configs.py ${PROBE_ARGS:-} 2>&1 | tee "$LOG/probe.log" ;;
     profile) timeout ${PROFILE_S:-130} python3 benchmarks/profile_linear.py ${PROFILE_ARGS:-} 2>&1 | tee "$LOG/profile.log" ;;
     topk_tests) cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg && timeout ${TOPK_TESTS_S:-120} python3 -m pytest -q \
