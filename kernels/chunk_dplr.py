@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_intra import (SPAN_LOG2, _chunk_bounds, _dot, _exp2_masked, _inv_offdiag_4, _inv_unit_lower,
-                          _store_block)
+from .chunk_intra import (SPAN_LOG2, _chunk_bounds, _chunk_span, _dot, _exp2_masked, _inv_offdiag_4,
+                          _inv_unit_lower, _store_block)
 from .utils import empty, interpreting, next_pow2
 
 CHUNK = 64
@@ -154,9 +154,10 @@ def _dplr_offdiag(q, k, a, b, gc, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s
         b_qs, b_k, b_a, b_bs, b_gs, b_gxs = _tiles(q, k, a, b, gc, o_s, m_s, o_k, m_k, t0, s_qk, s_x)
         b_gn = tl.load(gc + o_n * s_x + o_k, mask=m_k, other=0.)
         b_fc = _exp2_masked(b_gn[None, :] - b_gs, m_s[:, None])
-        b_Aqk, b_Aqa, b_Abk, b_Aab = _four_dots(
-            b_q * _exp2_masked(b_g - b_gn[None, :], m_r[:, None]), b_b * _exp2_masked(b_gx - b_gn[None, :], m_r[:, None]),
-            b_k * b_fc, b_a * b_fc, b_Aqk, b_Aqa, b_Abk, b_Aab, DOT_PREC)
+        b_qr = b_q * _exp2_masked(b_g - b_gn[None, :], m_r[:, None])
+        b_br = b_b * _exp2_masked(b_gx - b_gn[None, :], m_r[:, None])
+        b_Aqk, b_Aqa, b_Abk, b_Aab = _four_dots(b_qr, b_br, b_k * b_fc, b_a * b_fc, b_Aqk, b_Aqa, b_Abk, b_Aab,
+                                                DOT_PREC)
     return b_Aqk, b_Aqa, b_Abk, b_Aab
 
 
@@ -255,12 +256,7 @@ def chunk_dplr_intra_kernel(
     s_A = HV * BT
 
     # the gate's span over the chunk: from the first row's Gx (0) to the last row's G, per channel
-    o_last = tl.minimum(t0 + BT, T) - 1
-    b_span = tl.zeros([], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_span = tl.maximum(b_span, -tl.min(tl.load(gc + o_last * s_x + o_k, mask=o_k < K, other=0.), axis=0))
-    if b_span <= SPAN_LOG2:
+    if _chunk_span(gc, t0, T, s_x, K, BT, BK) <= SPAN_LOG2:
         o_i = tl.arange(0, BT)
         m_ge = (o_i[:, None] >= o_i[None, :]) & (t0 + o_i < T)[:, None]
         b_qk, b_qa = _whole_chunk_pair(q, s_qk, False, k, a, s_qk, gc, qg, t0, T, s_x, K, BT, BK, DOT_PREC, True)

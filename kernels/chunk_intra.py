@@ -48,7 +48,11 @@ INTRA_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=2),
                  triton.Config({"OFFDIAG": "fused", "BK": 32}, num_warps=4),
                  triton.Config({"OFFDIAG": "fused", "BK": 32}, num_warps=8),
                  triton.Config({"OFFDIAG": "fused", "BK": 16}, num_warps=4),
-                 triton.Config({"OFFDIAG": "fused", "BK": 16}, num_warps=2)]
+                 triton.Config({"OFFDIAG": "fused", "BK": 16}, num_warps=2),
+                 # whole-chunk products where the gate's span allows (not yet timed or probed on a GPU)
+                 triton.Config({"OFFDIAG": "whole", "BK": 32}, num_warps=4),
+                 triton.Config({"OFFDIAG": "whole", "BK": 32}, num_warps=8),
+                 triton.Config({"OFFDIAG": "whole", "BK": 16}, num_warps=4)]
 # ptxas on sm_90 (benchmarks/ptxas_report.py, K=128): with BK=64 the fused variant spills 0.8-3.9 KB per
 # thread on 1-4 warps for the per-channel-gate classes (1 KB on 8 warps for kda); BK=32 halves the
 # tiles it holds. The tuner times them; the first config stays the untuned default. kda's tuned choice on
@@ -475,6 +479,137 @@ def _beta_rows(beta, t0, T, i_i: tl.constexpr, HV: tl.constexpr, BC: tl.constexp
     return tl.load(beta + o_r * HV, mask=o_r < T, other=0.).to(tl.float32)
 
 
+@triton.jit
+def _sub_blocks(q, k, gc, qg, Aqk, t0, T, s_qk, s_g, s_A, K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                GATE: tl.constexpr, NEED_QK: tl.constexpr, NEED_KK: tl.constexpr, DOT_PREC: tl.constexpr,
+                QG: tl.constexpr, FUSED: tl.constexpr, NC: tl.constexpr):
+    """The chunk's q k^T and k k^T as NC x NC sub-blocks of BC rows (every gate): q k^T is stored (Aqk),
+    the k k^T blocks (00, 10, 11, 20, 21, 22, 30, 31, 32, 33; zeros past NC) are returned.
+    FUSED: the six off-diagonal blocks of a per-channel gate in one pass (_offdiag_diagonal_gate_4)."""
+    b_kk10 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_kk11 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_kk20 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_kk21 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_kk22 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_kk30 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_kk31 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_kk32 = tl.zeros([BC, BC], dtype=tl.float32)
+    b_kk33 = tl.zeros([BC, BC], dtype=tl.float32)
+    if FUSED:
+        (b_qk10, b_qk20, b_qk21, b_qk30, b_qk31, b_qk32,
+         b_kk10, b_kk20, b_kk21, b_kk30, b_kk31, b_kk32) = _offdiag_diagonal_gate_4(
+            q, k, gc, t0, T, s_qk, s_g, K, BC, BK, NEED_KK, DOT_PREC)
+    b_qk00, b_kk00 = _diag_block(q, k, gc, qg, t0, T, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG)
+    if NEED_QK:
+        _store_block(Aqk, b_qk00, t0, T, 0, 0, s_A, BC)
+    if NC > 1:
+        if not FUSED:
+            b_qk10, b_kk10 = _offdiag_block(q, k, gc, t0, T, 1, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
+        b_qk11, b_kk11 = _diag_block(q, k, gc, qg, t0, T, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                         DOT_PREC, QG)
+        if NEED_QK:
+            _store_block(Aqk, b_qk10, t0, T, 1, 0, s_A, BC)
+            _store_block(Aqk, b_qk11, t0, T, 1, 1, s_A, BC)
+    if NC > 2:
+        if not FUSED:
+            b_qk20, b_kk20 = _offdiag_block(q, k, gc, t0, T, 2, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
+            b_qk21, b_kk21 = _offdiag_block(q, k, gc, t0, T, 2, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
+            b_qk30, b_kk30 = _offdiag_block(q, k, gc, t0, T, 3, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
+            b_qk31, b_kk31 = _offdiag_block(q, k, gc, t0, T, 3, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
+            b_qk32, b_kk32 = _offdiag_block(q, k, gc, t0, T, 3, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                            DOT_PREC)
+        b_qk22, b_kk22 = _diag_block(q, k, gc, qg, t0, T, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                         DOT_PREC, QG)
+        b_qk33, b_kk33 = _diag_block(q, k, gc, qg, t0, T, 3, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
+                                         DOT_PREC, QG)
+        if NEED_QK:
+            _store_block(Aqk, b_qk20, t0, T, 2, 0, s_A, BC)
+            _store_block(Aqk, b_qk21, t0, T, 2, 1, s_A, BC)
+            _store_block(Aqk, b_qk22, t0, T, 2, 2, s_A, BC)
+            _store_block(Aqk, b_qk30, t0, T, 3, 0, s_A, BC)
+            _store_block(Aqk, b_qk31, t0, T, 3, 1, s_A, BC)
+            _store_block(Aqk, b_qk32, t0, T, 3, 2, s_A, BC)
+            _store_block(Aqk, b_qk33, t0, T, 3, 3, s_A, BC)
+    return b_kk00, b_kk10, b_kk11, b_kk20, b_kk21, b_kk22, b_kk30, b_kk31, b_kk32, b_kk33
+
+
+@triton.jit
+def _chunk_span(gc, t0, T, s_g, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """The per-channel gate's span over a chunk: max over channels of G_first - G_last <= -G_last
+    (G is the chunk-local cumsum, non-increasing, and G_first <= 0)."""
+    o_last = tl.minimum(t0 + BT, T) - 1
+    b_span = tl.zeros([], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_span = tl.maximum(b_span, -tl.min(tl.load(gc + o_last * s_g + o_k, mask=o_k < K, other=0.), axis=0))
+    return b_span
+
+
+@triton.jit
+def _split_cols_4(x):
+    """The four [R, C / 4] column blocks of an [R, C] tensor, left to right."""
+    R: tl.constexpr = x.shape[0]
+    C4: tl.constexpr = x.shape[1] // 4
+    # column c = 2 C4 j1 + C4 j0 + cc: block j = 2 j1 + j0
+    y = tl.permute(tl.reshape(x, [R, 2, 2, C4]), (0, 3, 1, 2))      # [R, C4, j1, j0]
+    even, odd = tl.split(y)                                            # j0 = 0, 1: [R, C4, j1]
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _lower_blocks_4(A):
+    """The ten lower blocks (00, 10, 11, 20, 21, 22, 30, 31, 32, 33) of a [4 BC, 4 BC] matrix."""
+    c0, c1, c2, c3 = _split_cols_4(A)
+    # the column blocks of column block j's transpose are its row blocks, transposed
+    t00, t10, t20, t30 = _split_cols_4(tl.trans(c0))
+    _, t11, t21, t31 = _split_cols_4(tl.trans(c1))
+    _, _, t22, t32 = _split_cols_4(tl.trans(c2))
+    _, _, _, t33 = _split_cols_4(tl.trans(c3))
+    return (tl.trans(t00), tl.trans(t10), tl.trans(t11), tl.trans(t20), tl.trans(t21), tl.trans(t22),
+            tl.trans(t30), tl.trans(t31), tl.trans(t32), tl.trans(t33))
+
+
+@triton.jit
+def _whole_chunk(q, k, gc, qg, Aqk, t0, T, s_qk, s_g, s_A, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                 BK: tl.constexpr, NEED_KK: tl.constexpr, DOT_PREC: tl.constexpr, QG: tl.constexpr):
+    """q k^T and k k^T of a chunk whose per-channel gate spans at most SPAN_LOG2 over it, as two
+    whole-chunk tensor-core products anchored at the middle row m: (x 2^(G - G_m)) (k 2^(G_m - G))^T,
+    every factor within 2^(+-SPAN_LOG2) (entries above the diagonal may overflow: masked). q k^T is
+    stored (Aqk; QG: also qg = q 2^G); k k^T is returned as _sub_blocks returns it."""
+    o_i = tl.arange(0, BT)
+    o_r = t0 + o_i
+    m_r = o_r < T
+    o_mid = tl.minimum(t0 + BT // 2, T - 1)
+    b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_Akk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_r[:, None] & m_k[None, :]
+        # [BT, BK] fp32
+        b_q = tl.load(q + o_r[:, None] * s_qk + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        b_k = tl.load(k + o_r[:, None] * s_qk + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        b_g = tl.load(gc + o_r[:, None] * s_g + o_k[None, :], mask=m, other=0.)
+        if QG:
+            tl.store(qg + o_r[:, None] * s_g + o_k[None, :], (b_q * tl.exp2(b_g)).to(qg.dtype.element_ty), mask=m)
+        b_gm = tl.load(gc + o_mid * s_g + o_k, mask=m_k, other=0.)
+        b_fr = _exp2_masked(b_g - b_gm[None, :], m)
+        b_kc = b_k * _exp2_masked(b_gm[None, :] - b_g, m)
+        b_Aqk += _dot(b_q * b_fr, tl.trans(b_kc), DOT_PREC)
+        if NEED_KK:
+            b_Akk += _dot(b_k * b_fr, tl.trans(b_kc), DOT_PREC)
+    b_Aqk = tl.where((o_i[:, None] >= o_i[None, :]) & m_r[:, None], b_Aqk, 0.)
+    tl.store(Aqk + o_r[:, None] * s_A + o_i[None, :], b_Aqk.to(Aqk.dtype.element_ty), mask=m_r[:, None])
+    return _lower_blocks_4(tl.where((o_i[:, None] > o_i[None, :]) & m_r[:, None], b_Akk, 0.))
+
+
 @triton.heuristics({"IS_VARLEN": lambda a: a["cu_seqlens"] is not None, "QG": lambda a: a["qg"] is not None})
 @triton.jit(do_not_specialize=["T"])
 def chunk_intra_kernel(
@@ -492,6 +627,9 @@ def chunk_intra_kernel(
     FUSED: tl.constexpr = (OFFDIAG == "fused") and (GATE == 2) and (NC == 4)
     # the same for k k^T without a per-channel gate: all ten blocks in one pass (_kk_all_4)
     FUSED_KK: tl.constexpr = (OFFDIAG == "fused") and (GATE != 2) and DELTA and (NC == 4)
+    # OFFDIAG "whole": a per-channel gate's 4-sub-chunk chunk whose gate spans at most SPAN_LOG2 is two
+    # whole-chunk products anchored at its middle row (_whole_chunk); wider spans take the fused blocks
+    WHOLE: tl.constexpr = (OFFDIAG == "whole") and (GATE == 2) and (NC == 4)
     NEED_QK: tl.constexpr = GATE == 2
     NEED_KK: tl.constexpr = DELTA
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -525,47 +663,16 @@ def chunk_intra_kernel(
     if FUSED_KK:
         b_kk00, b_kk10, b_kk11, b_kk20, b_kk21, b_kk22, b_kk30, b_kk31, b_kk32, b_kk33 = _kk_all_4(
             k, gc, t0, T, s_qk, s_g, K, BC, BK, GATE, DOT_PREC)
+    elif WHOLE:
+        if _chunk_span(gc, t0, T, s_g, K, BT, BK) <= SPAN_LOG2:
+            b_kk00, b_kk10, b_kk11, b_kk20, b_kk21, b_kk22, b_kk30, b_kk31, b_kk32, b_kk33 = _whole_chunk(
+                q, k, gc, qg, Aqk, t0, T, s_qk, s_g, s_A, K, BT, BC, BK, NEED_KK, DOT_PREC, QG)
+        else:
+            b_kk00, b_kk10, b_kk11, b_kk20, b_kk21, b_kk22, b_kk30, b_kk31, b_kk32, b_kk33 = _sub_blocks(
+                q, k, gc, qg, Aqk, t0, T, s_qk, s_g, s_A, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG, True, NC)
     else:
-        if FUSED:
-            (b_qk10, b_qk20, b_qk21, b_qk30, b_qk31, b_qk32,
-             b_kk10, b_kk20, b_kk21, b_kk30, b_kk31, b_kk32) = _offdiag_diagonal_gate_4(
-                q, k, gc, t0, T, s_qk, s_g, K, BC, BK, NEED_KK, DOT_PREC)
-        b_qk00, b_kk00 = _diag_block(q, k, gc, qg, t0, T, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG)
-        if NEED_QK:
-            _store_block(Aqk, b_qk00, t0, T, 0, 0, s_A, BC)
-        if NC > 1:
-            if not FUSED:
-                b_qk10, b_kk10 = _offdiag_block(q, k, gc, t0, T, 1, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                                DOT_PREC)
-            b_qk11, b_kk11 = _diag_block(q, k, gc, qg, t0, T, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                             DOT_PREC, QG)
-            if NEED_QK:
-                _store_block(Aqk, b_qk10, t0, T, 1, 0, s_A, BC)
-                _store_block(Aqk, b_qk11, t0, T, 1, 1, s_A, BC)
-        if NC > 2:
-            if not FUSED:
-                b_qk20, b_kk20 = _offdiag_block(q, k, gc, t0, T, 2, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                                DOT_PREC)
-                b_qk21, b_kk21 = _offdiag_block(q, k, gc, t0, T, 2, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                                DOT_PREC)
-                b_qk30, b_kk30 = _offdiag_block(q, k, gc, t0, T, 3, 0, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                                DOT_PREC)
-                b_qk31, b_kk31 = _offdiag_block(q, k, gc, t0, T, 3, 1, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                                DOT_PREC)
-                b_qk32, b_kk32 = _offdiag_block(q, k, gc, t0, T, 3, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                                DOT_PREC)
-            b_qk22, b_kk22 = _diag_block(q, k, gc, qg, t0, T, 2, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                             DOT_PREC, QG)
-            b_qk33, b_kk33 = _diag_block(q, k, gc, qg, t0, T, 3, s_qk, s_g, K, BC, BK, GATE, NEED_QK, NEED_KK,
-                                             DOT_PREC, QG)
-            if NEED_QK:
-                _store_block(Aqk, b_qk20, t0, T, 2, 0, s_A, BC)
-                _store_block(Aqk, b_qk21, t0, T, 2, 1, s_A, BC)
-                _store_block(Aqk, b_qk22, t0, T, 2, 2, s_A, BC)
-                _store_block(Aqk, b_qk30, t0, T, 3, 0, s_A, BC)
-                _store_block(Aqk, b_qk31, t0, T, 3, 1, s_A, BC)
-                _store_block(Aqk, b_qk32, t0, T, 3, 2, s_A, BC)
-                _store_block(Aqk, b_qk33, t0, T, 3, 3, s_A, BC)
+        b_kk00, b_kk10, b_kk11, b_kk20, b_kk21, b_kk22, b_kk30, b_kk31, b_kk32, b_kk33 = _sub_blocks(
+            q, k, gc, qg, Aqk, t0, T, s_qk, s_g, s_A, K, BC, BK, GATE, NEED_QK, NEED_KK, DOT_PREC, QG, FUSED, NC)
 
     if DELTA:
         # --- Ai = (I + Diag(beta) Akk)^-1, blockwise: invert diagonal blocks, merge with matmuls ---

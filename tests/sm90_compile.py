@@ -89,7 +89,7 @@ def intra():
     from unifattn.kernels import chunk_intra as m
     ok = []
     for gate, delta in ((2, False), (2, True), (1, True), (0, True)):
-        for offdiag in ("blocks", "fused"):
+        for offdiag in ("blocks", "fused", "whole"):
             ptr = {"q": "*bf16", "k": "*bf16", "gc": "*fp32" if gate else None,
                    "beta": "*fp32" if delta else None, "Aqk": "*bf16" if gate == 2 else None,
                    "qg": "*bf16" if gate == 2 else None,

@@ -181,8 +181,25 @@ def test_fused_offdiagonal_intra_variant(cls, dtype, monkeypatch):
     small_bk = [c for c in fused if c.kwargs.get("BK") == 32]
     bk16 = [c for c in fused if c.kwargs.get("BK") == 16]
     assert fused and small_bk and bk16, "the candidate list lost its fused variants"
+    # BK from the call (64), and from the config (32, 16)
+    _each_config(cls, dtype, (fused[0], small_bk[0], bk16[0]), monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", ["diagonal", "diagonal_delta"])
+def test_whole_chunk_intra_variant(cls, dtype, monkeypatch):
+    """OFFDIAG "whole": chunks whose gate spans at most SPAN_LOG2 as two whole-chunk products, the others
+    (the "mixed" gates' chunks) through the sub-blocks, in one launch; BK 32 and 16."""
+    from unifattn.kernels import chunk_intra
+    whole = [c for c in chunk_intra.INTRA_CONFIGS if c.kwargs.get("OFFDIAG") == "whole"]
+    assert {c.kwargs.get("BK") for c in whole} >= {16, 32}, "the candidate list lost its whole-chunk variants"
+    _each_config(cls, dtype, [c for c in whole if c.num_warps == 4], monkeypatch)
+
+
+def _each_config(cls, dtype, configs, monkeypatch):
+    from unifattn.kernels import chunk_intra
     scale = 32 ** -0.5
-    for cfg in (fused[0], small_bk[0], bk16[0]):    # BK from the call (64), and from the config (32, 16)
+    for cfg in configs:
         monkeypatch.setattr(chunk_intra, "INTRA_CONFIGS", [cfg])
         monkeypatch.setattr(chunk_module, "_TUNED", {})
         check(make_inputs(cls, B=2, T=150, K=32, V=16, HV=2), dtype=dtype, scale=scale)
