@@ -1,9 +1,17 @@
 """Generated chunk kernels vs flash-linear-attention and SDPA on one GPU, one run.
 
-    python benchmarks/bench_linear.py [--quick] [--rules dplr --fla dplr]
+    python benchmarks/bench_linear.py [--quick] [--no-decode] [--rules dplr --fla dplr]
 
 `--rules dplr` adds the DPLR chunk form (kernels/chunk_dplr.py; RWKV-7-like inputs) beside fla's
-chunk_dplr_delta_rule; it is not in the default list and has not yet run on the H200.
+chunk_dplr_delta_rule (not in the default list: fla's first call autotunes for minutes). H200,
+2026-11-29 (session 11), core ms at the shape below:
+    chunk 16, element-wise intra (call 1)        ours 3.682   fla 3.564 in the same run
+    chunk 64, sub-blocks only (call 2)           ours 4.509   fla 3.585 in the same run
+    chunk 64, whole-chunk products (calls 3, 4)  ours 2.654, 2.641; fla's first call ran past the
+                                                 part's time limit in both runs (no fla row)
+  per kernel (profile_linear.py, call 3): intra 1.293, wu 0.531, state 0.408, output 0.280, cumsum
+  0.135; fla (call 2): intra 1.556, h 1.026, o 0.376, cumsum 0.207, elementwise 0.183, wu 0.151,
+  wy 0.074. bf16 chunk vs fp32 recurrent 7.6e-3 (max error / max |ref|).
 
 1. correctness at the benchmark shape: chunk form vs our recurrent form (fp32
    inputs, full shape) and vs the float32 reference on a slice;

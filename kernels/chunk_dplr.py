@@ -16,11 +16,13 @@ exclusive one, both per channel; Gamma = 2^G in the log2 units the kernels keep)
     A_bk[i, j] = sum_c b_ic k_jc 2^(Gx_ic - G_jc)   i >  j      A_ab: a in place of k
 
 Every exponent above is <= 0. dsl.checker.chunk_identity proves these equations equal to the
-recurrence on symbolic tokens. The chunk is C = 64 rows, cut into four sub-chunks of 16 as in
-kernels/chunk_intra.py, so no factor of the gated matrices ever leaves fp32's range, for any gate:
-an off-diagonal sub-block anchors both factors at the exclusive gate of its query sub-chunk's first
-row (every exponent <= 0, tensor-core dots); a diagonal sub-block is anchored at its middle row when
-the gate spans at most SPAN_LOG2 over it (factors within 2^(+-SPAN_LOG2)), and is otherwise summed
+recurrence on symbolic tokens. The chunk is C = 64 rows. Where the gate spans at most
+WHOLE_SPAN_LOG2 over a chunk, the four gated matrices are four whole-chunk tensor-core products
+anchored at its middle row. Other chunks are cut into four sub-chunks of 16 as in
+kernels/chunk_intra.py, so that no factor ever leaves fp32's range, for any gate: an off-diagonal
+sub-block anchors both factors at the exclusive gate of its query sub-chunk's first row (every
+exponent <= 0, tensor-core dots); a diagonal sub-block is anchored at its middle row when the gate
+spans at most SPAN_LOG2 over it (factors within 2^(+-SPAN_LOG2)), and is otherwise summed
 element-wise in fp32, one column per step (every exponent <= 0). (I - A_ab)^-1 is the delta rule's
 blockwise inverse (chunk_intra._inv_offdiag_4); its conditioning is the recurrence's own: for
 RWKV-7's removal (a = -c b, |b| = 1, c in (0, 1)) A_ab is the gated delta rule's beta k k^T with
@@ -43,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_intra import (SPAN_LOG2, _chunk_bounds, _chunk_span, _dot, _exp2_masked, _inv_offdiag_4,
-                          _inv_unit_lower, _store_block)
+from .chunk_intra import (SPAN_LOG2, WHOLE_SPAN_LOG2, _chunk_bounds, _chunk_span, _dot, _exp2_masked,
+                          _inv_offdiag_4, _inv_unit_lower, _store_block)
 from .utils import empty, interpreting, next_pow2
 
 CHUNK = 64
@@ -92,8 +94,8 @@ def _whole_chunk_pair(x, s_xr, EXCL: tl.constexpr, y1, y2, s_y, gc, qg, t0, T, s
                       QG: tl.constexpr):
     """[BT, BT] (x 2^(Gr - G_m)) (y 2^(G_m - G))^T for y = y1 and y2, both factors anchored at the chunk's
     middle row m (tensor-core dots over the whole chunk); Gr is x's gate: G, or Gx if EXCL. The caller
-    has checked that the gate spans at most SPAN_LOG2 over the chunk, so every factor stays within
-    2^(+-SPAN_LOG2); entries above the diagonal can overflow and are the caller's to mask.
+    has checked that the gate spans at most WHOLE_SPAN_LOG2 over the chunk, so every factor stays within
+    2^(+-WHOLE_SPAN_LOG2); entries above the diagonal can overflow and are the caller's to mask.
     QG: also store qg = x 2^G (x = q)."""
     o_i = tl.arange(0, BT)
     o_r = t0 + o_i
@@ -136,7 +138,7 @@ def _dplr_offdiag(q, k, a, b, gc, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s
                   K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
     """Sub-block (i_i, i_j), i_i > i_j, of A_qk, A_qa, A_bk, A_ab ([BC, BC] fp32 each). Both factors are
     anchored at G of the row before sub-chunk i_i (the exclusive gate of its first row), so every
-    exponent is <= 0: 2^(G_r - G_n), 2^(Gx_r - G_n) for its rows r, 2^(G_n - G_s) for rows s < n."""
+    exponent is <= 0: 2^(G_r - G_n), 2^(Gx_r - G_n) for its rows r, 2^(G_n - G_s) for rows s <= n."""
     o_c = tl.arange(0, BC)
     o_r = t0 + i_i * BC + o_c
     o_s = t0 + i_j * BC + o_c
@@ -228,7 +230,7 @@ def chunk_dplr_intra_kernel(
     rows. Grid (NT, B * HV). Aab: fp32 scratch [B, T, HV, BT] for A_ab, written, then read back as
     16 x 16 blocks for the blockwise inverse.
 
-    Where the gate spans at most SPAN_LOG2 over the chunk (every key channel; RWKV-7's decay of at
+    Where the gate spans at most WHOLE_SPAN_LOG2 over the chunk (every key channel; RWKV-7's decay of at
     most e^-0.61 a step always does), the four matrices are four tensor-core products anchored at
     the middle row; elsewhere, 4 x 4 sub-blocks of BC = 16 rows anchored per sub-chunk
     (_dplr_offdiag, _dplr_diag: no exponent ever leaves fp32's range, for any gate)."""
@@ -256,7 +258,7 @@ def chunk_dplr_intra_kernel(
     s_A = HV * BT
 
     # the gate's span over the chunk: from the first row's Gx (0) to the last row's G, per channel
-    if _chunk_span(gc, t0, T, s_x, K, BT, BK) <= SPAN_LOG2:
+    if _chunk_span(gc, t0, T, s_x, K, BT, BK) <= WHOLE_SPAN_LOG2:
         o_i = tl.arange(0, BT)
         m_ge = (o_i[:, None] >= o_i[None, :]) & (t0 + o_i < T)[:, None]
         b_qk, b_qa = _whole_chunk_pair(q, s_qk, False, k, a, s_qk, gc, qg, t0, T, s_x, K, BT, BK, DOT_PREC, True)
@@ -304,7 +306,8 @@ def chunk_dplr_intra_kernel(
 @triton.jit
 def _dplr_blocks(q, k, a, b, gc, qg, Aqk, Aqa, Abk, Aab, t0, T, s_qk, s_x, s_A,
                  K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The four matrices of a chunk whose gate spans more than SPAN_LOG2, block by block (lower blocks only)."""
+    """The four matrices of a chunk whose gate spans more than WHOLE_SPAN_LOG2, block by block (lower blocks
+    only)."""
     qk, qa, bk, ab = _dplr_diag(q, k, a, b, gc, qg, t0, T, 0, s_qk, s_x, K, BC, BK, DOT_PREC)
     _store_four(Aqk, Aqa, Abk, Aab, qk, qa, bk, ab, t0, T, 0, 0, s_A, BC)
     qk, qa, bk, ab = _dplr_diag(q, k, a, b, gc, qg, t0, T, 1, s_qk, s_x, K, BC, BK, DOT_PREC)

@@ -20,7 +20,9 @@ off-diagonal sub-block (i > j) scales both factors by the gate relative to the f
 query sub-chunk i: (q_i 2^(G_i - G_n)) (k_j 2^(G_n - G_j))^T, both exponents <= 0. A diagonal
 sub-block is anchored at its middle row when the gate's span over the sub-chunk is small enough
 for fp32 (every exponent <= SPAN_LOG2), and is otherwise summed element-wise in fp32, one
-column per step. The triangular inverse is forward substitution on the 16 x 16 diagonal
+column per step. The OFFDIAG "whole" candidates anchor a whole chunk at its middle row instead,
+two tensor-core products, where its gate spans at most WHOLE_SPAN_LOG2 (other chunks: the
+sub-blocks above). The triangular inverse is forward substitution on the 16 x 16 diagonal
 blocks, merged to 32 / 64 with matmuls (A21^-1 = -A22^-1 A21 A11^-1).
 
 Flags: GATE (0 none, 1 scalar, 2 diagonal), DELTA, IS_VARLEN (from cu_seqlens).
@@ -38,6 +40,10 @@ LOG_GATE_MIN = tl.constexpr(-1e4)
 # a diagonal sub-block is anchored at its middle row when the gate spans at most this much
 # (log2 units): factors stay within 2^(+-96), products within fp32 range
 SPAN_LOG2 = tl.constexpr(96.0)
+# a whole chunk is anchored at its middle row (two tensor-core products, OFFDIAG "whole"; the DPLR fast
+# path) when its gate spans at most this much: every factor x 2^(G - G_m) stays within 2^(+-64) of x, so
+# none underflows fp32's normal range unless |q| or |k| < 2^-62 (with 96 the limit would be 2^-30)
+WHOLE_SPAN_LOG2 = tl.constexpr(64.0)
 
 
 # launch candidates, timed once per shape on a GPU (the first is used under the interpreter)
@@ -540,8 +546,9 @@ def _sub_blocks(q, k, gc, qg, Aqk, t0, T, s_qk, s_g, s_A, K: tl.constexpr, BC: t
 
 @triton.jit
 def _chunk_span(gc, t0, T, s_g, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """The per-channel gate's span over a chunk: max over channels of G_first - G_last <= -G_last
-    (G is the chunk-local cumsum, non-increasing, and G_first <= 0)."""
+    """A bound on the per-channel gate's span over a chunk: max over channels of -G_last, which is
+    >= G_first - G_last, and is the span from the first row's exclusive gate (0) to the last row's G
+    (G is the chunk-local cumsum, non-increasing, <= 0)."""
     o_last = tl.minimum(t0 + BT, T) - 1
     b_span = tl.zeros([], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -579,9 +586,9 @@ def _lower_blocks_4(A):
 @triton.jit
 def _whole_chunk(q, k, gc, qg, Aqk, t0, T, s_qk, s_g, s_A, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                  BK: tl.constexpr, NEED_KK: tl.constexpr, DOT_PREC: tl.constexpr, QG: tl.constexpr):
-    """q k^T and k k^T of a chunk whose per-channel gate spans at most SPAN_LOG2 over it, as two
+    """q k^T and k k^T of a chunk whose per-channel gate spans at most WHOLE_SPAN_LOG2 over it, as two
     whole-chunk tensor-core products anchored at the middle row m: (x 2^(G - G_m)) (k 2^(G_m - G))^T,
-    every factor within 2^(+-SPAN_LOG2) (entries above the diagonal may overflow: masked). q k^T is
+    every factor within 2^(+-WHOLE_SPAN_LOG2) (entries above the diagonal may overflow: masked). q k^T is
     stored (Aqk; QG: also qg = q 2^G); k k^T is returned as _sub_blocks returns it."""
     o_i = tl.arange(0, BT)
     o_r = t0 + o_i
@@ -627,7 +634,7 @@ def chunk_intra_kernel(
     FUSED: tl.constexpr = (OFFDIAG == "fused") and (GATE == 2) and (NC == 4)
     # the same for k k^T without a per-channel gate: all ten blocks in one pass (_kk_all_4)
     FUSED_KK: tl.constexpr = (OFFDIAG == "fused") and (GATE != 2) and DELTA and (NC == 4)
-    # OFFDIAG "whole": a per-channel gate's 4-sub-chunk chunk whose gate spans at most SPAN_LOG2 is two
+    # OFFDIAG "whole": a per-channel gate's 4-sub-chunk chunk whose gate spans at most WHOLE_SPAN_LOG2 is two
     # whole-chunk products anchored at its middle row (_whole_chunk); wider spans take the fused blocks
     WHOLE: tl.constexpr = (OFFDIAG == "whole") and (GATE == 2) and (NC == 4)
     NEED_QK: tl.constexpr = GATE == 2
@@ -664,7 +671,7 @@ def chunk_intra_kernel(
         b_kk00, b_kk10, b_kk11, b_kk20, b_kk21, b_kk22, b_kk30, b_kk31, b_kk32, b_kk33 = _kk_all_4(
             k, gc, t0, T, s_qk, s_g, K, BC, BK, GATE, DOT_PREC)
     elif WHOLE:
-        if _chunk_span(gc, t0, T, s_g, K, BT, BK) <= SPAN_LOG2:
+        if _chunk_span(gc, t0, T, s_g, K, BT, BK) <= WHOLE_SPAN_LOG2:
             b_kk00, b_kk10, b_kk11, b_kk20, b_kk21, b_kk22, b_kk30, b_kk31, b_kk32, b_kk33 = _whole_chunk(
                 q, k, gc, qg, Aqk, t0, T, s_qk, s_g, s_A, K, BT, BC, BK, NEED_KK, DOT_PREC, QG)
         else:

@@ -53,6 +53,9 @@ def make(B=1, T=40, H=1, HV=1, K=16, V=16, gates="real", lowrank="rwkv", N=None,
          "low": -8.0 - 8.0 * u,
          "near_zero": -1e-4 * u,
          "mixed": torch.where(torch.rand(B, T, HV, K, generator=gen) < 0.5, -8.0 - 8.0 * u, -1e-4 * u),
+         # a 64-row chunk spans ~115 log2 (> WHOLE_SPAN_LOG2: sub-blocks), a 16-row sub-chunk ~30 (< SPAN_LOG2:
+         # its diagonal block mid-anchored)
+         "steep": -1.2 - 0.2 * u,
          "none": None}[gates]
     h0 = torch.randn(N if N is not None else B, HV, K, V, generator=gen)
     return dict(q=q, k=k, v=v, a=a, b=b, g=g, h0=h0)
@@ -83,7 +86,7 @@ def test_by_length(T):
     check(make(B=2, T=T, H=1, HV=2, seed=T))
 
 
-@pytest.mark.parametrize("gates", ["low", "near_zero", "mixed", "none"])
+@pytest.mark.parametrize("gates", ["low", "near_zero", "mixed", "steep", "none"])
 def test_gate_extremes(gates):
     check(make(T=100, gates=gates, seed=1))
 
@@ -93,6 +96,14 @@ def test_free_low_rank_pair_and_odd_dims():
     check(make(B=1, T=35, K=40, V=24, lowrank="free", seed=2))
     # K = 80: two key blocks of 64 in the intra and wu kernels, the state in halves of 64 rows
     check(make(B=1, T=20, K=80, V=16, lowrank="free", seed=7))
+
+
+def test_varlen_through_both_intra_paths():
+    """One sequence's chunks take the whole-chunk products, the others the sub-blocks."""
+    x = make(B=1, T=200, H=1, HV=2, K=40, V=16, gates="steep", N=3, seed=12)
+    x["g"][:, :100] = x["g"][:, :100] / 8
+    check(x, cu_seqlens=torch.tensor([0, 17, 100, 200]))
+    check(x, cu_seqlens=torch.tensor([0, 17, 100, 200]), dtype=torch.bfloat16, scale=40 ** -0.5)
 
 
 def test_varlen_empty_sequence_grouped_value_heads():

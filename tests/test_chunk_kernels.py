@@ -63,7 +63,8 @@ def recurrence(q, k, v, g, beta, gate, delta, scale, initial_state, cu_seqlens):
 
 def make_inputs(cls, B=1, T=64, H=1, HV=1, K=16, V=16, gates="real", normalize_k=True, N=None, seed=0):
     """Random inputs of one class; gates: real (logsigmoid of randn), low (<= -8 per step),
-    near_zero (~ -1e-4), mixed (per element low or near zero)."""
+    near_zero (~ -1e-4), mixed (per element low or near zero), steep (-1.2 to -1.4 per step: a 64-row
+    chunk spans ~115 log2, more than WHOLE_SPAN_LOG2, a 16-row sub-chunk ~30, less than SPAN_LOG2)."""
     gate, delta = CLASSES[cls]
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, H, K, generator=gen)
@@ -84,6 +85,7 @@ def make_inputs(cls, B=1, T=64, H=1, HV=1, K=16, V=16, gates="real", normalize_k
             "low": low,
             "near_zero": near_zero,
             "mixed": torch.where(torch.rand(shape, generator=gen) < 0.5, low, near_zero),
+            "steep": -1.2 - 0.2 * u,
         }[gates]
     beta = torch.rand(B, T, HV, generator=gen) if delta else None
     h0 = torch.randn(N if N is not None else B, HV, K, V, generator=gen)
@@ -188,12 +190,16 @@ def test_fused_offdiagonal_intra_variant(cls, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cls", ["diagonal", "diagonal_delta"])
 def test_whole_chunk_intra_variant(cls, dtype, monkeypatch):
-    """OFFDIAG "whole": chunks whose gate spans at most SPAN_LOG2 as two whole-chunk products, the others
-    (the "mixed" gates' chunks) through the sub-blocks, in one launch; BK 32 and 16."""
+    """OFFDIAG "whole": chunks whose gate spans at most WHOLE_SPAN_LOG2 as two whole-chunk products, the
+    others through the sub-blocks (the "steep" gates': mid-anchored diagonal blocks; "mixed": element-wise),
+    in one launch, also with varlen; BK 32 and 16."""
     from unifattn.kernels import chunk_intra
     whole = [c for c in chunk_intra.INTRA_CONFIGS if c.kwargs.get("OFFDIAG") == "whole"]
     assert {c.kwargs.get("BK") for c in whole} >= {16, 32}, "the candidate list lost its whole-chunk variants"
     _each_config(cls, dtype, [c for c in whole if c.num_warps == 4], monkeypatch)
+    x = make_inputs(cls, B=1, T=200, K=40, V=16, N=3, gates="steep", seed=4)
+    x["g"][:, :100] = x["g"][:, :100] / 8      # the first sequence's chunks take the whole path, the others not
+    check(x, cu_seqlens=torch.tensor([0, 17, 100, 200]), dtype=dtype, scale=40 ** -0.5)
 
 
 def _each_config(cls, dtype, configs, monkeypatch):
