@@ -38,8 +38,34 @@ def empty(shape, dtype, device) -> torch.Tensor:
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels on the CPU through its interpreter (checked to work, once)."""
+    on = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if on and not _INTERPRETER_CHECKED:
+        check_interpreter()
+    return on
+
+
+_INTERPRETER_CHECKED = False
+
+
+def _version(v: str) -> tuple[int, int]:
+    major, minor = (v.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def check_interpreter(triton_version: str | None = None, numpy_version: str | None = None) -> None:
+    """Triton 3.6's interpreter (and older) turns a runtime loop bound into an int through a 1-element
+    numpy array, which NumPy 2.4 refuses: every kernel with such a loop would fail deep inside Triton.
+    Raise a clear error instead; Triton 3.7 and NumPy up to 2.3 are fine."""
+    global _INTERPRETER_CHECKED
+    import numpy
+    import triton
+    tv, nv = triton_version or triton.__version__, numpy_version or numpy.__version__
+    if _version(tv) < (3, 7) and _version(nv) >= (2, 4):
+        raise RuntimeError(f"TRITON_INTERPRET=1: expected Triton >= 3.7 or NumPy < 2.4 (Triton {tv}'s interpreter "
+                           f"cannot run loops with runtime bounds on NumPy >= 2.4); got Triton {tv} with NumPy {nv}. "
+                           "Fix: pip install 'numpy<2.4', or pip install 'triton>=3.7'")
+    _INTERPRETER_CHECKED = True
 
 
 def next_pow2(n: int) -> int:

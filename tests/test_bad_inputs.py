@@ -127,3 +127,14 @@ def test_block_size_bool_is_refused():
     q, k, v, idx = _sparse_inputs()
     with pytest.raises(ValueError, match="block_size: expected None or a positive int"):
         ua.ops.sparse_attention(q, k, v, idx, block_size=True)
+
+
+def test_interpreter_that_cannot_run_the_kernels_is_named():
+    """Triton 3.6's CPU interpreter on NumPy 2.4 fails inside Triton on every runtime-bound loop: a clear
+    error names the versions and the fix instead; the pairs that work pass."""
+    from unifattn.kernels.utils import check_interpreter
+    with pytest.raises(RuntimeError, match=r"expected Triton >= 3.7 or NumPy < 2.4.*got Triton 3.6.0 with NumPy "
+                                           r"2.4.6\. Fix: pip install 'numpy<2.4'"):
+        check_interpreter("3.6.0", "2.4.6")
+    for ok in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.6"), ("3.9.0", "2.4.6"), ("3.6.0+git1234", "1.26.4")):
+        check_interpreter(*ok)
