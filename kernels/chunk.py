@@ -257,23 +257,36 @@ def _agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
     return float((a[m] - b[m]).abs().max()) <= tol * scale
 
 
-_WHOLE_ONLY: dict = {}
+_FILTERED: dict = {}
+
+
+def _filtered(configs: list, tag: str, keep) -> list:
+    """The configs keep() admits (all of them if it admits none), memoized per list object and tag (tests
+    replace the lists)."""
+    hit = _FILTERED.get((id(configs), tag))
+    if hit is None or hit[0] is not configs or hit[1] != len(configs):
+        kept = [c for c in configs if keep(c)]
+        hit = _FILTERED[(id(configs), tag)] = (configs, len(configs), kept or configs)
+    return hit[2]
 
 
 def _state_configs(BK: int) -> list:
     """The state pass's candidates for a padded key dimension BK. Under 32 the state cannot be cut in two
     halves of >= 16 rows (tl.dot's smallest inner dimension): the KSPLIT configs would run the whole
-    state at their BV / warps / stages, combinations the H200 sweep did not admit, so they are left out
-    (memoized per list object: tests replace the list)."""
+    state at their BV / warps / stages, combinations the H200 sweep did not admit, so they are left out."""
     from . import chunk_state
-    configs = chunk_state.STATE_CONFIGS
     if BK >= 32:
-        return configs
-    hit = _WHOLE_ONLY.get(id(configs))
-    if hit is None or hit[0] is not configs or hit[1] != len(configs):
-        whole = [c for c in configs if not c.kwargs.get("KSPLIT")]
-        hit = _WHOLE_ONLY[id(configs)] = (configs, len(configs), whole or configs)
-    return hit[2]
+        return chunk_state.STATE_CONFIGS
+    return _filtered(chunk_state.STATE_CONFIGS, "whole state", lambda c: not c.kwargs.get("KSPLIT"))
+
+
+def _intra_configs(GATE: int) -> list:
+    """The intra kernel's candidates: the OFFDIAG "whole" ones only for a per-channel gate (elsewhere they
+    would compile and time the plain sub-blocks again)."""
+    from . import chunk_intra
+    if GATE == 2:
+        return chunk_intra.INTRA_CONFIGS
+    return _filtered(chunk_intra.INTRA_CONFIGS, "no whole chunk", lambda c: c.kwargs.get("OFFDIAG") != "whole")
 
 
 def chunk_stages(gate: str, delta: bool) -> dict[str, dict[str, str]]:
@@ -416,7 +429,7 @@ def chunk_fwd(q, k, v, g=None, beta=None, *, gate: str = "none", delta: bool = F
         # per-channel gate: the output kernel's gated queries q 2^G (in q's dtype, as that kernel's dot takes
         # them), written where q and G are loaded anyway; the output kernel then skips the fp32 G
         c["qg"] = empty((B, T, HV, K), q.dtype, device) if GATE == 2 else None
-        _launch("intra", chunk_intra.chunk_intra_kernel, chunk_intra.INTRA_CONFIGS, per_chunk, shape_key,
+        _launch("intra", chunk_intra.chunk_intra_kernel, _intra_configs(GATE), per_chunk, shape_key,
                 dict(q=q, k=k, gc=c["gc"], beta=beta, Aqk=c["Aqk"], Ai=c["Ai"], qg=c["qg"], **common, H=H, HV=HV, K=K,
                      BT=BT, BC=BC, BK=BK, GATE=GATE, DELTA=DELTA, DOT_PREC=DOT_PREC), V, ("Aqk", "Ai", "qg"),
                 tune=tune)

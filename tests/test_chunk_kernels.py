@@ -295,6 +295,15 @@ def test_state_configs_leave_out_key_halves_under_32():
     assert chunk_module._state_configs(16) is small          # memoized per list
 
 
+def test_whole_chunk_intra_candidates_only_for_per_channel_gates():
+    # elsewhere OFFDIAG "whole" is the plain sub-block path: the tuner would compile and time it twice
+    from unifattn.kernels import chunk_intra
+    per_channel, scalar = chunk_module._intra_configs(2), chunk_module._intra_configs(1)
+    assert per_channel is chunk_intra.INTRA_CONFIGS and any(c.kwargs.get("OFFDIAG") == "whole" for c in per_channel)
+    assert scalar == [c for c in chunk_intra.INTRA_CONFIGS if c.kwargs.get("OFFDIAG") != "whole"]
+    assert chunk_module._intra_configs(0) is scalar          # memoized per list
+
+
 @pytest.mark.skipif(DEVICE == "cpu", reason="launch configs are a GPU matter; the interpreter runs one")
 @pytest.mark.parametrize("K", [16, 256])
 @pytest.mark.parametrize("cls", list(CLASSES), ids=lambda c: f"cls_{c}")
