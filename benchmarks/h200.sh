@@ -4,7 +4,9 @@
 # Each part has its own time cap and writes its log to $OUT (or /tmp/h200) as it goes.
 # On a cold machine `linear` alone needs ~480-590 s (our tuning ~110 s, fla's first calls several
 # minutes of autotuning, kda's ~215 s): the 2026-11-29 runs were cut while timing fla's gated_deltanet
-# and kda. The caches travel between calls and sessions: SAVE_CACHE=1 returns the Triton cache (our
+# and kda. fla's chunk_dplr_delta_rule autotunes for more than 150 s on a cold cache (session 11: cut
+# twice with LINEAR_S 195-230 after our dplr rows; use --no-decode and LINEAR_S >= 330 for dplr beside fla).
+# The caches travel between calls and sessions: SAVE_CACHE=1 returns the Triton cache (our
 # compiled kernels, fla's kernels and autotune results; ~40 MB in 15 MiB parts) and ua_cache.tgz
 # (generated sources, tuned.json). Copy them from the device tool's files folder into .gpucache/
 # (git-excluded; it holds the cache of 2026-11-29's linear call) and carry ".gpucache" with ".whl".
