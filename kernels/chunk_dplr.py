@@ -24,7 +24,7 @@ sub-block anchors both factors at the exclusive gate of its query sub-chunk's fi
 exponent <= 0, tensor-core dots); a diagonal sub-block is anchored at its middle row when the gate
 spans at most SPAN_LOG2 over it (factors within 2^(+-SPAN_LOG2)), and is otherwise summed
 element-wise in fp32, one column per step (every exponent <= 0). (I - A_ab)^-1 is the delta rule's
-blockwise inverse (chunk_intra._inv_offdiag_4); its conditioning is the recurrence's own: for
+blockwise inverse (chunk_intra._inv_store_4); its conditioning is the recurrence's own: for
 RWKV-7's removal (a = -c b, |b| = 1, c in (0, 1)) A_ab is the gated delta rule's beta k k^T with
 the roles of rows and columns exchanged. P = W H + U has the shape of the delta rule's
 v~ = u - w H (with w = -W), so the state and output kernels of kernels/chunk_state.py run it with
@@ -46,13 +46,13 @@ import triton
 import triton.language as tl
 
 from .chunk_intra import (SPAN_LOG2, WHOLE_SPAN_LOG2, _chunk_bounds, _chunk_span, _dot, _exp2_masked,
-                          _inv_offdiag_4, _inv_unit_lower, _store_block)
+                          _inv_store_4, _store_block, _store_chunk, _whole_chunk_pair)
 from .utils import empty, interpreting, next_pow2
 
 CHUNK = 64
 # launch candidates (the first runs under the interpreter and until tune=True picks). The H200 picked the
 # first of each at B=8 T=4096 H=16 K=V=128 bf16 (2026-11-29, among five intra and four wu candidates;
-# ptxas on sm_90: intra 255 regs with 1.2-1.5 KB spilled on 4 warps at BK=32-64, <= 0.3 KB on 8 warps)
+# ptxas on sm_90, intra: 1.2 KB spilled at BK=32 on 4 warps, 52 B on 8; 152 B at BK=16; 0.6 KB at BK=64 on 8)
 INTRA_CONFIGS = [triton.Config({"BK": 32}, num_warps=4), triton.Config({"BK": 32}, num_warps=8),
                  triton.Config({"BK": 16}, num_warps=4), triton.Config({}, num_warps=8)]
 WU_CONFIGS = [
@@ -89,51 +89,6 @@ def _four_dots(b_q, b_b, b_k, b_a, b_Aqk, b_Aqa, b_Abk, b_Aab, DOT_PREC: tl.cons
 
 
 @triton.jit
-def _whole_chunk_pair(x, s_xr, EXCL: tl.constexpr, y1, y2, s_y, gc, qg, t0, T, s_x,
-                      K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
-                      QG: tl.constexpr):
-    """[BT, BT] (x 2^(Gr - G_m)) (y 2^(G_m - G))^T for y = y1 and y2, both factors anchored at the chunk's
-    middle row m (tensor-core dots over the whole chunk); Gr is x's gate: G, or Gx if EXCL. The caller
-    has checked that the gate spans at most WHOLE_SPAN_LOG2 over the chunk, so every factor stays within
-    2^(+-WHOLE_SPAN_LOG2); entries above the diagonal can overflow and are the caller's to mask.
-    QG: also store qg = x 2^G (x = q)."""
-    o_i = tl.arange(0, BT)
-    o_r = t0 + o_i
-    m_r = o_r < T
-    o_mid = tl.minimum(t0 + BT // 2, T - 1)
-    b_A1 = tl.zeros([BT, BT], dtype=tl.float32)
-    b_A2 = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m = m_r[:, None] & m_k[None, :]
-        p_x = o_r[:, None] * s_x + o_k[None, :]
-        b_x = tl.load(x + o_r[:, None] * s_xr + o_k[None, :], mask=m, other=0.).to(tl.float32)
-        b_g = tl.load(gc + p_x, mask=m, other=0.)
-        b_gm = tl.load(gc + o_mid * s_x + o_k, mask=m_k, other=0.)
-        if QG:
-            tl.store(qg + p_x, (b_x * tl.exp2(b_g)).to(qg.dtype.element_ty), mask=m)
-        if EXCL:
-            b_gr = tl.load(gc + p_x - s_x, mask=m & (o_r > t0)[:, None], other=0.)
-        else:
-            b_gr = b_g
-        b_x = b_x * _exp2_masked(b_gr - b_gm[None, :], m)
-        b_fc = _exp2_masked(b_gm[None, :] - b_g, m)
-        b_y1 = tl.load(y1 + o_r[:, None] * s_y + o_k[None, :], mask=m, other=0.).to(tl.float32) * b_fc
-        b_A1 += _dot(b_x, tl.trans(b_y1), DOT_PREC)
-        b_y2 = tl.load(y2 + p_x, mask=m, other=0.).to(tl.float32) * b_fc
-        b_A2 += _dot(b_x, tl.trans(b_y2), DOT_PREC)
-    return b_A1, b_A2
-
-
-@triton.jit
-def _store_chunk(p, b, t0, T, s_A, BT: tl.constexpr):
-    """Store a chunk's [BT, BT] matrix (rows inside the sequence)."""
-    o_i = tl.arange(0, BT)
-    tl.store(p + (t0 + o_i)[:, None] * s_A + o_i[None, :], b.to(p.dtype.element_ty), mask=(t0 + o_i < T)[:, None])
-
-
-@triton.jit
 def _dplr_offdiag(q, k, a, b, gc, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s_qk, s_x,
                   K: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr):
     """Sub-block (i_i, i_j), i_i > i_j, of A_qk, A_qa, A_bk, A_ab ([BC, BC] fp32 each). Both factors are
@@ -152,8 +107,12 @@ def _dplr_offdiag(q, k, a, b, gc, t0, T, i_i: tl.constexpr, i_j: tl.constexpr, s
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_q, b_kr, b_ar, b_b, b_g, b_gx = _tiles(q, k, a, b, gc, o_r, m_r, o_k, m_k, t0, s_qk, s_x)
-        b_qs, b_k, b_a, b_bs, b_gs, b_gxs = _tiles(q, k, a, b, gc, o_s, m_s, o_k, m_k, t0, s_qk, s_x)
+        # rows r of sub-chunk i_i: q, b and their gates; rows s of i_j: k, a and G
+        b_q, _, _, b_b, b_g, b_gx = _tiles(q, k, a, b, gc, o_r, m_r, o_k, m_k, t0, s_qk, s_x)
+        m = m_s[:, None] & m_k[None, :]
+        b_k = tl.load(k + o_s[:, None] * s_qk + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        b_a = tl.load(a + o_s[:, None] * s_x + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        b_gs = tl.load(gc + o_s[:, None] * s_x + o_k[None, :], mask=m, other=0.)
         b_gn = tl.load(gc + o_n * s_x + o_k, mask=m_k, other=0.)
         b_fc = _exp2_masked(b_gn[None, :] - b_gs, m_s[:, None])
         b_qr = b_q * _exp2_masked(b_g - b_gn[None, :], m_r[:, None])
@@ -261,12 +220,15 @@ def chunk_dplr_intra_kernel(
     if _chunk_span(gc, t0, T, s_x, K, BT, BK) <= WHOLE_SPAN_LOG2:
         o_i = tl.arange(0, BT)
         m_ge = (o_i[:, None] >= o_i[None, :]) & (t0 + o_i < T)[:, None]
-        b_qk, b_qa = _whole_chunk_pair(q, s_qk, False, k, a, s_qk, gc, qg, t0, T, s_x, K, BT, BK, DOT_PREC, True)
-        _store_chunk(Aqk, tl.where(m_ge, b_qk, 0.), t0, T, s_A, BT)
-        _store_chunk(Aqa, tl.where(m_ge, b_qa, 0.), t0, T, s_A, BT)
         m_gt = (o_i[:, None] > o_i[None, :]) & (t0 + o_i < T)[:, None]
-        b_bk, b_ab = _whole_chunk_pair(b, s_x, True, k, a, s_qk, gc, qg, t0, T, s_x, K, BT, BK, DOT_PREC, False)
+        # rows q (gate G) and b (gate Gx) against the columns k, then a
+        b_qk, b_bk = _whole_chunk_pair(q, s_qk, b, s_x, True, k, s_qk, gc, qg, t0, T, s_x, K, BT, BK, DOT_PREC,
+                                       True, True)
+        _store_chunk(Aqk, tl.where(m_ge, b_qk, 0.), t0, T, s_A, BT)
         _store_chunk(Abk, tl.where(m_gt, b_bk, 0.), t0, T, s_A, BT)
+        b_qa, b_ab = _whole_chunk_pair(q, s_qk, b, s_x, True, a, s_x, gc, qg, t0, T, s_x, K, BT, BK, DOT_PREC,
+                                       True, False)
+        _store_chunk(Aqa, tl.where(m_ge, b_qa, 0.), t0, T, s_A, BT)
         _store_chunk(Aab, tl.where(m_gt, b_ab, 0.), t0, T, s_A, BT)
     else:
         _dplr_blocks(q, k, a, b, gc, qg, Aqk, Aqa, Abk, Aab, t0, T, s_qk, s_x, s_A, K, BC, BK, DOT_PREC)
@@ -285,22 +247,7 @@ def chunk_dplr_intra_kernel(
     ab31 = _load_block(Aab, t0, T, 3, 1, s_A, BC)
     ab32 = _load_block(Aab, t0, T, 3, 2, s_A, BC)
     ab33 = _load_block(Aab, t0, T, 3, 3, s_A, BC)
-    b_i00 = _inv_unit_lower(-ab00, BC)
-    b_i11 = _inv_unit_lower(-ab11, BC)
-    b_i22 = _inv_unit_lower(-ab22, BC)
-    b_i33 = _inv_unit_lower(-ab33, BC)
-    b_i10, b_i20, b_i21, b_i30, b_i31, b_i32 = _inv_offdiag_4(b_i00, b_i11, b_i22, b_i33, -ab10, -ab20, -ab21,
-                                                              -ab30, -ab31, -ab32)
-    _store_block(Ai, b_i00, t0, T, 0, 0, s_A, BC)
-    _store_block(Ai, b_i10, t0, T, 1, 0, s_A, BC)
-    _store_block(Ai, b_i11, t0, T, 1, 1, s_A, BC)
-    _store_block(Ai, b_i20, t0, T, 2, 0, s_A, BC)
-    _store_block(Ai, b_i21, t0, T, 2, 1, s_A, BC)
-    _store_block(Ai, b_i22, t0, T, 2, 2, s_A, BC)
-    _store_block(Ai, b_i30, t0, T, 3, 0, s_A, BC)
-    _store_block(Ai, b_i31, t0, T, 3, 1, s_A, BC)
-    _store_block(Ai, b_i32, t0, T, 3, 2, s_A, BC)
-    _store_block(Ai, b_i33, t0, T, 3, 3, s_A, BC)
+    _inv_store_4(Ai, -ab00, -ab10, -ab11, -ab20, -ab21, -ab22, -ab30, -ab31, -ab32, -ab33, t0, T, s_A, BC)
 
 
 @triton.jit
@@ -430,7 +377,9 @@ def chunk_dplr_fwd(q, k, v, a, b, g=None, *, scale: float = 1.0, initial_state=N
         chunk._check_order(tuple(stages), dplr_stages())
     device, dt, BT = q.device, q.dtype, CHUNK
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    a, b = a.contiguous().to(torch.float32), b.contiguous().to(torch.float32)
+    # the kernels read a, b in fp32 from fp32 / bf16 / fp16 as they come (no copy); other dtypes become fp32
+    a, b = (x.contiguous() if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else x.contiguous().float()
+            for x in (a, b))
     g = None if g is None else g.contiguous().float()
     h0 = None if initial_state is None else initial_state.contiguous().to(torch.float32)
     DOT_PREC = "ieee" if dt == torch.float32 else ("upcast" if interpreting() and dt == torch.bfloat16 else "tf32")

@@ -454,10 +454,15 @@ def _inv_unit_lower(b_A, BC: tl.constexpr):
 
 
 @triton.jit
-def _inv_offdiag_4(b_i00, b_i11, b_i22, b_i33, b_a10, b_a20, b_a21, b_a30, b_a31, b_a32):
-    """Off-diagonal blocks (10, 20, 21, 30, 31, 32) of (I + A)^-1 for a 4 x 4-block lower-triangular A
-    (blocks a_ij), given the inverses i_jj of its diagonal blocks: each block from the finished
-    blocks above it, first the sub-diagonal (A21^-1 = -A22^-1 A21 A11^-1), in fp32."""
+def _inv_store_4(Ai, b_a00, b_a10, b_a11, b_a20, b_a21, b_a22, b_a30, b_a31, b_a32, b_a33, t0, T, s_A,
+                 BC: tl.constexpr):
+    """Store (I + A)^-1 for a strictly lower-triangular A given as its ten lower BC x BC blocks a_ij, as
+    ten blocks of Ai: forward substitution on the diagonal blocks, then each block below from the
+    finished blocks above it, first the sub-diagonal (A21^-1 = -A22^-1 A21 A11^-1), in fp32."""
+    b_i00 = _inv_unit_lower(b_a00, BC)
+    b_i11 = _inv_unit_lower(b_a11, BC)
+    b_i22 = _inv_unit_lower(b_a22, BC)
+    b_i33 = _inv_unit_lower(b_a33, BC)
     b_i10 = -tl.dot(tl.dot(b_i11, b_a10, input_precision="ieee"), b_i00, input_precision="ieee")
     b_i21 = -tl.dot(tl.dot(b_i22, b_a21, input_precision="ieee"), b_i11, input_precision="ieee")
     b_i32 = -tl.dot(tl.dot(b_i33, b_a32, input_precision="ieee"), b_i22, input_precision="ieee")
@@ -468,7 +473,16 @@ def _inv_offdiag_4(b_i00, b_i11, b_i22, b_i33, b_a10, b_a20, b_a21, b_a30, b_a31
     b_s30 = (tl.dot(b_a30, b_i00, input_precision="ieee") + tl.dot(b_a31, b_i10, input_precision="ieee")
              + tl.dot(b_a32, b_i20, input_precision="ieee"))
     b_i30 = -tl.dot(b_i33, b_s30, input_precision="ieee")
-    return b_i10, b_i20, b_i21, b_i30, b_i31, b_i32
+    _store_block(Ai, b_i00, t0, T, 0, 0, s_A, BC)
+    _store_block(Ai, b_i10, t0, T, 1, 0, s_A, BC)
+    _store_block(Ai, b_i11, t0, T, 1, 1, s_A, BC)
+    _store_block(Ai, b_i20, t0, T, 2, 0, s_A, BC)
+    _store_block(Ai, b_i21, t0, T, 2, 1, s_A, BC)
+    _store_block(Ai, b_i22, t0, T, 2, 2, s_A, BC)
+    _store_block(Ai, b_i30, t0, T, 3, 0, s_A, BC)
+    _store_block(Ai, b_i31, t0, T, 3, 1, s_A, BC)
+    _store_block(Ai, b_i32, t0, T, 3, 2, s_A, BC)
+    _store_block(Ai, b_i33, t0, T, 3, 3, s_A, BC)
 
 
 @triton.jit
@@ -584,36 +598,63 @@ def _lower_blocks_4(A):
 
 
 @triton.jit
-def _whole_chunk(q, k, gc, qg, Aqk, t0, T, s_qk, s_g, s_A, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                 BK: tl.constexpr, NEED_KK: tl.constexpr, DOT_PREC: tl.constexpr, QG: tl.constexpr):
-    """q k^T and k k^T of a chunk whose per-channel gate spans at most WHOLE_SPAN_LOG2 over it, as two
-    whole-chunk tensor-core products anchored at the middle row m: (x 2^(G - G_m)) (k 2^(G_m - G))^T,
-    every factor within 2^(+-WHOLE_SPAN_LOG2) (entries above the diagonal may overflow: masked). q k^T is
-    stored (Aqk; QG: also qg = q 2^G); k k^T is returned as _sub_blocks returns it."""
+def _whole_chunk_pair(xa, s_xa, xb, s_xb, B_EXCL: tl.constexpr, y, s_y, gc, qg, t0, T, s_g, K: tl.constexpr,
+                      BT: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr, NEED_B: tl.constexpr,
+                      QG: tl.constexpr):
+    """The [BT, BT] products (xa 2^(G - G_m)) (y 2^(G_m - G))^T and (xb 2^(Gb - G_m)) (y 2^(G_m - G))^T of a
+    chunk, all factors anchored at its middle row m (tensor-core dots over the whole chunk); Gb is G, or
+    the exclusive gate Gx (the previous row's G, 0 at the chunk's first row) if B_EXCL. The caller has
+    checked that the per-channel gate spans at most WHOLE_SPAN_LOG2 over the chunk, so every factor
+    stays within 2^(+-WHOLE_SPAN_LOG2) of its input; entries above the diagonal may overflow and are the
+    caller's to mask. Rows x*, y have strides s_*; G, qg stride s_g. QG: also store qg = xa 2^G."""
     o_i = tl.arange(0, BT)
     o_r = t0 + o_i
     m_r = o_r < T
     o_mid = tl.minimum(t0 + BT // 2, T - 1)
-    b_Aqk = tl.zeros([BT, BT], dtype=tl.float32)
-    b_Akk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_B = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m = m_r[:, None] & m_k[None, :]
+        p_g = o_r[:, None] * s_g + o_k[None, :]
         # [BT, BK] fp32
-        b_q = tl.load(q + o_r[:, None] * s_qk + o_k[None, :], mask=m, other=0.).to(tl.float32)
-        b_k = tl.load(k + o_r[:, None] * s_qk + o_k[None, :], mask=m, other=0.).to(tl.float32)
-        b_g = tl.load(gc + o_r[:, None] * s_g + o_k[None, :], mask=m, other=0.)
-        if QG:
-            tl.store(qg + o_r[:, None] * s_g + o_k[None, :], (b_q * tl.exp2(b_g)).to(qg.dtype.element_ty), mask=m)
+        b_g = tl.load(gc + p_g, mask=m, other=0.)
         b_gm = tl.load(gc + o_mid * s_g + o_k, mask=m_k, other=0.)
-        b_fr = _exp2_masked(b_g - b_gm[None, :], m)
-        b_kc = b_k * _exp2_masked(b_gm[None, :] - b_g, m)
-        b_Aqk += _dot(b_q * b_fr, tl.trans(b_kc), DOT_PREC)
-        if NEED_KK:
-            b_Akk += _dot(b_k * b_fr, tl.trans(b_kc), DOT_PREC)
-    b_Aqk = tl.where((o_i[:, None] >= o_i[None, :]) & m_r[:, None], b_Aqk, 0.)
-    tl.store(Aqk + o_r[:, None] * s_A + o_i[None, :], b_Aqk.to(Aqk.dtype.element_ty), mask=m_r[:, None])
+        b_xa = tl.load(xa + o_r[:, None] * s_xa + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        if QG:
+            tl.store(qg + p_g, (b_xa * tl.exp2(b_g)).to(qg.dtype.element_ty), mask=m)
+        b_yc = tl.load(y + o_r[:, None] * s_y + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        b_yc = b_yc * _exp2_masked(b_gm[None, :] - b_g, m)
+        b_A += _dot(b_xa * _exp2_masked(b_g - b_gm[None, :], m), tl.trans(b_yc), DOT_PREC)
+        if NEED_B:
+            if B_EXCL:
+                b_gb = tl.load(gc + p_g - s_g, mask=m & (o_r > t0)[:, None], other=0.)
+            else:
+                b_gb = b_g
+            b_xb = tl.load(xb + o_r[:, None] * s_xb + o_k[None, :], mask=m, other=0.).to(tl.float32)
+            b_B += _dot(b_xb * _exp2_masked(b_gb - b_gm[None, :], m), tl.trans(b_yc), DOT_PREC)
+    return b_A, b_B
+
+
+@triton.jit
+def _store_chunk(p, b, t0, T, s_A, BT: tl.constexpr):
+    """Store a chunk's [BT, BT] matrix (rows inside the sequence)."""
+    o_i = tl.arange(0, BT)
+    tl.store(p + (t0 + o_i)[:, None] * s_A + o_i[None, :], b.to(p.dtype.element_ty), mask=(t0 + o_i < T)[:, None])
+
+
+@triton.jit
+def _whole_chunk(q, k, gc, qg, Aqk, t0, T, s_qk, s_g, s_A, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                 BK: tl.constexpr, NEED_KK: tl.constexpr, DOT_PREC: tl.constexpr, QG: tl.constexpr):
+    """q k^T and k k^T of a chunk whose per-channel gate spans at most WHOLE_SPAN_LOG2 over it, as two
+    whole-chunk products (_whole_chunk_pair). q k^T is stored (Aqk; QG: also qg = q 2^G); k k^T is
+    returned as _sub_blocks returns it."""
+    o_i = tl.arange(0, BT)
+    m_r = t0 + o_i < T
+    b_Aqk, b_Akk = _whole_chunk_pair(q, s_qk, k, s_qk, False, k, s_qk, gc, qg, t0, T, s_g, K, BT, BK, DOT_PREC,
+                                     NEED_KK, QG)
+    _store_chunk(Aqk, tl.where((o_i[:, None] >= o_i[None, :]) & m_r[:, None], b_Aqk, 0.), t0, T, s_A, BT)
     return _lower_blocks_4(tl.where((o_i[:, None] > o_i[None, :]) & m_r[:, None], b_Akk, 0.))
 
 
@@ -684,34 +725,24 @@ def chunk_intra_kernel(
     if DELTA:
         # --- Ai = (I + Diag(beta) Akk)^-1, blockwise: invert diagonal blocks, merge with matmuls ---
         b_b0 = _beta_rows(beta, t0, T, 0, HV, BC)
-        b_i00 = _inv_unit_lower(b_kk00 * b_b0[:, None], BC)
-        _store_block(Ai, b_i00, t0, T, 0, 0, s_A, BC)
-        if NC == 2:
-            b_b1 = _beta_rows(beta, t0, T, 1, HV, BC)
-            b_i11 = _inv_unit_lower(b_kk11 * b_b1[:, None], BC)
-            b_i10 = -tl.dot(tl.dot(b_i11, b_kk10 * b_b1[:, None], input_precision="ieee"), b_i00,
-                            input_precision="ieee")
-            _store_block(Ai, b_i10, t0, T, 1, 0, s_A, BC)
-            _store_block(Ai, b_i11, t0, T, 1, 1, s_A, BC)
         if NC == 4:
             b_b1 = _beta_rows(beta, t0, T, 1, HV, BC)
             b_b2 = _beta_rows(beta, t0, T, 2, HV, BC)
             b_b3 = _beta_rows(beta, t0, T, 3, HV, BC)
-            b_i11 = _inv_unit_lower(b_kk11 * b_b1[:, None], BC)
-            b_i22 = _inv_unit_lower(b_kk22 * b_b2[:, None], BC)
-            b_i33 = _inv_unit_lower(b_kk33 * b_b3[:, None], BC)
-            b_i10, b_i20, b_i21, b_i30, b_i31, b_i32 = _inv_offdiag_4(
-                b_i00, b_i11, b_i22, b_i33, b_kk10 * b_b1[:, None], b_kk20 * b_b2[:, None],
-                b_kk21 * b_b2[:, None], b_kk30 * b_b3[:, None], b_kk31 * b_b3[:, None], b_kk32 * b_b3[:, None])
-            _store_block(Ai, b_i10, t0, T, 1, 0, s_A, BC)
-            _store_block(Ai, b_i11, t0, T, 1, 1, s_A, BC)
-            _store_block(Ai, b_i20, t0, T, 2, 0, s_A, BC)
-            _store_block(Ai, b_i21, t0, T, 2, 1, s_A, BC)
-            _store_block(Ai, b_i22, t0, T, 2, 2, s_A, BC)
-            _store_block(Ai, b_i30, t0, T, 3, 0, s_A, BC)
-            _store_block(Ai, b_i31, t0, T, 3, 1, s_A, BC)
-            _store_block(Ai, b_i32, t0, T, 3, 2, s_A, BC)
-            _store_block(Ai, b_i33, t0, T, 3, 3, s_A, BC)
+            _inv_store_4(Ai, b_kk00 * b_b0[:, None], b_kk10 * b_b1[:, None], b_kk11 * b_b1[:, None],
+                         b_kk20 * b_b2[:, None], b_kk21 * b_b2[:, None], b_kk22 * b_b2[:, None],
+                         b_kk30 * b_b3[:, None], b_kk31 * b_b3[:, None], b_kk32 * b_b3[:, None],
+                         b_kk33 * b_b3[:, None], t0, T, s_A, BC)
+        else:
+            b_i00 = _inv_unit_lower(b_kk00 * b_b0[:, None], BC)
+            _store_block(Ai, b_i00, t0, T, 0, 0, s_A, BC)
+            if NC == 2:
+                b_b1 = _beta_rows(beta, t0, T, 1, HV, BC)
+                b_i11 = _inv_unit_lower(b_kk11 * b_b1[:, None], BC)
+                b_i10 = -tl.dot(tl.dot(b_i11, b_kk10 * b_b1[:, None], input_precision="ieee"), b_i00,
+                                input_precision="ieee")
+                _store_block(Ai, b_i10, t0, T, 1, 0, s_A, BC)
+                _store_block(Ai, b_i11, t0, T, 1, 1, s_A, BC)
 
 
 # ----------------------------------------------------------------------------------------------

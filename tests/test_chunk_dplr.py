@@ -137,6 +137,14 @@ def test_half_inputs(dtype):
     check(make(B=1, T=40, K=32, V=16, seed=6), dtype=dtype, scale=32 ** -0.5)
 
 
+def test_low_rank_pair_in_any_float_dtype():
+    """a, b are read as they come (fp32, bf16, fp16) or made fp32 (float64): the reference sees the same values."""
+    for dt, qdt in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float64, torch.float32)):
+        x = make(B=1, T=70, K=32, V=16, seed=13)
+        x["a"], x["b"] = x["a"].to(dt), x["b"].to(dt)
+        check(x, dtype=qdt, scale=32 ** -0.5)
+
+
 def test_bad_arguments_name_what_was_expected():
     x = make(T=8)
     with pytest.raises(ValueError, match=r"a: expected \[B, T, HV, K\] = \[1, 8, 1, 16\]"):
