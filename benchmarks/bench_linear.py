@@ -9,6 +9,7 @@ chunk_dplr_delta_rule (not in the default list: fla's first call autotunes for m
     chunk 64, sub-blocks only (call 2)           ours 4.509   fla 3.585 in the same run
     chunk 64, whole-chunk products (calls 3, 4)  ours 2.654, 2.641; fla's first call ran past the
                                                  part's time limit in both runs (no fla row)
+    the same, session 12 (calls 1, 2)            ours 2.726, 2.723   fla 3.566, 3.571 in the same runs
   per kernel (profile_linear.py, call 3): intra 1.293, wu 0.531, state 0.408, output 0.280, cumsum
   0.135; fla (call 2): intra 1.556, h 1.026, o 0.376, cumsum 0.207, elementwise 0.183, wu 0.151,
   wy 0.074. bf16 chunk vs fp32 recurrent 7.6e-3 (max error / max |ref|).
@@ -22,28 +23,27 @@ chunk_dplr_delta_rule (not in the default list: fla's first call autotunes for m
 4. the decode step (T = 1, state updated in place) at B = 16.
 
 Measured 2026-11-29 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), B=8 T=4096 H=16
-K=V=128 bf16, all six rules in one run (session 9, call 6). Tuned configs: state pass two key halves
-(KSPLIT) everywhere (BV=64 on 4 warps, 2 stages, for the delta rules; BV=64 on 8 warps for simple_gla
-and gla; BV=32 on 4 warps for linear_attention); intra one-pass ("fused").
+K=V=128 bf16, all seven rules and the decode step in one run (session 12, call 2):
 
     rule               op ms   unchecked   core ms   fla ms   fla/core   first call
-    linear_attention   0.744     0.362      0.363     0.371     1.02        5.4 s
-    simple_gla         0.797     0.393      0.395     0.413     1.04        5.1 s
-    gla                1.493     1.070      1.071     1.361     1.27        9.0 s
-    deltanet           1.074     0.777      0.777     1.008     1.30        7.4 s
-    gated_deltanet     1.180     0.827      0.829     0.843     1.02        8.6 s
-    kda                2.395     1.967      1.967     1.806     0.92       10.7 s
-    SDPA causal fwd    1.002
-    decode B=16, fp32 state in place, CUDA-graph replay: gated_deltanet kernel 8.5 us = 3.93 TB/s
-    (op unchecked 8.6 us), kda 8.8 us = 3.83 TB/s; fla fused_recurrent 12.0 / 10.7 us. From a launch
-    loop: kernel 17.0 / 16.3 us, op 61.8 / 32.9 us unchecked (host-bound), fla 40.1 / 46.3 us.
-Checks in the same run: chunk vs fp32 reference 3.5e-7 to 6.8e-7, chunk vs recurrent (fp32, full
-shape) 6.3e-7 to 8.8e-7, bf16 chunk vs fp32 recurrent 4.6e-3 to 8.3e-3 (max error / max |ref|).
-A later run (call 8) with the fused intra pass at BK=16 among the candidates (kda picked it on 2
-warps): kda unchecked op 1.819 ms against fla chunk_kda 1.813 ms in the same process (0.996).
-Per kernel (benchmarks/profile_linear.py --fla, before KSPLIT and kg): gated_deltanet state 0.334 ms
-against fla's 0.210 (output 0.225 / 0.251, intra 0.205 / kkt+solve 0.191, wu 0.160 / 0.155); kda
-intra 1.06-1.19 against fla's token-parallel + inter-solve 0.401 + 0.392, state 0.613 / 0.298.
+    linear_attention   0.654     0.363      0.365     0.372     1.02        5.9 s
+    simple_gla         0.783     0.395      0.397     0.412     1.04        6.7 s
+    gla                1.307     0.793      0.793     1.361     1.72        8.4 s
+    deltanet           1.169     0.803      0.803     1.008     1.26        8.8 s
+    gated_deltanet     1.238     0.823      0.824     0.841     1.02       10.0 s
+    kda                2.092     1.633      1.635     1.814     1.11       14.0 s
+    dplr               3.357     2.718      2.723     3.571     1.31       19.6 s
+    SDPA causal fwd    0.989
+    decode B=16, fp32 state in place, CUDA-graph replay: gated_deltanet kernel 8.6 us = 3.91 TB/s,
+    kda 8.8 us = 3.80 TB/s; fla fused_recurrent 11.9 / 10.6 us. From a launch loop: kernel 16.5 /
+    17.0 us, op 41.5 / 44.5 us unchecked (host-bound), fla 55.5 / 54.9 us.
+Tuned configs (call 1 of that session, same kernels): gla and kda intra "whole" (two whole-chunk
+tensor-core products, BK=32 on 4 warps), deltanet / gated_deltanet intra "fused" on 1 warp; state
+pass KSPLIT everywhere. Checks in the same run: chunk vs fp32 reference 3.5e-7 to 6.8e-7, chunk vs
+recurrent (fp32, full shape) 5.7e-7 to 8.8e-7, bf16 chunk vs fp32 recurrent 4.6e-3 to 8.3e-3
+(max error / max |ref|), the tuned configs likewise. Before the whole-chunk intra pass (session 9):
+gla 1.071, kda 1.967 ms (fla 1.361, 1.806); kda's intra alone was 1.06-1.19 ms against fla's
+token-parallel + inter-solve 0.401 + 0.392.
 """
 from __future__ import annotations
 
