@@ -85,12 +85,14 @@ def main():
     ap.add_argument("--no-sweep", action="store_true")
     a = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    cfgs = [SelectConfig()] if a.no_sweep else [
-        SelectConfig(block_t=64, block_s=64, num_warps=4),
-        SelectConfig(block_t=64, block_s=128, num_warps=4),
-        SelectConfig(block_t=128, block_s=64, num_warps=8),
-        SelectConfig(block_t=128, block_s=128, num_warps=8),
-    ]
+    # the scoring program loads a [BT, HI * DI] query block per BS key columns: its arithmetic
+    # intensity grows with BS (~BS FLOP per byte), so the sweep leans to wide key blocks
+    cfgs = [SelectConfig()] if a.no_sweep else [SelectConfig()] + [
+        SelectConfig(block_t=bt, block_s=bs, num_warps=w, num_stages=st)
+        for bt, bs, w, st in [(64, 64, 4, 2), (64, 128, 4, 2), (64, 128, 8, 2), (64, 128, 4, 3),
+                              (128, 128, 8, 2), (64, 256, 8, 2), (32, 256, 4, 2), (128, 64, 8, 2)]
+        if (bt, bs, w, st) != (SelectConfig().block_t, SelectConfig().block_s, SelectConfig().num_warps,
+                               SelectConfig().num_stages)]
     if not a.no_check:
         for cfg in cfgs:
             print(f"check {cfg}: max score error {check(cfg):.2e} (bf16 tolerance), selection optimal")
@@ -105,17 +107,21 @@ def main():
             s_ms = bench(scoring_only(x, cfg))
             t_ms = bench(lambda c=cfg, x=x: select(lightning_indexer, topk=TOPK, config=c, **x))
             rcfg = dataclasses.replace(cfg, topk_impl="torch")
-            r_ms = bench(lambda c=rcfg, x=x: select(lightning_indexer, topk=TOPK, config=c, **x))
+            r_ms = bench(lambda c=rcfg, x=x: select(lightning_indexer, topk=TOPK, config=c, **x)) \
+                if cfg == cfgs[0] else float("inf")          # the torch.topk path once, not per config
+            u_ms = bench(lambda c=cfg, x=x: select(lightning_indexer, topk=TOPK, config=c, check_inputs=False, **x))
             peak = torch.cuda.max_memory_allocated() / 2 ** 30
-            rows.append((T, cfg, s_ms, t_ms, r_ms, peak))
+            rows.append((T, cfg, s_ms, t_ms, r_ms, u_ms, peak))
+            print(f"  T={T} {cfg}: scoring {s_ms:.2f} select {t_ms:.2f} unchecked {u_ms:.2f} torch {r_ms:.2f} ms",
+                  flush=True)
         del x
         torch.cuda.empty_cache()
 
-    print(f"\n{'T':>7} {'BT':>4} {'BS':>4} {'warps':>5} {'score ms':>9} {'select ms':>10} {'torch ms':>9} "
-          f"{'/ SDPA':>7} {'peak GiB':>9}")
-    for T, cfg, s_ms, t_ms, r_ms, peak in rows:
-        print(f"{T:>7} {cfg.block_t:>4} {cfg.block_s:>4} {cfg.num_warps:>5} {s_ms:>9.2f} {t_ms:>10.2f} "
-              f"{r_ms:>9.2f} {min(t_ms, r_ms) / base:>7.3f} {peak:>9.2f}")
+    print(f"\n{'T':>7} {'BT':>4} {'BS':>4} {'warps':>5} {'stages':>6} {'score ms':>9} {'select ms':>10} "
+          f"{'unchecked':>10} {'torch ms':>9} {'/ SDPA':>7} {'peak GiB':>9}")
+    for T, cfg, s_ms, t_ms, r_ms, u_ms, peak in rows:
+        print(f"{T:>7} {cfg.block_t:>4} {cfg.block_s:>4} {cfg.num_warps:>5} {cfg.num_stages:>6} {s_ms:>9.2f} "
+              f"{t_ms:>10.2f} {u_ms:>10.2f} {r_ms:>9.2f} {min(t_ms, r_ms) / base:>7.3f} {peak:>9.2f}")
     best = min((r for r in rows if r[0] == 32768), key=lambda r: min(r[3], r[4]), default=None)
     if best:
         flops = HI * DI * 2 * 32768 ** 2 / 2
