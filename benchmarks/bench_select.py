@@ -10,6 +10,22 @@ sort; and the default top-k kernel). Baseline: torch SDPA forward, causal, B=1, 
 bf16, torch's default dispatch with enable_gqa (as in bench_sparse.py). Target: select
 at T=32768 takes at most a quarter of the SDPA forward.
 
+H200, 2026-11-29 (session 12), T=32768, one sweep (call 4; SDPA forward 29.14 ms):
+
+    BT   BS  warps stages  score ms  select ms  unchecked
+    64   64      4      2      3.52      11.04       9.65   (the default until then)
+    64  128      4      2      3.10      10.42       9.38
+    64  128      8      2      3.56      11.13       9.97
+    64  128      4      3      3.04      10.84       9.32   (the default since)
+   128  128      8      2      4.07      11.38      10.46
+    64  256      8      2      4.06      11.95      10.46
+    32  256      4      2      5.01      12.76      11.42
+   128   64      8      2      3.78      11.40      10.13
+With the new default alone (call 6): select 10.15 ms (9.28 unchecked, scoring 3.03) = 0.350x the
+SDPA forward (28.97 ms); T=131072: 152.10 ms (scoring 46.76; torch.topk path 294.69).
+benchmarks/ab_score_emission.py (call 5): the head sum added straight into acc against a separate
+head-sum tile: scoring 3.01-3.08 against 3.05-3.10 ms, ~1% (A B A B at three configs).
+
 --check (default) first compares the compiled kernel with the float64 reference
 at T=512 (scores within the bf16 tolerance, selection optimal within it).
 """

@@ -42,7 +42,11 @@ _FLT_MAX = "3.4028234663852886e+38"
 class SelectConfig:
     """Launch configuration of the scoring + top-k pipeline.
 
-    block_t / block_s: queries / key columns per scoring program (>= 16, powers of 2).
+    block_t / block_s: queries / key columns per scoring program (>= 16, powers of 2). A program
+        loads a [block_t, heads x dims] query block for block_s key columns, so its arithmetic
+        intensity grows with block_s; 64 x 128 on 4 warps, 3 stages, was the fastest of eight
+        shapes on the H200 (benchmarks/bench_select.py's docstring: scoring 3.04 ms against 3.52
+        for 64 x 64 at T=32768).
     query_tile: queries scored before each top-k (None: as many as fit max_tile_elems).
     max_tile_elems: bound on HKV * query_tile * columns of the fp32 score buffer.
     topk_impl: "kernel" (kernels.topk: one Triton program per row finds the k-th key bit by bit in
@@ -51,9 +55,9 @@ class SelectConfig:
         to the lower column.
     """
     block_t: int = 64
-    block_s: int = 64
+    block_s: int = 128
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
     query_tile: int | None = None
     max_tile_elems: int = 1 << 27
     topk_impl: str = "auto"

@@ -278,6 +278,21 @@ def test_scores_query_and_key_side_heads(H):
     _compare_scores(_mixed_heads, **{k: v.to(DEVICE) for k, v in x.items()})
 
 
+def test_head_sum_at_the_root_accumulates_into_acc_with_query_head_groups():
+    # a score that is itself a head sum adds each head's term straight into the program's acc (no
+    # separate head-sum tile); with G = 2 query heads per KV head the acc also sums over the group
+    from unifattn.codegen import selector as cgs
+    src = cgs.source(lightning_indexer)
+    assert "acc += b_mul" in src and "b_sum = tl.zeros" not in src
+    mixed = cgs.source(_mixed_heads)          # two head sums added: each has its own tile
+    assert mixed.count("= tl.zeros([BT, BS], dtype=tl.float32)") == 3 and "            acc += " in mixed
+    g = torch.Generator().manual_seed(11)
+    B, T, HQ, HKV, HI, DI = 1, 40, 4, 2, 3, 8
+    x = dict(qi=torch.randn(B, T, HQ, HI, DI, generator=g), ki=torch.randn(B, T, HKV, DI, generator=g),
+             w=torch.randn(B, T, HQ, HI, generator=g))
+    _compare_scores(lightning_indexer, **{k: v.to(DEVICE) for k, v in x.items()})
+
+
 # --------------------------------------------------------------------------- selection
 def test_select_matches_reference_random():
     x = li_inputs(2, 90, seed=5)
