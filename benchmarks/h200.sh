@@ -10,7 +10,9 @@
 # compiled kernels, fla's kernels and autotune results; ~40 MB in 15 MiB parts) and ua_cache.tgz
 # (generated sources, tuned.json). Copy them from the device tool's files folder into .gpucache/
 # (git-excluded; it holds the cache of 2026-11-29's linear call) and carry ".gpucache" with ".whl".
-# The device tool returns at most 8 files, logs included.
+# The device tool returns at most 8 files, logs included, and at most 64 MiB together: session 12's
+# cache after `linear` with gla, kda, dplr beside fla was ~85 MB (parts e, f did not come back; a
+# partial tgz must not be carried: its last entry is cut). .gpucache still holds session 9's cache.
 #   SAVE_CACHE=1 LINEAR_S=570 bash benchmarks/h200.sh linear      (carry .whl .gpucache)
 #   RULES_S=100 SPARSE_S=240 SELECT_ARGS=--T\ 32768 bash benchmarks/h200.sh sparse select tests
 set -u
