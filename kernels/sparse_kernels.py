@@ -57,6 +57,9 @@ def _key_tile(p_idx, i_n, t_local, NK, BLOCK: tl.constexpr, BS: tl.constexpr):
     else:
         # block granularity: key n of the list lies in block indices[n // BLOCK]
         b_j = tl.load(p_idx + o_n // BLOCK, mask=o_n < NK, other=-1)
+        # the block is compared before it is scaled: j * BLOCK of a huge unchecked entry would wrap
+        # in int32 (2^26 * 64 reads as block 0, 2^25 * 64 as a negative row)
+        b_j = tl.where(b_j <= t_local // BLOCK, b_j, -1)
         b_pos = b_j * BLOCK + o_n % BLOCK
     # causal mask also guards the memory accesses when checks are skipped
     m_n = (b_j >= 0) & (b_pos <= t_local)

@@ -322,6 +322,27 @@ def test_unchecked_indices_skip_invalid_entries():
     assert math.isfinite(float(o1.abs().max()))
 
 
+@pytest.mark.parametrize("huge", [2 ** 25, 2 ** 26, 2 ** 31 - 1])
+def test_unchecked_huge_block_entries_are_skipped_forward_and_backward(huge):
+    # j * block_size of a huge unchecked entry wraps in int32: 2^26 * 64 would read block 0 and
+    # 2^25 * 64 a row before k; the kernels compare the block before scaling it
+    T, n = 8, 64
+    q, k, v = (torch.randn(1, T, 1, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    idx = torch.full((1, T, 1, 2), -1, dtype=torch.int32, device=DEVICE)
+    idx[0, :, 0, 0] = 0
+    idx[0, 7, 0, 1] = huge
+    good = idx.clone()
+    good[0, 7, 0, 1] = -1
+    outs = []
+    for ix, check in ((idx, False), (good, True)):
+        with poisoned():
+            o = sparse_attention(q, k, v, ix, block_size=n, check_indices=check)
+        dq, dk, dv = torch.autograd.grad(o.square().sum(), (q, k, v))
+        outs.append((o, dq, dk, dv))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def _torch_index_bits(idx, block_size, bos):
     """The index scan's two findings, by torch passes: bit 0 out of range, bit 1 not in select()'s order."""
     T = idx.shape[1]
