@@ -34,7 +34,7 @@ from .printer import Printer, literal
 
 __all__ = ["SelectConfig", "source", "source_path", "module", "TEMPLATE_VERSION"]
 
-TEMPLATE_VERSION = "score-2"
+TEMPLATE_VERSION = "score-3"
 _FLT_MAX = "3.4028234663852886e+38"
 
 
@@ -86,6 +86,7 @@ Glossary
   q_bblk      [rows] int32 global column of its sequence's first key (block)
   o           [HKV, NQ, W] float32 scores: -inf not a causal candidate, +inf kept by `always`
   G           query heads per KV head; their scores are summed
+  flags       int32 [1]: bit 0 set when CHECK and some candidate's score is NaN (read by select())
   BT, BS      queries / key columns per program
 Inputs are [rows, heads, *dims] (query side) or [columns, heads, *dims] (key side),
 contiguous; s_<x>_row / s_<x>_head are their strides (head stride 0: no head axis).
@@ -102,10 +103,10 @@ import triton.language as tl
 def $kernel(
     $ptrs,
     $strides,
-    o, q_pos, q_bblk, q0, c0, NQ, W,
+    o, q_pos, q_bblk, q0, c0, NQ, W, flags,
     $dims
     G: tl.constexpr, BLOCK: tl.constexpr, NSINK: tl.constexpr, NLOCAL: tl.constexpr,
-    BT: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, CHECK: tl.constexpr,
 ):
     i_t, i_s, i_hkv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_t * BT + tl.arange(0, BT)
@@ -132,7 +133,11 @@ $pre
             i_hq = i_hkv * G + i_g
 $body
 $accumulate
-    # NaN ranks lowest but stays a candidate; +-inf are reserved for the masks below
+    if CHECK:                                     # a NaN score of finite inputs: select() raises
+        n_nan = tl.sum(tl.sum((m_cand & (acc != acc) & m_t[:, None] & m_s[None, :]).to(tl.int32), 1), 0)
+        if n_nan > 0:
+            tl.atomic_or(flags, 1)
+    # unchecked, NaN ranks lowest but stays a candidate; +-inf are reserved for the masks below
     sc = tl.where(acc != acc, -$fmax, acc)
     sc = tl.minimum(tl.maximum(sc, -$fmax), $fmax)
     sc = tl.where(m_cand, sc, float('-inf'))
@@ -141,15 +146,17 @@ $accumulate
     tl.store(p_o, sc, mask=m_t[:, None] & m_s[None, :])
 
 
-def launch(x, o, q_pos, q_bblk, q0, c0, NQ, W, HKV, G, dims, BLOCK, NSINK, NLOCAL, PREC, cfg):
-    """x: input name -> (tensor, row stride, head stride); dims: dimension name -> size."""
+def launch(x, o, q_pos, q_bblk, q0, c0, NQ, W, HKV, G, dims, BLOCK, NSINK, NLOCAL, PREC, cfg, flags=None):
+    """x: input name -> (tensor, row stride, head stride); dims: dimension name -> size; flags: an int32 [1]
+    tensor to flag NaN scores in, or None (no check)."""
     grid = (triton.cdiv(NQ, cfg.block_t), triton.cdiv(W, cfg.block_s), HKV)
     $kernel[grid](
         $call_ptrs,
         $call_strides,
-        o, q_pos, q_bblk, q0, c0, NQ, W,
+        o, q_pos, q_bblk, q0, c0, NQ, W, o if flags is None else flags,
         $call_dims
         G=G, BLOCK=BLOCK, NSINK=NSINK, NLOCAL=NLOCAL, BT=cfg.block_t, BS=cfg.block_s, PREC=PREC,
+        CHECK=flags is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 ''')

@@ -186,20 +186,23 @@ def lightning_indexer_loss(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, k
     for name, x, dims in (("q", q, 4), ("k", k, 4), ("qi", qi, 4), ("ki", ki, 3), ("w", w, 3)):
         if not isinstance(x, torch.Tensor) or x.dim() != dims or not x.dtype.is_floating_point:
             got = _fmt(x) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name}: expected a {dims}-D float tensor, got {got}")
+            err = ValueError if isinstance(x, torch.Tensor) and x.dtype.is_floating_point else TypeError
+            raise err(f"{name}: expected a {dims}-D float tensor, got {got}; fix: q, k [B, T, H, D], qi "
+                      "[B, T, HI, DI], ki [B, T, DI], w [B, T, HI], in one float dtype")
     B, T, HQ, D = q.shape
     HI, DI = qi.shape[2:]
-    if k.shape[:2] != (B, T) or k.shape[3] != D or HQ % k.shape[2] != 0:
-        raise ValueError(f"k: expected [B, T, HKV, D] = [{B}, {T}, HKV, {D}] with HQ = {HQ} divisible by HKV, "
-                         f"got {list(k.shape)}")
+    if k.shape[:2] != (B, T) or k.shape[3] != D or k.shape[2] < 1 or HQ % k.shape[2] != 0:
+        raise ValueError(f"k: expected [B, T, HKV, D] = [{B}, {T}, HKV, {D}] with HQ = {HQ} divisible by HKV >= 1, "
+                         f"got {list(k.shape)}; fix: the attention's keys for the same tokens as q")
     if qi.shape[:2] != (B, T) or tuple(ki.shape) != (B, T, DI) or tuple(w.shape) != (B, T, HI):
         raise ValueError(f"indexer: expected qi [B, T, HI, DI], ki [B, T, DI], w [B, T, HI] with B = {B}, "
-                         f"T = {T}, got qi {list(qi.shape)}, ki {list(ki.shape)}, w {list(w.shape)}")
+                         f"T = {T}, got qi {list(qi.shape)}, ki {list(ki.shape)}, w {list(w.shape)}; "
+                         "fix: the indexer inputs for the same tokens as q, one weight per indexer head")
     if len({x.device for x in (q, k, qi, ki, w)}) != 1:
         raise ValueError("devices: expected q, k, qi, ki, w on one device, got "
                          f"{[str(x.device) for x in (q, k, qi, ki, w)]}; fix: move them with .to()")
     if not isinstance(block_q, int) or block_q < 1:
-        raise ValueError(f"block_q: expected a positive int, got {block_q!r}")
+        raise ValueError(f"block_q: expected a positive int, got {block_q!r}; fix: leave the default")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale: expected a finite float, got {scale!r}; fix: pass None for D ** -0.5")
@@ -211,10 +214,12 @@ def lightning_indexer_loss(q: torch.Tensor, k: torch.Tensor, qi: torch.Tensor, k
         if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 4 \
                 or tuple(indices.shape[:3]) != (B, T, 1) or indices.shape[3] < 1:
             got = _fmt(indices) if isinstance(indices, torch.Tensor) else type(indices).__name__
-            raise ValueError(f"indices: expected int32 of shape [B, T, 1, topk] = [{B}, {T}, 1, *], got {got}; "
+            err = ValueError if isinstance(indices, torch.Tensor) and indices.dtype == torch.int32 else TypeError
+            raise err(f"indices: expected int32 of shape [B, T, 1, topk] = [{B}, {T}, 1, *], got {got}; "
                              "fix: one token list per query, .to(torch.int32)")
         if indices.device != q.device:
-            raise ValueError(f"indices: expected device {q.device}, got {indices.device}")
+            raise ValueError(f"indices: expected device {q.device}, got {indices.device}; "
+                             f"fix: indices.to('{q.device}')")
         if check_indices:
             check_sparse_indices(indices, 1, bos)
     scale = D ** -0.5 if scale is None else float(scale)

@@ -60,12 +60,14 @@ def _seq_starts(cu_seqlens: torch.Tensor | None, B: int, T: int, device) -> torc
         raise ValueError(f"cu_seqlens: expected B == 1 (sequences packed along T), got B = {B}; "
                          "fix: reshape q, k, v to [1, B*T, H, D] before passing cu_seqlens")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected a 1-D int32/int64 tensor [N+1], got {_fmt(cu_seqlens)}")
+        raise ValueError(f"cu_seqlens: expected a 1-D int32/int64 tensor [N+1], got {_fmt(cu_seqlens)}; "
+                         "fix: torch.tensor([0, len0, len0 + len1, ...], dtype=torch.int32)")
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     lens = cu[1:] - cu[:-1]
     if int(cu[0]) != 0 or int(cu[-1]) != T or bool((lens < 0).any()):
         raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to T = {T}, "
-                         f"got {cu_seqlens.tolist() if cu.numel() <= 16 else cu_seqlens}")
+                         f"got {cu_seqlens.tolist() if cu.numel() <= 16 else cu_seqlens}; "
+                         "fix: cumulative sequence lengths, first 0, last the packed length T")
     return torch.repeat_interleave(cu[:-1], lens, output_size=T).to(torch.int32)
 
 
@@ -130,14 +132,20 @@ def _check_inputs(q, k, v, indices, block_size, scale):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}; fix: torch.as_tensor(...)")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor [B, T, H, D], got {_fmt(x)}")
+            raise ValueError(f"{name}: expected a 4-D tensor [B, T, H, D], got {_fmt(x)}; "
+                             "fix: add the missing batch / head axis (e.g. x[None] or x.unsqueeze(2))")
     B, T, HQ, K = q.shape
     if k.shape[:2] != (B, T) or v.shape[:3] != k.shape[:3] or k.shape[3] != K:
         raise ValueError(f"k, v: expected k [B, T, HKV, D] = [{B}, {T}, HKV, {K}] and v [{B}, {T}, HKV, DV] "
-                         f"matching q {list(q.shape)}, got k {list(k.shape)}, v {list(v.shape)}")
+                         f"matching q {list(q.shape)}, got k {list(k.shape)}, v {list(v.shape)}; "
+                         "fix: k and v for the same tokens as q, with one head count and k's head dim = q's")
     HKV, V = k.shape[2], v.shape[3]
+    if HKV < 1:
+        raise ValueError(f"k, v: expected at least one KV head, got k {list(k.shape)}, v {list(v.shape)}; "
+                         "fix: k, v [B, T, HKV, D] with HKV >= 1 dividing q's head count")
     if not q.dtype.is_floating_point or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q: expected float16, bfloat16 or float32, got {_fmt(q)}")
+        raise TypeError(f"q: expected float16, bfloat16 or float32, got {_fmt(q)}; "
+                        "fix: cast q, k, v with .to(torch.bfloat16) (or .float())")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k, v: expected q's dtype {q.dtype}, got k {k.dtype}, v {v.dtype}; "
                         "fix: cast all three to one dtype")
@@ -146,7 +154,7 @@ def _check_inputs(q, k, v, indices, block_size, scale):
                          f"HKV = {HKV}; fix: repeat KV heads or use a head count that divides HQ")
     if max(K, V) > 256 or min(K, V) < 1:
         raise ValueError(f"head dims: expected D and DV in 1..256 (tested: {SUPPORTED_HEAD_DIMS}), "
-                         f"got D = {K}, DV = {V}")
+                         f"got D = {K}, DV = {V}; fix: split larger heads, or project them to <= 256")
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32:
         got = _fmt(indices) if isinstance(indices, torch.Tensor) else type(indices).__name__
         raise TypeError(f"indices: expected int32 of shape [B, T, HKV, topk] = [{B}, {T}, {HKV}, *], "
@@ -159,9 +167,10 @@ def _check_inputs(q, k, v, indices, block_size, scale):
         raise ValueError(f"devices: expected q, k, v, indices on one device, got q {q.device}, "
                          f"k {k.device}, v {v.device}, indices {indices.device}; fix: move them with .to()")
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size: expected None or a positive int, got {block_size!r}")
+        raise ValueError(f"block_size: expected None or a positive int, got {block_size!r}; "
+                         "fix: None for token indices, the selector's block length for block indices")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale: expected a finite float, got {scale!r}")
+        raise ValueError(f"scale: expected a finite float, got {scale!r}; fix: pass None for D ** -0.5")
 
 
 # --------------------------------------------------------------------------- launch
@@ -321,6 +330,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         valid key gets o = 0, lse = -inf and zero gradients.
     """
     _check_inputs(q, k, v, indices, block_size, scale)
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q, k, v: expected CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got tensors on "
+                         f"{q.device}; fix: move them with .cuda()")
     if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"q, k, v: expected CUDA tensors (the sparse attention kernels need a GPU), got tensors "
                          f"on {q.device}; fix: move them with .cuda(), or set TRITON_INTERPRET=1 to run the "

@@ -128,8 +128,14 @@ def test_errors():
         lightning_indexer_loss(q[:, :, :3], k, qi, ki, w)
     idx = torch.zeros(1, 8, 1, 2, dtype=torch.int32)
     idx[0, :, 0, 1] = torch.arange(8)
-    with pytest.raises(ValueError, match=r"indices: expected int32 of shape \[B, T, 1, topk\] = \[1, 8, 1, \*\]"):
+    with pytest.raises(TypeError, match=r"indices: expected int32 of shape \[B, T, 1, topk\] = \[1, 8, 1, \*\]"):
         lightning_indexer_loss(q, k, qi, ki, w, indices=idx.long())
+    with pytest.raises(ValueError, match=r"indices: expected int32 of shape .*fix: one token list per query"):
+        lightning_indexer_loss(q, k, qi, ki, w, indices=idx[:, :, :, :0])
+    with pytest.raises(ValueError, match=r"k: expected \[B, T, HKV, D\].*HKV >= 1.*fix: "):
+        lightning_indexer_loss(q, k[:, :, :0], qi, ki, w)
+    with pytest.raises(TypeError, match=r"q: expected a 4-D float tensor, got int32.*fix: "):
+        lightning_indexer_loss(q.int(), k, qi, ki, w)
     idx[0, 2, 0, 1] = 5
     with pytest.raises(ValueError, match=r"indices\[0, 2, 0, 1\] = 5: expected -1 or a key position in \[0, 2\]"):
         lightning_indexer_loss(q, k, qi, ki, w, indices=idx)

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from unifattn.dsl.errors import RuleError
-from unifattn.dsl.selector import (Heads, Scalar, Vec, block, exp, l2norm, local, relu, selector, sink, sum_heads,
+from unifattn.dsl.selector import (Heads, Scalar, Vec, block, exp, l2norm, local, log, relu, selector, sink, sum_heads,
                                    vsum)
 from unifattn.kernels.utils import poisoned
 from unifattn.select import _topk_rows, reference_scores, select, select_reference, select_scores
@@ -291,6 +291,24 @@ def test_head_sum_at_the_root_accumulates_into_acc_with_query_head_groups():
     x = dict(qi=torch.randn(B, T, HQ, HI, DI, generator=g), ki=torch.randn(B, T, HKV, DI, generator=g),
              w=torch.randn(B, T, HQ, HI, generator=g))
     _compare_scores(lightning_indexer, **{k: v.to(DEVICE) for k, v in x.items()})
+
+
+@selector(topk=2)
+def _log_dot(q: Vec["D"], k: Vec["D"]):
+    return log(q @ k)                           # NaN where the dot is negative
+
+
+def test_nan_scores_of_finite_inputs_raise_unless_unchecked():
+    g = torch.Generator().manual_seed(0)
+    x = dict(q=torch.randn(1, 12, 8, generator=g).to(DEVICE), k=torch.randn(1, 12, 8, generator=g).to(DEVICE))
+    with pytest.raises(ValueError, match=r"selector '_log_dot': expected finite scores for finite inputs; "
+                                         r"got NaN scores\. Fix: .*check_inputs=False"):
+        select(_log_dot, **x)
+    with poisoned():
+        idx = select(_log_dot, check_inputs=False, **x)       # NaN ranks lowest, as in the reference
+    assert torch.equal(idx.cpu(), select_reference(_log_dot, **x).cpu())
+    y = dict(q=x["q"].abs(), k=x["k"].abs())                   # every dot positive: no NaN, no error
+    assert torch.equal(select(_log_dot, **y).cpu(), select_reference(_log_dot, **y).cpu())
 
 
 # --------------------------------------------------------------------------- selection
@@ -630,7 +648,7 @@ def lightning_indexer_fn(qi: Heads["HI", "DI"], ki: Vec["DI"], w: Heads["HI"]):
 
 # Process replay: the kernel text below the header is pinned. A deliberate template or
 # printer change updates this digest (print it from the failing assertion) in the same commit.
-GOLDEN_LI_BODY = "c8ce548039d8a465"
+GOLDEN_LI_BODY = "97a7b7f338dde38c"
 
 
 def test_golden_kernel_text():

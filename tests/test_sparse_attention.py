@@ -203,6 +203,29 @@ def _inputs(T=16, HQ=4, HKV=2, D=32, topk=4):
     return q, k, v, make_indices(1, T, HKV, topk).to(DEVICE)
 
 
+def test_error_messages_carry_a_fix():
+    q, k, v, idx = _inputs()
+    with pytest.raises(ValueError, match=r"k, v: expected at least one KV head.*fix: "):
+        sparse_attention(q, k[:, :, :0], v[:, :, :0], idx[:, :, :0])
+    with pytest.raises(TypeError, match=r"q: expected float16, bfloat16 or float32, got float64.*fix: "):
+        sparse_attention(q.double(), k.double(), v.double(), idx)
+    with pytest.raises(ValueError, match=r"q: expected a 4-D tensor.*fix: "):
+        sparse_attention(q[0], k, v, idx)
+    with pytest.raises(ValueError, match=r"k, v: expected k \[B, T, HKV, D\].*fix: "):
+        sparse_attention(q, k[:, :3], v, idx)
+    with pytest.raises(ValueError, match=r"head dims: expected D and DV in 1\.\.256.*fix: "):
+        sparse_attention(q.new_zeros(1, 16, 4, 300), k.new_zeros(1, 16, 2, 300), v, idx)
+    with pytest.raises(ValueError, match=r"block_size: expected None or a positive int, got 0; fix: "):
+        sparse_attention(q, k, v, idx, block_size=0)
+    with pytest.raises(ValueError, match=r"scale: expected a finite float, got nan; fix: "):
+        sparse_attention(q, k, v, idx, scale=float("nan"))
+    with pytest.raises(ValueError, match=r"cu_seqlens: expected non-decreasing offsets from 0 to T = 16.*fix: "):
+        sparse_attention(q, k, v, idx, cu_seqlens=torch.tensor([0, 3], dtype=torch.int32, device=DEVICE))
+    meta = [x.to("meta") for x in (q, k, v, idx)]
+    with pytest.raises(ValueError, match=r"q, k, v: expected CUDA tensors .* got tensors on meta; fix: "):
+        sparse_attention(*meta)
+
+
 def test_error_future_index():
     q, k, v, idx = _inputs()
     idx[0, 3, 1, 0] = 7

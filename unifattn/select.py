@@ -263,8 +263,9 @@ def _finish(col: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- kernel path
-def _run_tiles(sel: Selector, p: _Prep, config, on_tile):
-    """Score query tiles with the generated kernel; on_tile(q0, q1, c0, scores [HKV, nq, W])."""
+def _run_tiles(sel: Selector, p: _Prep, config, on_tile, nan_flag=None):
+    """Score query tiles with the generated kernel; on_tile(q0, q1, c0, scores [HKV, nq, W]). nan_flag (int32
+    [1] or None): the kernel sets it when a candidate's score is NaN."""
     from unifattn.codegen import selector as cgs
     from unifattn.kernels.utils import empty, interpreting
     cfg = config or cgs.SelectConfig()
@@ -294,7 +295,7 @@ def _run_tiles(sel: Selector, p: _Prep, config, on_tile):
         W = int(p.q_bblk[q1 - 1]) + int(p.q_pos[q1 - 1]) // n + 1 - c0     # through the last row's last column
         o = empty((p.HKV, q1 - q0, W), torch.float32, p.device)
         mod.launch(x, o, p.dev_pos, p.dev_bblk, q0, c0, q1 - q0, W, p.HKV, p.G, p.dims, n, sel.n_sink, sel.n_local, prec,
-                   cfg)
+                   cfg, nan_flag)
         on_tile(q0, q1, c0, o)
 
 
@@ -303,8 +304,9 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
     """int32 [B, T, HKV, topk]: per query the kept keys (or key blocks), ascending, -1 padded.
 
     topk overrides the selector's; config is a SelectConfig (tile sizes); inputs by name.
-    check_inputs: scan the inputs for NaN/inf (one read, and one host sync after the kernels are
-    queued, which keeps the host from running ahead into the next call); False skips it.
+    check_inputs: scan the inputs for NaN/inf and flag NaN scores (one read, and one host sync after
+    the kernels are queued, which keeps the host from running ahead into the next call); False skips
+    both, and a NaN score then ranks lowest (as in select_reference).
     Not differentiable (top-k has no gradient: train the scorer with a distillation loss).
     """
     p, topk = _prepare(sel, inputs, cu_seqlens, topk, check_inputs)
@@ -324,10 +326,15 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
         rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
         out[q0:q1] = _finish(rel, valid).permute(1, 0, 2)
 
+    nan_flag = torch.zeros(1, dtype=torch.int32, device=p.device) if check_inputs else None
     with torch.no_grad():
         if rows:
-            _run_tiles(sel, p, config, on_tile)
+            _run_tiles(sel, p, config, on_tile, nan_flag)
     p.check()                                  # NaN/inf inputs raise here, after the kernels are queued
+    if nan_flag is not None and int(nan_flag.item()):   # the queue has drained: a 4-byte read
+        validate.fail(f"selector '{sel.name}'", "finite scores for finite inputs", "NaN scores",
+                      "make the score function finite everywhere (e.g. guard a log or a division: "
+                      "log(relu(x) + eps)), or pass check_inputs=False to rank NaN scores lowest")
     return out.reshape(p.B, p.T, p.HKV, topk)
 
 
