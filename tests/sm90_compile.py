@@ -239,12 +239,15 @@ def select():
                                ("moba", ua.rules.moba, {"D": 128}, 16)):
         fn = getattr(cgs.module(sel), cgs.kernel_name(sel))
         ptr = {f"{s.name}_ptr": "*bf16" for s in sel.inputs}
-        ptr.update(o="*fp32", q_pos="*i32", q_bblk="*i32")
-        const = dict(G=G, BLOCK=sel.block_size, NSINK=sel.n_sink, NLOCAL=sel.n_local, BT=64, BS=64, PREC="tf32")
+        ptr.update(o="*fp32", q_pos="*i32", q_bblk="*i32", flags="*i32")
+        cfg = cgs.SelectConfig()
+        const = dict(G=G, BLOCK=sel.block_size, NSINK=sel.n_sink, NLOCAL=sel.n_local, BT=cfg.block_t,
+                     BS=cfg.block_s, PREC="tf32")
         for d, n in dims.items():
             const.update({f"NH_{d}": n} if d.startswith("H") else {f"D_{d}": n, f"BD_{d}": n})
-        for warps in (4, 8):
-            ok.append(compile_one(f"{name} score warps={warps}", fn, ptr, const, options=dict(num_warps=warps)))
+        for warps, check in ((cfg.num_warps, True), (cfg.num_warps, False), (8, True)):
+            ok.append(compile_one(f"{name} score warps={warps} check={check}", fn, ptr, dict(const, CHECK=check),
+                                  options=dict(num_warps=warps, num_stages=cfg.num_stages)))
     return ok
 
 
