@@ -144,6 +144,10 @@ def _check(r: Rule) -> Facts:
     A_rule = sp.Matrix(3, 3, lambda i, kk: sp.diff(S_new[i, 0], S[kk, 0]))
     B_rule = S_new.subs({s: 0 for s in s_syms})
     A_t, B_t = _template(cls, facts, env)
+    if not isinstance(A_t, sp.MatrixBase) or any(x.has(sp.nan, sp.zoo) for x in A_t):
+        # e.g. S = 0 * S + ...: the decay is identically 0, its log-gate -oo; no chunk template holds it
+        return _recurrent_only(r, f"its transition has no finite '{cls}' log-gate (a decay "
+                                  "that is identically 0 forgets the state every step)", r.new_state.line, proofs)
     q_eff = symbolic.evaluate(out.r, env)
     o_t = S_new.T * q_eff
     v = symbolic.all_zero(list(A_rule - A_t) + list(B_rule - B_t) + list(o - o_t), rng)
@@ -157,7 +161,16 @@ def _check(r: Rule) -> Facts:
     if cls in CHUNK_CLASSES:
         proofs.append(f"chunk form of '{cls}' == recurrence on 3 symbolic tokens: {chunk_identity(cls)}")
     bounds, runtime = _bounds(cls, facts, r)
-    f = Facts(r.name, cls, forms, "" if "chunk" in forms else f"no chunk template for '{cls}' yet", 0, r.inputs,
+    reason = "" if "chunk" in forms else f"no chunk template for '{cls}' yet"
+    if "chunk" in forms and bounds.get("log_gate <= 0", "").startswith("not proved"):
+        # the chunk kernels take logs of the decays: a negative or > 1 decay would turn into NaN or
+        # growth there and silently wrong outputs, while the recurrent form is exact for any decay
+        forms, reason = ("recurrent",), (
+            f"its decay exp({ir.to_text(facts['log_gate'])}) is not proved to lie in (0, 1] and is computed "
+            "inside the rule, so no call-time check can guard the chunk kernels; parameterize it so it is "
+            "provably in (0, 1] (e.g. sigmoid(x) or exp(-softplus(x))), or take the decay or its log as an input "
+            "(checked at every call)")
+    f = Facts(r.name, cls, forms, reason, 0, r.inputs,
               bounds=bounds, runtime_checks=runtime, proofs=tuple(proofs), **facts)
     return _with_derivatives(f, r)
 
@@ -379,12 +392,26 @@ def _dplr_identity() -> str:
 
 
 # ------------------------------------------------------------------ bounds
+def _interval_nonpositive(expr) -> bool:
+    """expr <= 0 for every real value of its symbols, by interval arithmetic (each symbol over the whole
+    line; an outer enclosure, so True is a proof): e.g. log(sigmoid(x)) -> log([0, 1]) = [-oo, 0], which
+    sympy's sign assumptions alone do not see."""
+    sub = {sym: sp.AccumBounds(-sp.oo, sp.oo) for sym in expr.free_symbols}
+    try:
+        rng = expr.rewrite(sp.exp).subs(sub)
+    except Exception:  # noqa: BLE001 - interval arithmetic is best effort: no proof
+        return False
+    if isinstance(rng, sp.AccumBounds):
+        return (rng.max <= 0) is sp.true
+    return rng.is_extended_real is True and rng.is_nonpositive is True
+
+
 def _bounds(cls, f, r: Rule):
     bounds, runtime = {}, []
     g = f.get("log_gate")
     if g is not None:
         expr = symbolic.elementwise(g)
-        ok = expr is not None and (expr.is_nonpositive is True)
+        ok = expr is not None and (expr.is_nonpositive is True or _interval_nonpositive(expr))
         if ok:
             bounds["log_gate <= 0"] = "proved from the parameterization"
         elif g.op in ("input", "param"):
@@ -396,8 +423,9 @@ def _bounds(cls, f, r: Rule):
             bounds["log_gate <= 0"] = (f"not implied: '{name}' is used as a decay "
                                        "(checked at call time by the chunk and recurrent forms)")
             runtime.append((name, "in (0, 1]", "it is a decay factor"))
-        else:
-            bounds["log_gate <= 0"] = "not proved: the chunk kernels need decays in (0, 1]"
+        else:   # no proof and nothing to scan at call time: the chunk form is refused (_chunk_refusal)
+            bounds["log_gate <= 0"] = ("not proved, and computed inside the rule (no input to check at call "
+                                       "time): the chunk kernels need decays in (0, 1]; recurrent form only")
     if cls.endswith("delta"):
         beta = f["beta"]
         key = f["key"]

@@ -138,3 +138,19 @@ def test_interpreter_that_cannot_run_the_kernels_is_named():
         check_interpreter("3.6.0", "2.4.6")
     for ok in (("3.6.0", "2.3.5"), ("3.7.0", "2.4.6"), ("3.9.0", "2.4.6"), ("3.6.0+git1234", "1.26.4")):
         check_interpreter(*ok)
+
+
+def test_fp16_chunk_state_past_the_range_raises():
+    # the chunk form keeps per-chunk states in the input dtype: past 65504 an fp16 state is inf, which
+    # would reach the output although the true output (~450 here) fits; the op raises instead
+    B, T, H, K = 1, 70, 1, 16
+    q = torch.full((B, T, H, K), 1e-3, dtype=torch.float16, device=DEVICE)
+    k = torch.full((B, T, H, K), 40., dtype=torch.float16, device=DEVICE)
+    v = torch.full((B, T, H, K), 40., dtype=torch.float16, device=DEVICE)
+    with pytest.raises(OverflowError, match=r"fp16's range \(65504\).*Fix: use bf16 or fp32"):
+        ua.ops.linear_attention(ua.rules.linear_attention, q, k, v, form="chunk")
+    o, _ = ua.ops.linear_attention(ua.rules.linear_attention, q, k, v, form="recurrent")     # fp32 state
+    ref, _ = ua.ops.linear_attention(ua.rules.linear_attention, q.double(), k.double(), v.double())
+    assert torch.isfinite(o).all() and torch.allclose(o.double(), ref, rtol=2e-3)
+    o, _ = ua.ops.linear_attention(ua.rules.linear_attention, q.bfloat16(), k.bfloat16(), v.bfloat16(), form="chunk")
+    assert torch.isfinite(o).all()

@@ -46,7 +46,21 @@ def run(r, form, q, k, v, inputs, d, scale, initial_state, output_final_state, c
                         cu_seqlens, tune=tune)
     if check_inputs and not scan_first:
         validate.finite({"initial_state": initial_state, **full}, facts.runtime_checks)
+    if check_inputs and form == "chunk" and q.dtype == torch.float16:
+        _fp16_range(out[0])
     return out
+
+
+def _fp16_range(o):
+    """fp16 chunk form: the chunk states and the delta rules' corrected values are kept in fp16 between
+    kernels, and past 65504 they become inf. Inputs that passed the scan are finite, so a non-finite
+    output means the range ran out: raise rather than return it (one more read of o, fp16 calls only)."""
+    from unifattn.kernels.checks import scan
+    if o.numel() and scan([(o, None)]):
+        validate.fail("output of form='chunk' in fp16", "finite values (the inputs are finite)",
+                      "inf/NaN: the output or a chunk state passed fp16's range (65504)",
+                      "use bf16 or fp32 inputs (same speed for bf16), or form='recurrent' (fp32 state throughout)",
+                      OverflowError)
 
 
 def _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_seqlens, inplace_state):
