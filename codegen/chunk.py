@@ -102,7 +102,8 @@ def _prep_kernel(r: Rule, facts: Facts, computed: list[str], dims) -> str:
             mask = "" if not s.shape else f", mask={dims[s.shape[0]][1]}, other=0.0"
         lines.append(f"b_{s.name} = tl.load({s.name} + {off}{mask}).to(tl.float32)")
     # statements of the rule that feed the facts keep their names (b_dt, b_g, ...)
-    pr = Printer(names)
+    # loads of vectors are masked (0 in the padding lanes); statements are not, the stores are
+    pr = Printer(names, [id(used[s.name]) for s in specs if s.shape], {d: m for d, (_, m, _) in dims.items()})
     wanted = {id(n) for n in ir.walk(roots)}
     for st in r.statements:
         if id(st.node) in wanted and id(st.node) not in names and not ir.depends_on_state(st.node):
@@ -122,12 +123,13 @@ def _prep_kernel(r: Rule, facts: Facts, computed: list[str], dims) -> str:
             lines.append(f"tl.store(out_{f} + i_t * HV + i_hv, {expr})")
     tok = [s for s in specs if s.kind == "token"]
     args = ", ".join(s.name for s in specs)
+    if args:                 # no input pointers when the facts read no input (a constant decay or beta)
+        args = f"\n    {args},          # raw inputs: token [B * T, heads, *], params [HV, *]"
     outs = ", ".join(f"out_{f}" for f in computed)
     heads = "".join(f"H_{s.name}, " for s in tok)
     body = "\n".join("    " + ln for ln in lines)
     return f'''@triton.jit
-def {r.name}_chunk_prep(
-    {args},          # raw inputs: token [B * T, heads, *], params [HV, *]
+def {r.name}_chunk_prep({args}
     {outs},          # prepared facts [B * T, HV, *]
     {heads}HV, K, V, BK: tl.constexpr, BV: tl.constexpr,
 ):
@@ -157,10 +159,12 @@ def _forward(r: Rule, facts: Facts, computed: list[str]) -> str:
         else:
             alloc.append(f"prep[{f!r}] = empty((B, T, HV), torch.float32, device)")
     launch = ""
+    ins = ", ".join(f"x[{s.name!r}]" for s in specs)
+    if ins:                  # none when the facts read no input (a constant decay or beta)
+        ins = f"\n            {ins},"
     if computed:
         launch = f'''    if B * T:
-        {r.name}_chunk_prep[(B * T, HV)](
-            {", ".join(f"x[{s.name!r}]" for s in specs)},
+        {r.name}_chunk_prep[(B * T, HV)]({ins}
             {", ".join(f"prep[{f!r}]" for f in computed)},
             {"".join(f"heads[{s.name!r}], " for s in tok)}HV, K, V,
             BK=triton.next_power_of_2(K), BV=triton.next_power_of_2(V), num_warps=1)

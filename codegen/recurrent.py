@@ -107,7 +107,9 @@ def emit(r: Rule, facts: Facts, digest: str) -> str:
             body.append(f"b_{s.name} = tl.load({s.name} + i_t * H_{s.name} + i_h_{s.name}).to(tl.float32)")
         names[id(n)] = f"b_{s.name}"
 
-    pr = Printer(names)
+    # the masked loads, the state and (below) the masked statements are 0 in the padding lanes
+    zero = [id(n) for n in [*leaves.values(), state_leaf] if n is not None and n.shape]
+    pr = Printer(names, zero, {K: "m_k", V: "m_v"})
     count: dict[str, int] = {}
     for st in r.statements:
         if id(st.node) in names:          # `x = y` aliases: nothing to compute
@@ -120,6 +122,8 @@ def emit(r: Rule, facts: Facts, digest: str) -> str:
         body.append(f"# line {st.line}: {st.source}")
         body.append(f"{var} = {expr}" if m is None else f"{var} = tl.where({m}, {expr}, 0.0)")
         names[id(st.node)] = var
+        if m is not None:
+            pr.mark_zero(st.node)
     for node, var in ((r.new_state, "b_S_next"), (r.output, "b_o")):
         if id(node) not in names:
             m = _mask(node.shape, dims)

@@ -144,7 +144,7 @@ def _check(r: Rule) -> Facts:
     A_rule = sp.Matrix(3, 3, lambda i, kk: sp.diff(S_new[i, 0], S[kk, 0]))
     B_rule = S_new.subs({s: 0 for s in s_syms})
     A_t, B_t = _template(cls, facts, env)
-    if not isinstance(A_t, sp.MatrixBase) or any(x.has(sp.nan, sp.zoo) for x in A_t):
+    if not isinstance(A_t, sp.MatrixBase):   # (no .has() walk: nested reuse makes the trees exponential)
         # e.g. S = 0 * S + ...: the decay is identically 0, its log-gate -oo; no chunk template holds it
         return _recurrent_only(r, f"its transition has no finite '{cls}' log-gate (a decay "
                                   "that is identically 0 forgets the state every step)", r.new_state.line, proofs)
@@ -166,7 +166,7 @@ def _check(r: Rule) -> Facts:
         # the chunk kernels take logs of the decays: a negative or > 1 decay would turn into NaN or
         # growth there and silently wrong outputs, while the recurrent form is exact for any decay
         forms, reason = ("recurrent",), (
-            f"its decay exp({ir.to_text(facts['log_gate'])}) is not proved to lie in (0, 1] and is computed "
+            "its decay (exp of the log-gate) is not proved to lie in (0, 1] and is computed "
             "inside the rule, so no call-time check can guard the chunk kernels; parameterize it so it is "
             "provably in (0, 1] (e.g. sigmoid(x) or exp(-softplus(x))), or take the decay or its log as an input "
             "(checked at every call)")
@@ -392,10 +392,16 @@ def _dplr_identity() -> str:
 
 
 # ------------------------------------------------------------------ bounds
+_INTERVAL_MAX_NODES = 2000
+
+
 def _interval_nonpositive(expr) -> bool:
     """expr <= 0 for every real value of its symbols, by interval arithmetic (each symbol over the whole
     line; an outer enclosure, so True is a proof): e.g. log(sigmoid(x)) -> log([0, 1]) = [-oo, 0], which
     sympy's sign assumptions alone do not see."""
+    for i, _ in enumerate(sp.preorder_traversal(expr)):   # a tree, not a DAG: nested reuse grows it
+        if i > _INTERVAL_MAX_NODES:                         # exponentially; no proof for the very large
+            return False
     sub = {sym: sp.AccumBounds(-sp.oo, sp.oo) for sym in expr.free_symbols}
     try:
         rng = expr.rewrite(sp.exp).subs(sub)

@@ -72,17 +72,21 @@ def prepare_chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int):
 def validate_qkv(q, k, v):
     """Shapes and dtypes every chunk form takes: q, k [B, T, H, K], v [B, T, HV, V]. Returns (B, T, H, K, HV, V)."""
     if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q, k: expected equal shapes [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(f"q, k: expected equal shapes [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}; "
+                         "fix: one key per query head and token")
     B, T, H, K = q.shape
     if v.dim() != 4 or v.shape[:2] != (B, T):
-        raise ValueError(f"v: expected [B, T, HV, V] = [{B}, {T}, HV, V], got {tuple(v.shape)}")
+        raise ValueError(f"v: expected [B, T, HV, V] = [{B}, {T}, HV, V], got {tuple(v.shape)}; fix: v for the same tokens as q")
     HV, V = v.shape[2], v.shape[3]
     if HV % H != 0:
-        raise ValueError(f"v: expected value heads HV a multiple of H={H}, got HV={HV}")
+        raise ValueError(f"v: expected value heads HV a multiple of H={H}, got HV={HV}; fix: repeat q, k heads or "
+                         "use HV = H * group")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"q, k, v: expected one dtype among fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v: expected one dtype among fp32/bf16/fp16, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                         "fix: cast all three to one dtype")
     if not (1 <= K <= MAX_HEAD_DIM and 1 <= V <= MAX_HEAD_DIM):
-        raise ValueError(f"head dims: expected 1 <= K, V <= {MAX_HEAD_DIM}, got K={K}, V={V}")
+        raise ValueError(f"head dims: expected 1 <= K, V <= {MAX_HEAD_DIM}, got K={K}, V={V}; fix: split the heads "
+                         f"(more heads of at most {MAX_HEAD_DIM}), or use form='recurrent'")
     return B, T, H, K, HV, V
 
 

@@ -75,7 +75,8 @@ def _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_s
     if inplace_state:
         if initial_state is None or initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
             validate.fail("inplace_state", "a contiguous float32 initial_state to update in place",
-                          "none" if initial_state is None else str(initial_state.dtype),
+                          "none" if initial_state is None else
+                          f"{initial_state.dtype}, {'' if initial_state.is_contiguous() else 'not '}contiguous",
                           "pass initial_state=torch.zeros(N, HV, K, V) (float32, contiguous)")
         h0 = ht = initial_state
     else:
@@ -91,6 +92,6 @@ def _recurrent(r, facts, full, d, scale, initial_state, output_final_state, cu_s
         BV = BVfull
         warps = 4 if BV * d.K >= 4096 else 2
     if d.N * d.HV and d.V:
-        cu = None if cu_seqlens is None else _contig(cu_seqlens.to(torch.int32))
+        cu = None if cu_seqlens is None else _contig(cu_seqlens.to(device=dev, dtype=torch.int32))
         mod.launch(tensors, heads, o, h0, ht, cu, scale, d.N, d.T, d.HV, d.K, d.V, BV, warps)
     return o, (ht if (output_final_state or inplace_state) else None)
