@@ -154,3 +154,10 @@ def test_fp16_chunk_state_past_the_range_raises():
     assert torch.isfinite(o).all() and torch.allclose(o.double(), ref, rtol=2e-3)
     o, _ = ua.ops.linear_attention(ua.rules.linear_attention, q.bfloat16(), k.bfloat16(), v.bfloat16(), form="chunk")
     assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("form", ["reference", "recurrent"])
+def test_tune_outside_the_chunk_form_is_refused(form):
+    x = make_inputs(ua.rules.simple_gla, T=4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"tune: expected form='chunk' .*got form='" + form + r"'\. Fix: drop tune"):
+        ua.ops.linear_attention(ua.rules.simple_gla, form=form, tune=True, **x)

@@ -46,6 +46,9 @@ def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output
         validate.fail("form", f"one of {FORMS}", repr(form), "pick form='chunk' for training, 'recurrent' for decoding")
     d = validate.linear_inputs(r, q, k, v, inputs, initial_state, cu_seqlens, scale)
     scale = d.K ** -0.5 if scale is None else float(scale)
+    if tune and form != "chunk":
+        validate.fail("tune", "form='chunk' (launch configs are tuned for the chunk kernels)", f"form={form!r}",
+                      "drop tune=True, or pass form='chunk'")
     if inplace_state and form != "recurrent":
         validate.fail("inplace_state", "form='recurrent' (the decoding kernel updates the state in place)",
                       f"form={form!r}", "pass form='recurrent', or drop inplace_state")
