@@ -395,21 +395,28 @@ def _dplr_identity() -> str:
 _INTERVAL_MAX_NODES = 2000
 
 
-def _interval_nonpositive(expr) -> bool:
-    """expr <= 0 for every real value of its symbols, by interval arithmetic (each symbol over the whole
-    line; an outer enclosure, so True is a proof): e.g. log(sigmoid(x)) -> log([0, 1]) = [-oo, 0], which
-    sympy's sign assumptions alone do not see."""
-    for i, _ in enumerate(sp.preorder_traversal(expr)):   # a tree, not a DAG: nested reuse grows it
-        if i > _INTERVAL_MAX_NODES:                         # exponentially; no proof for the very large
-            return False
+def _real_line_range(expr, simplify: bool = False):
+    """The values of expr as every symbol ranges over the whole real line, by interval arithmetic (sympy
+    AccumBounds; an outer enclosure): an AccumBounds, a single value, or None where no range came out
+    (an error, or a tree too large: nested reuse grows it exponentially, so it is counted, not printed)."""
+    for i, _ in enumerate(sp.preorder_traversal(expr)):
+        if i > _INTERVAL_MAX_NODES:
+            return None
     sub = {sym: sp.AccumBounds(-sp.oo, sp.oo) for sym in expr.free_symbols}
     try:
-        rng = expr.rewrite(sp.exp).subs(sub)
-    except Exception:  # noqa: BLE001 - interval arithmetic is best effort: no proof
-        return False
+        rng = expr.subs(sub).rewrite(sp.exp) if simplify else expr.rewrite(sp.exp).subs(sub)
+        return sp.simplify(rng) if simplify else rng
+    except Exception:  # noqa: BLE001 - interval arithmetic is best effort
+        return None
+
+
+def _interval_nonpositive(expr) -> bool:
+    """expr <= 0 for every real value of its symbols (True is a proof): e.g. log(sigmoid(x)) ->
+    log([0, 1]) = [-oo, 0], which sympy's sign assumptions alone do not see."""
+    rng = _real_line_range(expr)
     if isinstance(rng, sp.AccumBounds):
         return (rng.max <= 0) is sp.true
-    return rng.is_extended_real is True and rng.is_nonpositive is True
+    return rng is not None and rng.is_extended_real is True and rng.is_nonpositive is True
 
 
 def _bounds(cls, f, r: Rule):
@@ -437,13 +444,7 @@ def _bounds(cls, f, r: Rule):
         key = f["key"]
         unit = key.op == "l2norm"
         e = symbolic.elementwise(beta)
-        rng_b = None
-        if e is not None:
-            sub = {s: sp.AccumBounds(-sp.oo, sp.oo) for s in e.free_symbols}
-            try:
-                rng_b = sp.simplify(e.subs(sub).rewrite(sp.exp))
-            except Exception:  # noqa: BLE001 - interval arithmetic is best effort
-                rng_b = None
+        rng_b = None if e is None else _real_line_range(e, simplify=True)
         bstr = str(rng_b) if isinstance(rng_b, sp.AccumBounds) else "unbounded"
         if unit and isinstance(rng_b, sp.AccumBounds) and rng_b.min.is_finite and rng_b.max.is_finite:
             lo = 1 - rng_b.max

@@ -330,10 +330,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         valid key gets o = 0, lse = -inf and zero gradients.
     """
     _check_inputs(q, k, v, indices, block_size, scale)
-    if q.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"q, k, v: expected CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got tensors on "
-                         f"{q.device}; fix: move them with .cuda()")
-    if q.device.type != "cuda" and not interpreting():
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreting()):
         raise ValueError(f"q, k, v: expected CUDA tensors (the sparse attention kernels need a GPU), got tensors "
                          f"on {q.device}; fix: move them with .cuda(), or set TRITON_INTERPRET=1 to run the "
                          "kernels on the CPU (slow)")
