@@ -99,8 +99,11 @@ def sparse_attn_fwd_kernel(
     b_q = tl.load(p_q, mask=m_g[:, None] & m_k[None, :], other=0.)
     p_idx = indices + (i_row * HKV + i_h) * TOPK
 
-    # -1e30, not -inf: a tile with no valid key then gives exp2(-inf - m) = 0, never NaN
-    b_m = tl.full([BG], -1e30, dtype=tl.float32)
+    # running max from -inf, not a finite floor such as -1e30: scores below the floor (a scale
+    # >= ~1e29) would all give p = 0 and a row with valid keys would read as empty. While a row
+    # has seen no valid key its max stays -inf; the exponent base is then 0 instead, so masked
+    # scores give exp2(-inf - 0) = 0, never exp2(-inf - (-inf)) = NaN
+    b_m = tl.full([BG], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BG], dtype=tl.float32)
     b_acc = tl.zeros([BG, BV], dtype=tl.float32)
     for i_n in range(0, NK, BS):
@@ -112,15 +115,16 @@ def sparse_attn_fwd_kernel(
         b_s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * scale
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        b_r = tl.exp2(b_m - b_m_new)
-        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_base = tl.where(b_m_new == float("-inf"), 0., b_m_new)
+        b_r = tl.exp2(b_m - b_base)
+        b_p = tl.exp2(b_s - b_base[:, None])
         b_l = b_l * b_r + tl.sum(b_p, 1)
         # [BS, BV]
         b_v = tl.load(v + o_kv[:, None] * V + o_v[None, :], mask=m_n[:, None] & m_v[None, :], other=0.)
         b_acc = b_acc * b_r[:, None] + _dot(b_p.to(b_v.dtype), b_v, PREC, UPCAST)
         b_m = b_m_new
 
-    # empty rows (l = 0): o = 0 and lse = -inf
+    # empty rows (l = 0, m = -inf): o = 0 and lse = -inf
     m_e = b_l > 0
     b_o = b_acc / tl.where(m_e, b_l, 1.)[:, None]
     b_lse = tl.where(m_e, (b_m + tl.log2(tl.where(m_e, b_l, 1.))) / 1.4426950408889634, float("-inf"))

@@ -180,6 +180,39 @@ def test_all_rows_empty():
     assert all((x.grad == 0).all() for x in (q, k, v))
 
 
+@pytest.mark.parametrize("scale", [1e30, -1e30])
+def test_huge_scale_rows_are_not_read_as_empty(scale):
+    # |scale| = 1e30 puts many rows' every score (base 2) below -1e30: a running max started at
+    # -1e30 instead of -inf gave them p = 0 and o = 0, lse = -inf although they have keys. The
+    # float64 softmax is one-hot here, so o is v of each row's best key. Forward only: the backward
+    # recomputes p from the fp32 lse, whose rounding (~1e24 at |lse| ~ 1e31) overflows exp2.
+    B, T, HQ, HKV, D, topk = 1, 40, 4, 2, 32, 36       # 36 keys: two 32-key tiles
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(B, T, h, D) for h in (HQ, HKV, HKV))
+    idx = make_indices(B, T, HKV, topk, fill=0.8, seed=7)
+    idx[0, 11] = -1                 # every head of token 11: no key at all
+    idx[0, 20, 1] = -1              # token 20, KV head 1 only
+    o_ref, lse_ref = reference(q.double(), k.double(), v.double(), idx, scale=scale)
+    empty = torch.isinf(lse_ref)
+    # the data exercise the bug: rows with keys whose scores are all below -1e30 in base 2
+    assert ((lse_ref * 1.4426950408889634 < -1e30) & ~empty).any()
+    # and each row's best key wins by a margin fp32 rounding cannot flip
+    sel = idx.repeat_interleave(HQ // HKV, 2).long()                   # [B, T, HQ, topk]
+    s = torch.einsum("bthd,bshd->bths", q.double(), k.double().repeat_interleave(HQ // HKV, 2)) * scale
+    top2 = s.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, float("-inf")).topk(2, -1).values
+    has2 = torch.isfinite(top2[..., 1])
+    assert ((top2[..., 0] - top2[..., 1])[has2] > 1e-3 * abs(scale)).all()
+
+    with poisoned():
+        o, lse = sparse_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), idx.to(DEVICE), scale=scale,
+                                  return_lse=True)
+    assert_close(o, o_ref, torch.float32, "o")
+    assert_lse(lse, lse_ref, torch.float32)
+    o, lse = o.cpu(), lse.cpu()
+    assert (o[~empty] != 0).any(-1).all(), "a row with keys read as empty"
+    assert (o[empty] == 0).all() and torch.isneginf(lse[0, 11]).all() and torch.isneginf(lse[0, 20, 2:]).all()
+
+
 def test_default_scale_and_explicit_scale_agree():
     q, k, v = (torch.randn(1, 16, h, 32, device=DEVICE) for h in (2, 1, 1))
     idx = make_indices(1, 16, 1, 8).to(DEVICE)
