@@ -23,24 +23,28 @@ chunk_dplr_delta_rule (not in the default list: fla's first call autotunes for m
 4. the decode step (T = 1, state updated in place) at B = 16.
 
 Measured 2026-11-29 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), B=8 T=4096 H=16
-K=V=128 bf16, all seven rules and the decode step in one run (session 12, call 2):
+K=V=128 bf16, all seven rules and the decode step in one run (session 13, call 2; the kernels as
+landed, tuned.json timed afresh):
 
     rule               op ms   unchecked   core ms   fla ms   fla/core   first call
-    linear_attention   0.654     0.363      0.365     0.372     1.02        5.9 s
-    simple_gla         0.783     0.395      0.397     0.412     1.04        6.7 s
-    gla                1.307     0.793      0.793     1.361     1.72        8.4 s
-    deltanet           1.169     0.803      0.803     1.008     1.26        8.8 s
-    gated_deltanet     1.238     0.823      0.824     0.841     1.02       10.0 s
-    kda                2.092     1.633      1.635     1.814     1.11       14.0 s
-    dplr               3.357     2.718      2.723     3.571     1.31       19.6 s
-    SDPA causal fwd    0.989
-    decode B=16, fp32 state in place, CUDA-graph replay: gated_deltanet kernel 8.6 us = 3.91 TB/s,
-    kda 8.8 us = 3.80 TB/s; fla fused_recurrent 11.9 / 10.6 us. From a launch loop: kernel 16.5 /
-    17.0 us, op 41.5 / 44.5 us unchecked (host-bound), fla 55.5 / 54.9 us.
-Tuned configs (call 1 of that session, same kernels): gla and kda intra "whole" (two whole-chunk
+    linear_attention   0.701     0.362      0.363     0.373     1.03        4.5 s
+    simple_gla         0.797     0.394      0.394     0.414     1.05        5.6 s
+    gla                1.295     0.793      0.793     1.360     1.72        8.2 s
+    deltanet           1.310     0.802      0.801     1.007     1.26        7.7 s
+    gated_deltanet     1.275     0.825      0.824     0.844     1.02       11.0 s
+    kda                2.103     1.632      1.633     1.806     1.11       12.1 s
+    dplr               3.470     2.720      2.721     3.574     1.31       15.3 s
+    SDPA causal fwd    0.984
+    decode B=16, fp32 state in place, CUDA-graph replay: gated_deltanet kernel 8.5 us = 3.95 TB/s,
+    kda 8.7 us = 3.84 TB/s; fla fused_recurrent 12.0 / 10.6 us (2.80 / 3.16 TB/s). From a launch
+    loop: kernel 16.3 / 16.5 us, op 60.4 / 36.2 us unchecked (host-bound), fla 41.5 / 45.3 us.
+Session 12 (call 2, the kernels before the log-gate clamp moved to -104) gave the same within 1%:
+core 0.365 / 0.397 / 0.793 / 0.803 / 0.824 / 1.635 / 2.723 ms against fla 0.372 / 0.412 / 1.361 /
+1.008 / 0.841 / 1.814 / 3.571.
+Tuned configs (session 13, calls 1 and 2): gla and kda intra "whole" (two whole-chunk
 tensor-core products, BK=32 on 4 warps), deltanet / gated_deltanet intra "fused" on 1 warp; state
 pass KSPLIT everywhere. Checks in the same run: chunk vs fp32 reference 3.5e-7 to 6.8e-7, chunk vs
-recurrent (fp32, full shape) 5.7e-7 to 8.8e-7, bf16 chunk vs fp32 recurrent 4.6e-3 to 8.3e-3
+recurrent (fp32, full shape) 5.7e-7 to 8.8e-7 (session 13: 6.3e-7 to 8.8e-7), bf16 chunk vs fp32 recurrent 4.6e-3 to 8.3e-3
 (max error / max |ref|), the tuned configs likewise. Before the whole-chunk intra pass (session 9):
 gla 1.071, kda 1.967 ms (fla 1.361, 1.806); kda's intra alone was 1.06-1.19 ms against fla's
 token-parallel + inter-solve 0.401 + 0.392.
