@@ -8,6 +8,7 @@ Runs on the CPU through the Triton interpreter; assert_matches_reference runs th
 `poisoned()` (an output element no kernel writes is NaN and fails).
 """
 import pytest
+import torch
 
 import unifattn as ua
 from unifattn import codegen
@@ -15,6 +16,7 @@ from unifattn.dsl import Param, Vec, check, exp, l2norm, outer, rule, sigmoid, v
 from unifattn.testing import assert_matches_reference, make_inputs
 
 K, V = 20, 12             # BK = 32, BV = 16: 12 and 4 padding lanes
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +76,7 @@ def shifted_matrices(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
 def _both_forms_match(r, seed):
     """r has the chunk form, and both kernel forms match the float64 reference (T=70, HV=2, K=20, V=12)."""
     assert check(r).forms == ("chunk", "recurrent")
-    case = make_inputs(r, B=1, T=70, H=1, HV=2, K=K, V=V, initial_state=True, seed=seed)
+    case = make_inputs(r, B=1, T=70, H=1, HV=2, K=K, V=V, initial_state=True, seed=seed, device=DEVICE)
     for form in ("chunk", "recurrent"):
         assert_matches_reference(r, form=form, **case)
 
@@ -88,7 +90,7 @@ def test_reductions_skip_the_padding_lanes(r):
 def test_matrix_reductions_skip_the_padding_lanes():
     """M^T x, M y, x M and M M^T over padded [BK, BV] tiles (the output is not S^T q: recurrent only)."""
     assert check(shifted_matrices).forms == ("recurrent",)
-    case = make_inputs(shifted_matrices, B=1, T=9, H=1, K=K, V=V, initial_state=True, seed=2)
+    case = make_inputs(shifted_matrices, B=1, T=9, H=1, K=K, V=V, initial_state=True, seed=2, device=DEVICE)
     for x in ("q", "k", "v"):
         case[x] = 0.3 * case[x]
     assert_matches_reference(shifted_matrices, form="recurrent", **case)
