@@ -25,6 +25,11 @@ With the new default alone (call 6): select 10.15 ms (9.28 unchecked, scoring 3.
 SDPA forward (28.97 ms); T=131072: 152.10 ms (scoring 46.76; torch.topk path 294.69).
 benchmarks/ab_score_emission.py (call 5): the head sum added straight into acc against a separate
 head-sum tile: scoring 3.01-3.08 against 3.05-3.10 ms, ~1% (A B A B at three configs).
+Session 12's call 6 timed select before the NaN-score flag (CHECK) joined checked calls. Session 13,
+with it (call 4: select 11.07, unchecked 9.28, scoring 3.04 ms; T=131072 166.58 / 149.63; call 5,
+after the flag became a per-row max and atomic: select 11.67, unchecked 9.30 = 0.390x / 0.317x the
+SDPA forward). The flag's own cost, one process: benchmarks/ab_nan_flag.py (scoring 3.50 against
+3.06-3.09 ms without it); the rest of the checked call's extra is the host sync.
 
 --check (default) first compares the compiled kernel with the float64 reference
 at T=512 (scores within the bf16 tolerance, selection optimal within it).
