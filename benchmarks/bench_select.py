@@ -27,8 +27,8 @@ benchmarks/ab_score_emission.py (call 5): the head sum added straight into acc a
 head-sum tile: scoring 3.01-3.08 against 3.05-3.10 ms, ~1% (A B A B at three configs).
 Session 12's call 6 timed select before the NaN-score flag (CHECK) joined checked calls. Session 13,
 with it (call 4: select 11.07, unchecked 9.28, scoring 3.04 ms; T=131072 166.58 / 149.63; call 5,
-after the flag became a per-row max and atomic: select 11.67, unchecked 9.30 = 0.390x / 0.317x the
-SDPA forward). The flag's own cost, one process: benchmarks/ab_nan_flag.py (scoring 3.50 against
+after the flag became a per-row max and atomic: select 11.67, unchecked 9.30 = 0.390x / 0.311x the
+SDPA forward, 29.90 ms). The flag's own cost, one process: benchmarks/ab_nan_flag.py (scoring 3.50 against
 3.06-3.09 ms without it); the rest of the checked call's extra is the host sync.
 
 --check (default) first compares the compiled kernel with the float64 reference
