@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import unifattn as ua
-from unifattn.hybrid import HybridLM, HybridStack
+from unifattn.hybrid import DenseAttention, HybridLM, HybridStack
 from unifattn.layers import LinearAttention, SparseAttention
 from unifattn.testing import assert_close
 
@@ -46,6 +46,22 @@ def test_linear_params_satisfy_checker():
             assert bool((x <= 0).all()) if cond == "<= 0" else bool(((x > 0) & (x <= 1)).all()), (name, inp)
     gamma = LinearAttention(D_MODEL, 2, 8, ua.rules.retnet).rule_inputs(_x(T=1).cpu())[3]["gamma"]
     assert torch.allclose(gamma.double(), 1 - 2.0 ** (-5 - torch.arange(2.0, dtype=torch.float64)), atol=1e-6)
+
+
+def test_linear_gates_keep_precision_in_bf16_and_fp64():
+    """Gates and Params are mapped in fp32 at least: a bf16 layer keeps RetNet's slow decays below 1 (they
+    rounded to 1), and a float64 layer, a reference, maps its log-gates and Params in float64."""
+    x = _x(T=3).cpu()
+    retnet = LinearAttention(D_MODEL, 8, 4, ua.rules.retnet).bfloat16()
+    gamma = retnet.rule_inputs(x.bfloat16())[3]["gamma"].double()
+    assert torch.allclose(1 - gamma, 2.0 ** (-5 - torch.arange(8.0, dtype=torch.float64)), rtol=2e-2), gamma
+    torch.manual_seed(10)
+    kda = LinearAttention(D_MODEL, 2, 8, ua.rules.kda).double()
+    g = kda.rule_inputs(x.double())[3]["g"]
+    assert g.dtype == torch.float64
+    z = kda.input_proj["g"](x.double()).view(g.shape)
+    assert torch.allclose(g, torch.nn.functional.logsigmoid(z) / 16, rtol=1e-13, atol=0)
+    assert LinearAttention(D_MODEL, 2, 8, ua.rules.retnet, dtype=torch.float64).params["gamma"].dtype == torch.float64
 
 
 def test_linear_varlen_equals_separate_sequences():
@@ -215,11 +231,83 @@ def _cubic_rule():
     (lambda: SparseAttention(D_MODEL, 4, 2, 512), ValueError, "at most 256"),
     (lambda: HybridStack("LLX", D_MODEL, 2), ValueError, "pattern: expected"),
     (lambda: HybridStack("LS", D_MODEL, 3), ValueError, "divisible by num_heads=3"),
+    (lambda: HybridStack("A", D_MODEL, 2, mlp_hidden=0), ValueError, "mlp_hidden: expected a positive int"),
+    (lambda: HybridStack("SA", D_MODEL, 2, linear_form="fast"), ValueError, "linear_form: expected one of"),
 ])
 def test_bad_arguments(make, exc, match):
     with pytest.raises(exc, match=match) as e:
         make()
     assert "Fix:" in str(e.value)
+
+
+def _lin():
+    return LinearAttention(D_MODEL, 2, 8, ua.rules.retnet, form="reference")
+
+
+def _sparse():
+    return SparseAttention(D_MODEL, 2, 1, 8, topk=4, index_heads=2, index_dim=8)
+
+
+_X16, _X64 = torch.zeros(1, 3, 16), torch.zeros(1, 3, D_MODEL, dtype=torch.float64)
+_DTYPE = "expected the dtype of the layer's weights"
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: HybridStack("A", D_MODEL, 2)(_X16), ValueError, r"x: expected \[B, T, d_model=32\]"),
+    (lambda: HybridStack("A", D_MODEL, 2)([[0.0] * D_MODEL]), TypeError, "x: expected a torch.Tensor"),
+    (lambda: HybridStack("A", D_MODEL, 2)(_X64.float(), linear_form="fast"), ValueError, "linear_form: expected one"),
+    (lambda: _sparse().indexer_loss(_X16), ValueError, r"x: expected \[B, T, d_model=32\]"),
+    (lambda: _lin()(_X64), TypeError, "x: " + _DTYPE),
+    (lambda: _lin().step(_X64[:, 0]), TypeError, "x_t: " + _DTYPE),
+    (lambda: _sparse()(_X64), TypeError, "x: " + _DTYPE),
+    (lambda: DenseAttention(D_MODEL, 2, 1, 8)(_X64), TypeError, "x: " + _DTYPE),
+    (lambda: HybridStack("A", D_MODEL, 2)(_X64), TypeError, "x: " + _DTYPE),
+])
+def test_bad_hidden_states(call, exc, match):
+    """Wrong hidden states raise the project's errors, not torch's shape or dtype errors from inside."""
+    with pytest.raises(exc, match=match) as e:
+        call()
+    assert "Fix:" in str(e.value)
+
+
+def test_autocast_mixed_dtypes_allowed():
+    with torch.autocast("cpu", dtype=torch.bfloat16):         # autocast casts for the projections
+        assert DenseAttention(D_MODEL, 2, 1, 8)(_X64.bfloat16()).shape == (1, 3, D_MODEL)
+
+
+def test_empty_batch_and_sequence():
+    """B = 0 or T = 0 gives an empty output of the right shape (an -1 in a reshape cannot be inferred there)."""
+    torch.manual_seed(9)
+    sparse = SparseAttention(D_MODEL, 2, 1, 8, topk=4, index_heads=2, index_dim=8).to(DEVICE)
+    dense = DenseAttention(D_MODEL, 2, 1, 8).to(DEVICE)
+    lm = HybridLM(11, "LSA", D_MODEL, 2, num_kv_heads=1, linear_form="reference", topk=4, index_heads=2,
+                  index_dim=8).to(DEVICE)
+    with torch.no_grad():
+        for B, T in ((0, 5), (2, 0)):
+            x = torch.randn(B, T, D_MODEL, device=DEVICE)
+            assert sparse(x).shape == (B, T, D_MODEL)
+            assert dense(x).shape == (B, T, D_MODEL)
+            assert lm(torch.zeros(B, T, dtype=torch.long, device=DEVICE)).shape == (B, T, 11)
+        x = torch.randn(1, 0, D_MODEL, device=DEVICE)
+        assert dense(x, cu_seqlens=torch.tensor([0, 0], device=DEVICE)).shape == (1, 0, D_MODEL)
+
+
+def test_linear_params_init_under_meta_device():
+    """Deferred init (FSDP): build under torch.device("meta"), materialize, reset -> the documented Params."""
+    with torch.device("meta"):
+        lm = HybridLM(11, "LA", D_MODEL, 2, linear_rule=ua.rules.retnet)
+        mamba = LinearAttention(D_MODEL, 2, 8, ua.rules.mamba2, num_v_heads=4)
+    assert lm.stack.blocks[0].mixer.params["gamma"].is_meta
+    lm.to_empty(device="cpu")
+    mamba.to_empty(device="cpu")
+    for m in list(lm.modules()) + list(mamba.modules()):
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    gamma = torch.sigmoid(lm.stack.blocks[0].mixer.params["gamma"].detach().double())
+    assert torch.allclose(gamma, 1 - 2.0 ** (-5 - torch.arange(2.0, dtype=torch.float64)), atol=1e-6)
+    A = mamba.params["A_log"].detach().exp()
+    dt = torch.nn.functional.softplus(mamba.params["dt_bias"].detach())
+    assert bool(((A >= 1) & (A <= 16)).all()) and bool(((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all())
 
 
 DDP_STEPS = """

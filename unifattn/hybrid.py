@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unifattn import validate
-from unifattn.layers import LinearAttention, SparseAttention, _positive_int
+from unifattn import ops, validate
+from unifattn.layers import LinearAttention, SparseAttention, _check_hidden, _positive_int
 
 __all__ = ["DenseAttention", "SwiGLU", "HybridBlock", "HybridStack", "HybridLM", "MIXERS"]
 
@@ -59,10 +59,7 @@ class DenseAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, d_model, bias=bias, **kw)
 
     def forward(self, x: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        validate.check_tensor("x", x)
-        if x.dim() != 3 or x.shape[-1] != self.q_proj.in_features:
-            validate.fail("x", f"[B, T, d_model={self.q_proj.in_features}]", f"{tuple(x.shape)}",
-                          "pass hidden states [B, T, D]")
+        _check_hidden(x, self.q_proj.in_features, self.q_proj.weight)
         B, T, _ = x.shape
         if cu_seqlens is not None:
             validate.seqlens(cu_seqlens, B, T)
@@ -82,7 +79,7 @@ class DenseAttention(nn.Module):
             t = torch.arange(T, device=x.device)
             mask = (seq[:, None] == seq[None, :]) & (t[None, :] <= t[:, None])
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))   # not -1: B*T may be 0
 
 
 class SwiGLU(nn.Module):
@@ -153,6 +150,8 @@ class HybridStack(nn.Module):
                           "e.g. pattern='LLLS' * 6")
         _positive_int("d_model", d_model)
         _positive_int("num_heads", num_heads)
+        _positive_int("mlp_hidden", mlp_hidden, allow_none=True)
+        _check_linear_form(linear_form)
         if head_dim is None:
             if d_model % num_heads:
                 validate.fail("head_dim", f"given, or d_model={d_model} divisible by num_heads={num_heads}",
@@ -161,9 +160,9 @@ class HybridStack(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         linear_rule = rules.kda if linear_rule is None else linear_rule
         selector = rules.lightning_indexer if selector is None else selector
-        mlp_hidden = mlp_hidden or -(-(8 * d_model // 3) // 8) * 8
+        mlp_hidden = -(-(8 * d_model // 3) // 8) * 8 if mlp_hidden is None else mlp_hidden
         kw = dict(device=device, dtype=dtype)
-        self.pattern, self.linear_form = pattern, linear_form
+        self.pattern, self.linear_form, self.d_model = pattern, linear_form, d_model
         blocks = []
         for kind in pattern:
             if kind == "L":
@@ -181,12 +180,22 @@ class HybridStack(nn.Module):
                 return_indexer_loss: bool = False):
         """y [B, T, d_model]; with return_indexer_loss also the sum of the sparse layers' indexer
         losses (a scalar, 0 when there is none) to add to the training loss."""
+        _check_hidden(x, self.d_model)           # dtype: checked by each mixer (norms may be kept in fp32)
+        if linear_form is not None:
+            _check_linear_form(linear_form)
         aux = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             x, a = block(x, cu_seqlens=cu_seqlens, linear_form=linear_form, return_indexer_loss=return_indexer_loss)
             if a is not None:
                 aux = aux + a
         return (x, aux) if return_indexer_loss else x
+
+
+def _check_linear_form(form):
+    """Checked here too: a stack without 'L' layers would otherwise ignore a misspelled form."""
+    if form not in ops.FORMS:
+        validate.fail("linear_form", f"one of {ops.FORMS}", repr(form),
+                      "linear_form='reference' to train, 'chunk' for inference, 'recurrent' for decoding")
 
 
 class HybridLM(nn.Module):

@@ -17,7 +17,8 @@ LinearAttention, for a rule with state S [K, V] per value head:
                          raw beta          beta = sigmoid(x W_b + b)
                          anything else     x W + b (the rule does its own preprocessing)
     Params of the rule (per value head) as nn.Parameters, stored unconstrained and mapped
-    the same way (decay: sigmoid(raw), log-gate: -softplus(raw)).
+    the same way (decay: sigmoid(raw), log-gate: -softplus(raw)). Params are float32 (float64
+    in a float64 layer), and gates and Params are mapped in float32 at least, whatever x's dtype.
     o = ops.linear_attention(rule, q, k, v, **inputs, form=form)    [B, T, HV, V]
     y = (RMSNorm_V(o) * [sigmoid(x W_og)]) W_o
 
@@ -65,6 +66,24 @@ def _positive_int(name: str, x, *, allow_none=False):
         validate.fail(name, "a positive int", repr(x), f"pass {name} >= 1")
 
 
+def _check_hidden(x, d_model: int, weight: torch.Tensor | None = None, name: str = "x"):
+    """x [B, T, d_model]; with weight, also in the dtype of that projection weight (see _check_dtype)."""
+    validate.check_tensor(name, x)
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        validate.fail(name, f"[B, T, d_model={d_model}]", f"{tuple(x.shape)}", "pass hidden states [B, T, D]")
+    if weight is not None:
+        _check_dtype(name, x, weight)
+
+
+def _check_dtype(name: str, x: torch.Tensor, weight: torch.Tensor):
+    """The dtype F.linear would refuse, said the project's way. Not checked under autocast (it casts) or
+    against other than plain float weights (quantized projections, int8 or float8, take other inputs)."""
+    if x.dtype != weight.dtype and weight.dtype in validate.FLOATS and not torch.is_autocast_enabled(x.device.type):
+        validate.fail(name, f"the dtype of the layer's weights ({weight.dtype})", str(x.dtype),
+                      f"cast with {name}.to({weight.dtype}), convert the layer with .to({x.dtype}), or run under "
+                      "torch.autocast", TypeError)
+
+
 def _inv_softplus(y: torch.Tensor) -> torch.Tensor:
     """x with softplus(x) = y (y > 0), stable for large y."""
     return y + torch.log(-torch.expm1(-y))
@@ -81,20 +100,30 @@ def _decay(z: torch.Tensor, normalizer: float) -> torch.Tensor:
     return torch.exp(F.logsigmoid(z) / normalizer)                         # in (0, 1]
 
 
+def _fp32_at_least(z: torch.Tensor) -> torch.Tensor:
+    """Gates are mapped in float32 or float64: in bf16 a decay of 1 - 2^-9 rounds to 1 (no decay at all),
+    and a float64 layer (a reference) must not drop to float32 here."""
+    return z if z.dtype == torch.float64 else z.float()
+
+
 def _default_param_value(name: str, cond: str | None, shape, HV: int) -> torch.Tensor:
-    """The value the op sees at init, per value head (float32, shape [HV, *dims])."""
-    per_head = 1 - 2.0 ** (-5.0 - torch.arange(HV, dtype=torch.float64))    # RetNet's multi-scale decays
+    """The value the op sees at init, per value head (float64 on the CPU, shape [HV, *dims]).
+
+    On the CPU whatever the default device: under `with torch.device("meta")` (FSDP's deferred
+    init) the checks below read values, which meta tensors do not have."""
+    cpu = dict(dtype=torch.float64, device="cpu")
+    per_head = 1 - 2.0 ** (-5.0 - torch.arange(HV, **cpu))                 # RetNet's multi-scale decays
     per_head = per_head.reshape((HV,) + (1,) * (len(shape) - 1)).expand(shape)
     if cond == "in (0, 1]":
         return per_head.clone()
     if cond == "<= 0":
         return torch.log(per_head)
     if name == "A_log":                                                    # Mamba2: A ~ U[1, 16]
-        return torch.log(torch.empty(shape, dtype=torch.float64).uniform_(1, 16))
+        return torch.log(torch.empty(shape, **cpu).uniform_(1, 16))
     if name == "dt_bias":                                                  # Mamba2: dt log-uniform [1e-3, 1e-1]
-        dt = torch.exp(torch.empty(shape, dtype=torch.float64).uniform_(math.log(1e-3), math.log(1e-1)))
+        dt = torch.exp(torch.empty(shape, **cpu).uniform_(math.log(1e-3), math.log(1e-1)))
         return _inv_softplus(dt)
-    return torch.zeros(shape, dtype=torch.float64)
+    return torch.zeros(shape, **cpu)
 
 
 class _ParamMap:
@@ -194,13 +223,14 @@ class LinearAttention(nn.Module):
         self.params = nn.ParameterDict()
         self._param_maps: dict[str, _ParamMap] = {}
         self._param_init = dict(param_init or {})
+        param_dtype = torch.float64 if dtype == torch.float64 else torch.float32    # a bf16 layer keeps fp32 Params
         for s in rule.inputs:
             if s.name in ("q", "k", "v"):
                 continue
             tail = tuple(dims[d] for d in s.shape)
             if s.kind == "param":
                 self._param_maps[s.name] = _ParamMap(conds.get(s.name))
-                self.params[s.name] = nn.Parameter(torch.empty((HV,) + tail, device=device, dtype=torch.float32))
+                self.params[s.name] = nn.Parameter(torch.empty((HV,) + tail, device=device, dtype=param_dtype))
                 continue
             if conds.get(s.name) == "<= 0":
                 how = "log_gate"
@@ -247,7 +277,7 @@ class LinearAttention(nn.Module):
                 value = _default_param_value(name, self._param_maps[name].cond, tuple(raw.shape), self.num_v_heads)
             else:
                 value = init(tuple(raw.shape)) if callable(init) else init
-                value = torch.as_tensor(value, dtype=torch.float64)
+                value = torch.as_tensor(value, dtype=torch.float64, device="cpu")
                 if tuple(value.shape) != tuple(raw.shape):
                     validate.fail(f"param_init['{name}']", f"shape {list(raw.shape)} ([HV, *dims])",
                                   str(list(value.shape)), "give one value per value head")
@@ -288,14 +318,14 @@ class LinearAttention(nn.Module):
         for name, tail, how in self._token_inputs:
             z = self.input_proj[name](x).view((B, T, HV) + tail)
             if how == "log_gate":
-                z = _log_gate(z.float(), self.gate_normalizer)
+                z = _log_gate(_fp32_at_least(z), self.gate_normalizer)
             elif how == "decay":
-                z = _decay(z.float(), self.gate_normalizer)
+                z = _decay(_fp32_at_least(z), self.gate_normalizer)
             elif how == "sigmoid":
                 z = torch.sigmoid(z)
             inputs[name] = z
         for name, raw in self.params.items():
-            inputs[name] = self._param_maps[name].forward(raw)
+            inputs[name] = self._param_maps[name].forward(_fp32_at_least(raw))
         return q, k, v, inputs
 
     def _out(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -314,9 +344,7 @@ class LinearAttention(nn.Module):
         state: initial state [N, HV, K, V] (N = B, or len(cu_seqlens) - 1). form overrides the
         layer's form for this call. The generated forms raise under autograd (no backward yet).
         """
-        validate.check_tensor("x", x)
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            validate.fail("x", f"[B, T, d_model={self.d_model}]", f"{tuple(x.shape)}", "pass hidden states [B, T, D]")
+        _check_hidden(x, self.d_model, self.q_proj.weight)
         form = self.form if form is None else form
         if form != self.form:
             self._check_form(form, self.facts, self.rule)
@@ -346,6 +374,7 @@ class LinearAttention(nn.Module):
         if x.dim() != 3 or x.shape[1] != 1 or x.shape[-1] != self.d_model:
             validate.fail("x_t", f"one token [B, d_model={self.d_model}] or [B, 1, d_model]", f"{tuple(x_t.shape)}",
                           "pass x[:, t]; use forward for whole sequences")
+        _check_dtype("x_t", x, self.q_proj.weight)
         if state is None:
             state = self.init_state(x.shape[0], x.device)
         q, k, v, inputs = self.rule_inputs(x)
@@ -466,9 +495,7 @@ class SparseAttention(nn.Module):
                 return_indexer_loss: bool = False):
         """y [B, T, d_model]; with return_indices also the int32 indices [B, T, HKV, topk]; with
         return_indexer_loss also the indexer's distillation loss (sparse stage) as a scalar."""
-        validate.check_tensor("x", x)
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            validate.fail("x", f"[B, T, d_model={self.d_model}]", f"{tuple(x.shape)}", "pass hidden states [B, T, D]")
+        _check_hidden(x, self.d_model, self.q_proj.weight)
         if x.shape[1] == 0:                                     # no tokens: nothing to select or attend
             y = self.o_proj(x.new_zeros(x.shape[0], 0, self.o_proj.in_features))
             out = (y,)
@@ -486,7 +513,7 @@ class SparseAttention(nn.Module):
         idx = self.select(q, k, index, cu_seqlens)
         o = ops.sparse_attention(q, k, v, idx, block_size=self.selector.block_size, scale=self.scale,
                                  cu_seqlens=cu_seqlens, check_indices=self.check_indices)
-        y = self.o_proj(o.reshape(x.shape[0], x.shape[1], -1))
+        y = self.o_proj(o.reshape(x.shape[0], x.shape[1], self.num_heads * self.head_dim))   # not -1: B may be 0
         out = (y,)
         if return_indices:
             out += (idx,)
@@ -501,6 +528,7 @@ class SparseAttention(nn.Module):
         dense=False: over the keys the indexer selects (the sparse training stage); dense=True:
         over all causal keys (the warm-up stage). x is detached: the backbone gets no gradient.
         """
+        _check_hidden(x, self.d_model, self.q_proj.weight)
         x = x.detach()
         with torch.no_grad():
             q, k, _ = self.qkv(x)
