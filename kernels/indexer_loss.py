@@ -119,9 +119,20 @@ def _tiles(T, block_q):
     return [(t0, min(T, t0 + block_q)) for t0 in range(0, T, block_q)]
 
 
+def _fp32(device: torch.device):
+    """autocast off: the tiles are fp32 by design, and under autocast einsum would run in bf16/fp16 (a less
+    precise loss, and a backward whose index_add_ of a half source into fp32 gradients fails)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class LightningIndexerLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, qi, ki, w, indices, bos, scale, block_q):
+        with _fp32(q.device):
+            return LightningIndexerLoss._forward(ctx, q, k, qi, ki, w, indices, bos, scale, block_q)
+
+    @staticmethod
+    def _forward(ctx, q, k, qi, ki, w, indices, bos, scale, block_q):
         T = q.shape[1]
         total = torch.zeros((), dtype=torch.float64, device=q.device)
         rows = torch.zeros((), dtype=torch.int64, device=q.device)
@@ -138,6 +149,11 @@ class LightningIndexerLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        with _fp32(g.device):
+            return LightningIndexerLoss._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         q, k, qi, ki, w, indices, bos, rows = ctx.saved_tensors
         T = q.shape[1]
         dqi = torch.zeros(qi.shape, dtype=torch.float32, device=qi.device)

@@ -112,6 +112,23 @@ def test_bf16_inputs():
     check(1, 30, 4, 2, 16, 4, 16, dtype=torch.bfloat16, block_q=16)
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_autocast_changes_nothing(sparse):
+    # the loss is fp32 by design: under autocast einsum ran in bf16 (a less precise loss) and the
+    # backward's index_add_ of a bf16 source into the fp32 dki raised
+    q, k, qi, ki, w = (x.float() for x in make_inputs(1, 20, 4, 2, 16, 4, 8, seed=5))
+    idx = random_lists(1, 20, 6, seed=5) if sparse else None
+    got = []
+    for on in (False, True):
+        xs = [x.clone().requires_grad_() for x in (qi, ki, w)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            loss = lightning_indexer_loss(q, k, *xs, indices=idx)
+            loss.backward()
+        got.append([loss.detach()] + [x.grad for x in xs])
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+
+
 def test_loss_is_zero_when_indexer_matches_and_positive_otherwise():
     # a single key per row makes both distributions one-hot: KL = 0
     q, k, qi, ki, w = (x.float() for x in make_inputs(1, 12, 2, 1, 8, 2, 4))

@@ -246,6 +246,7 @@ def test_empty_sequence(name):
     o, S = run(name, q, k, v, ex, initial_state=S0, output_final_state=True)
     assert o.shape == (2, 0, 2, V) and o.dtype == DT
     assert torch.equal(S, S0)
+    assert S.data_ptr() != S0.data_ptr()          # a new tensor: an in-place step on S must not touch S0
     o, S = run(name, q, k, v, ex, output_final_state=True)
     assert o.shape == (2, 0, 2, V)
     assert torch.equal(S, torch.zeros(2, 2, K, V, dtype=DT))

@@ -86,6 +86,8 @@ def _reference(r, q, k, v, inputs, d, scale, initial_state, output_final_state, 
             os_.append(o_i)
             Ss.append(S_i)
         o, S = torch.cat(os_, 1), torch.cat(Ss, 0)
+    if S is initial_state:            # T = 0 hands S0 back: the caller's tensor must not be the final state
+        S = S.clone()
     o = (o * scale).to(v.dtype)
     return o, (S if output_final_state else None)
 
