@@ -30,6 +30,7 @@ CLASSES = ("identity", "scalar", "diagonal", "delta", "scalar_delta", "diagonal_
 CHUNK_CLASSES = ("identity", "scalar", "diagonal", "delta", "scalar_delta", "diagonal_delta", "dplr")
 GATE_OF = {"identity": "none", "scalar": "scalar", "diagonal": "diagonal", "delta": "none",
            "scalar_delta": "scalar", "diagonal_delta": "diagonal"}
+MAX_STATE_DEPTH = 250           # operations on the state in a row that the checker walks (recursively)
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,32 @@ _CACHE: "weakref.WeakKeyDictionary[Rule, Facts]" = weakref.WeakKeyDictionary()
 
 def check(r: Rule) -> Facts:
     """Facts of a rule, computed once per rule object."""
+    if not isinstance(r, Rule):
+        raise TypeError(f"check: expected a rule declared with @unifattn.dsl.rule; got {type(r).__name__} "
+                        "(selectors are checked when declared). Fix: pass a rule, e.g. check(unifattn.rules.kda)")
     facts = _CACHE.get(r)
     if facts is None:
-        facts = _CACHE[r] = _check(r)
+        deep = _state_depth(r)
+        if deep <= MAX_STATE_DEPTH:
+            try:
+                facts = _CACHE[r] = _check(r)
+            except RecursionError:      # the structural walk (linearize) and sympy recurse on depth
+                pass
+        if facts is None:
+            raise RuleError(r.name, r.where, f"an update of the state at most {MAX_STATE_DEPTH} operations deep "
+                            "(the checker walks it recursively)", f"one {deep} operations deep",
+                            "apply fewer steps per token, or fold repeated steps into one (0.9 ** n * S for n "
+                            "decays)")
     return facts
+
+
+def _state_depth(r: Rule) -> int:
+    """Longest chain of operations on the state in the update and the read-out."""
+    memo: dict[int, int] = {}
+    for n in ir.walk([r.new_state, r.output]):
+        below = [memo[id(a)] for a in n.args if memo[id(a)]]
+        memo[id(n)] = 1 if n.op == "state" else 1 + max(below) if below else 0
+    return max(memo[id(r.new_state)], memo[id(r.output)])
 
 
 def _check(r: Rule) -> Facts:
@@ -79,10 +102,14 @@ def _check(r: Rule) -> Facts:
     env = symbolic.instance_env(r.inputs, dims)
     S = sp.Matrix(3, 2, lambda i, j: sp.Symbol(f"S{i}{j}", real=True))
     env["S"] = S
-    env["__opaque__"] = symbolic.opaque_statements(r.statements, dims, ir.depends_on_state)
+    env["__opaque__"] = symbolic.opaque_values([r.new_state, r.output], r.statements, dims)
     memo: dict = dict(env["__opaque__"])
-    S_new = symbolic.evaluate(r.new_state, env, memo)
-    o = symbolic.evaluate(r.output, env, memo)
+    try:
+        S_new = symbolic.evaluate(r.new_state, env, memo)
+        o = symbolic.evaluate(r.output, env, memo)
+    except symbolic.Undefined as e:
+        raise RuleError(r.name, f"{r.file}:{e.node.line or r.line}", "values defined for every input", e.why,
+                        "remove that division / log, or add a positive term to what is 0") from None
     proofs = []
 
     # -- (2a) affine with a key-side, column-shared transition (sympy, independent of linearize).
@@ -143,7 +170,10 @@ def _check(r: Rule) -> Facts:
     # -- (2b) the class template rebuilt from the facts equals the rule (A, B, read-out)
     A_rule = sp.Matrix(3, 3, lambda i, kk: sp.diff(S_new[i, 0], S[kk, 0]))
     B_rule = S_new.subs({s: 0 for s in s_syms})
-    A_t, B_t = _template(cls, facts, env)
+    try:
+        A_t, B_t = _template(cls, facts, env)
+    except symbolic.Undefined:          # e.g. the log of a decay that is identically 0
+        A_t = None
     if not isinstance(A_t, sp.MatrixBase):   # (no .has() walk: nested reuse makes the trees exponential)
         # e.g. S = 0 * S + ...: the decay is identically 0, its log-gate -oo; no chunk template holds it
         return _recurrent_only(r, f"its transition has no finite '{cls}' log-gate (a decay "
@@ -180,12 +210,13 @@ def _numeric_affine(r: Rule, env: dict, rng: random.Random) -> tuple[bool, bool]
 
     An affine map f satisfies f(S1 + S2) + f(0) = f(S1) + f(S2) and f(2 S1) + f(0) = 2 f(S1); a map
     acting on the key side only has f(E_kl) - f(0) zero outside column l, and equal in every column.
+    A map undefined at one of these points (S' = k v^T / S at S = 0) is not affine.
     """
     def rand():
         return sp.Float(rng.uniform(-1.5, 1.5), 40)
 
     def zero(M) -> bool:
-        return all(abs(sp.N(x, 40)) < 1e-25 for x in M)
+        return all((y := sp.N(x, 40)).is_finite and abs(y) < 1e-25 for x in M)
     vals = {}
     for name, x in env.items():
         if name == "S" or name.startswith("__"):
@@ -194,18 +225,21 @@ def _numeric_affine(r: Rule, env: dict, rng: random.Random) -> tuple[bool, bool]
 
     def f(Sv):
         return symbolic.evaluate(r.new_state, {**vals, "S": Sv})
-    Z = sp.zeros(3, 2)
+    Z = sp.zeros(3, 2).applyfunc(lambda x: sp.Float(x, 40))   # Floats: activations evaluate, never nest
     S1, S2 = (sp.Matrix(3, 2, lambda i, j: rand()) for _ in range(2))
-    f0 = f(Z)
-    affine = zero(f(S1 + S2) + f0 - f(S1) - f(S2)) and zero(f(2 * S1) + f0 - 2 * f(S1))
-    if not affine:
+    try:
+        f0 = f(Z)
+        affine = zero(f(S1 + S2) + f0 - f(S1) - f(S2)) and zero(f(2 * S1) + f0 - 2 * f(S1))
+        if not affine:
+            return False, False
+        cols = {}
+        for kk in range(3):
+            for l in range(2):
+                E = Z.copy()
+                E[kk, l] = sp.Float(1, 40)
+                cols[kk, l] = f(E) - f0
+    except ZeroDivisionError:
         return False, False
-    cols = {}
-    for kk in range(3):
-        for l in range(2):
-            E = sp.zeros(3, 2)
-            E[kk, l] = 1
-            cols[kk, l] = f(E) - f0
     shared = zero([cols[kk, l][i, j] for (kk, l) in cols for i in range(3) for j in range(2) if j != l]) and \
         zero([cols[kk, 0][i, 0] - cols[kk, 1][i, 1] for kk in range(3) for i in range(3)])
     return True, bool(shared)

@@ -17,6 +17,7 @@ Ops
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 L2NORM_EPS = 1e-6
 
@@ -51,8 +52,9 @@ class Statement:
     source: str
 
 
-def walk(roots) -> list[Node]:
-    """Nodes reachable from roots, children before parents, each once."""
+def walk(roots, skip=()) -> list[Node]:
+    """Nodes reachable from roots, children before parents, each once; the nodes whose id is in skip
+    are left out, with what is reachable only through them."""
     seen: dict[int, Node] = {}
     order: list[Node] = []
     stack = [(r, False) for r in reversed(list(roots))]
@@ -63,7 +65,7 @@ def walk(roots) -> list[Node]:
                 seen[id(n)] = n
                 order.append(n)
             continue
-        if id(n) in seen:
+        if id(n) in seen or id(n) in skip:
             continue
         stack.append((n, True))
         for a in reversed(n.args):
@@ -81,32 +83,46 @@ def depends_on_state(node: Node) -> bool:
     return any(n.op == "state" for n in walk([node]))
 
 
-def to_text(node: Node, names: dict[int, str] | None = None) -> str:
+def to_text(node: Node, names: dict[int, str] | None = None, limit: int | None = 1000) -> str:
     """Canonical one-line text of an expression (used for hashing and messages).
 
     names maps id(node) -> a name to print instead of the node's expression (earlier statements),
     which keeps the text linear in the rule's size even when values are reused many times.
+    limit cuts every (sub)expression's text to that many characters and '...' (messages; None for
+    the canonical text, which names the reused values instead, see shared()).
     """
     names = names or {}
-
-    def go(n: Node) -> str:
-        if id(n) in names:
-            return names[id(n)]
+    text = dict(names)
+    sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}
+    for n in walk([node], skip=names):           # children first, no recursion: deep rules print too
+        args = [text[id(a)] for a in n.args]
         if n.op in ("input", "param"):
-            return n.name
-        if n.op == "state":
-            return "S"
-        if n.op == "const":
-            return repr(float(n.value))
-        if n.op == "pow":
-            return f"pow({go(n.args[0])}, {float(n.value)!r})"
-        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "matmul": "@"}
-        if n.op in sym:
-            return f"({go(n.args[0])} {sym[n.op]} {go(n.args[1])})"
-        if n.op == "transpose":
-            return f"{go(n.args[0])}.T"
-        return f"{n.op}({', '.join(go(a) for a in n.args)})"
-    return go(node)
+            out = n.name
+        elif n.op == "state":
+            out = "S"
+        elif n.op == "const":
+            out = repr(float(n.value))
+        elif n.op == "pow":
+            out = f"pow({args[0]}, {float(n.value)!r})"
+        elif n.op in sym:
+            out = f"({args[0]} {sym[n.op]} {args[1]})"
+        elif n.op == "transpose":
+            out = f"{args[0]}.T"
+        else:
+            out = f"{n.op}({', '.join(args)})"
+        text[id(n)] = out if limit is None or len(out) <= limit else out[:limit] + "..."
+    return text[id(node)]
+
+
+def shared(roots) -> set[int]:
+    """ids of the non-leaf nodes under roots that more than one node reads: printing each once, by a
+    name, keeps a rule's text linear in its size (a helper that reuses a value n times nested would
+    print 2^n copies)."""
+    readers: dict[int, int] = {}
+    for n in walk(roots):
+        for a in {id(a): a for a in n.args}.values():
+            readers[id(a)] = readers.get(id(a), 0) + (a.op not in LEAVES)
+    return {i for i, c in readers.items() if c > 1}
 
 
 # ---------------------------------------------------------------- constructors
@@ -129,19 +145,27 @@ def broadcast(a: Node, b: Node) -> tuple[str, ...] | None:
     return None
 
 
+def _fold(op: str, x: float, y: float) -> float | None:
+    """x op y where float arithmetic is exact, else None: 0.9 * 0.9 stays a product, so the checker's
+    exact arithmetic sees the rule's own numbers on both sides of every proof."""
+    if op == "div" and y == 0:
+        return None
+    fx, fy = Fraction(x), Fraction(y)
+    exact = fx + fy if op == "add" else fx - fy if op == "sub" else fx * fy if op == "mul" else fx / fy
+    try:
+        out = float(exact)
+    except OverflowError:
+        return None
+    return out if Fraction(out) == exact else None
+
+
 def binary(op: str, a: Node, b: Node, line: int = 0) -> Node:
     shape = broadcast(a, b)
     assert shape is not None, (op, a.shape, b.shape)
     if is_const(a) and is_const(b) and a.shape == b.shape == ():
-        x, y = a.value, b.value
-        if op == "add":
-            return const(x + y, line)
-        if op == "sub":
-            return const(x - y, line)
-        if op == "mul":
-            return const(x * y, line)
-        if op == "div" and y != 0:
-            return const(x / y, line)
+        folded = _fold(op, a.value, b.value)
+        if folded is not None:
+            return const(folded, line)
     if op == "add":
         if is_const(a, 0.0) and b.shape == shape:
             return b

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
+import numbers
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -40,6 +42,10 @@ class InputType:
         if self.kind == "token" and not self.shape:
             return "Scalar"
         return f"{base}[{', '.join(map(repr, self.shape))}]" if self.shape else base
+
+    def __getitem__(self, dim):
+        raise TypeError(f"{self!r} takes no further dimension; got {self!r}[{dim!r}]. "
+                        f"Fix: Vec[{dim!r}] for a per-token vector, Param[{dim!r}] for a per-head one")
 
 
 class _VecMeta(type):
@@ -109,11 +115,24 @@ def _fmt(shape) -> str:
     return "scalar" if not shape else ("vector[" + shape[0] + "]" if len(shape) == 1 else f"matrix[{shape[0]}, {shape[1]}]")
 
 
+def _number(x) -> float:
+    """A Python / numpy number as a finite float (the kernels compute in float32 / float64)."""
+    try:
+        value = float(x)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        text = repr(x)
+        _fail("a finite number", text if len(text) < 30 else text[:24] + "...", "use a finite constant; pass a value "
+              "that can be huge as an input")
+    return value
+
+
 def _lift(x) -> "Sym":
     if isinstance(x, Sym):
         return x
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return Sym(ir.const(x, _line()))
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return Sym(ir.const(_number(x), _line()))
     _fail("a rule value, an input or a number", f"{type(x).__name__} {x!r}",
           "use only the rule's inputs, the state, numbers and unifattn.dsl primitives")
 
@@ -134,6 +153,9 @@ class Sym:
                   f"{_fmt(a.node.shape)} {sym} {_fmt(b.node.shape)}",
                   "check the dimensions; use outer(a, b) for a matrix from two vectors, "
                   "'@' for a product, diag(x) for a diagonal matrix")
+        if op == "div" and ir.is_const(b.node, 0.0):
+            _fail("a divisor other than the constant 0", f"{_fmt(a.node.shape)} / 0",
+                  "remove the division, or divide by an expression that is not 0")
         return Sym(ir.binary(op, a.node, b.node, _line()))
 
     def __add__(self, o): return self._bin("add", o)
@@ -148,9 +170,13 @@ class Sym:
     def __pos__(self): return self
 
     def __pow__(self, e):
-        if not isinstance(e, (int, float)):
+        if not isinstance(e, numbers.Real) or isinstance(e, bool):
             _fail("a number as exponent", f"{type(e).__name__}", "write x ** 2 or sqrt(x); use exp/log for a symbolic power")
-        return Sym(ir.power(self.node, float(e), _line()))
+        return Sym(ir.power(self.node, _number(e), _line()))
+
+    def __rpow__(self, base):
+        _fail("a number as exponent (x ** 2)", f"{type(base).__name__} ** a traced value",
+              "write c ** x as exp(x * log(c))")
 
     def __matmul__(self, o):
         o = _lift(o)
@@ -170,6 +196,15 @@ class Sym:
     def __bool__(self):
         _fail("straight-line code (no if/while on traced values)", "a traced value used as a condition",
               "express choices with arithmetic (e.g. relu, sigmoid) instead of Python control flow")
+
+    def _compare(self, other):
+        # a rule is traced once for all values: `if g == 0:` would pick one branch for every token
+        _fail("arithmetic on traced values (no comparisons: the rule is traced once, for every value)",
+              "a traced value compared with ==, !=, <, <=, > or >=",
+              "express choices with arithmetic (e.g. relu, sigmoid) instead of comparisons")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _compare
+    __hash__ = object.__hash__
 
     def __repr__(self):
         return f"Sym({ir.to_text(self.node)}: {_fmt(self.node.shape)})"
@@ -252,15 +287,38 @@ class Rule:
         """Canonical text of the IR: same rule -> same text (cache keys, golden tests)."""
         lines = [f"rule {self.name} state={self.state_dims}"]
         lines += [f"input {i!r}" for i in self.inputs]
-        names: dict[int, str] = {}
-        for i, s in enumerate(self.statements):
-            if id(s.node) in names:                        # `x = y`: an alias, no new value
-                lines.append(f"%{i} {s.target} = {names[id(s.node)]}")
-                continue
-            lines.append(f"%{i} {s.target} = {ir.to_text(s.node, names)}")
-            names[id(s.node)] = f"%{i}"
-        lines += [f"return {ir.to_text(self.new_state, names)}, {ir.to_text(self.output, names)}"]
+        lines += ir_lines(self.statements, (self.new_state, self.output))
         return "\n".join(lines)
+
+
+def ir_lines(statements, results) -> list[str]:
+    """Canonical text of statements and results: `%i target = expression` lines, then `return a, b`.
+
+    Every value is printed once: earlier statements by their %i, values read more than once (a helper
+    that reuses a value) by `%tN = expression` lines before their first use; a rule whose reused
+    values are all statements has no %t lines.
+    """
+    reused = ir.shared([s.node for s in statements] + list(results))
+    names: dict[int, str] = {}
+    lines: list[str] = []
+
+    def name_reused(root):
+        for n in ir.walk([root], skip=names):
+            if id(n) in reused and n is not root:
+                name = f"%t{len(lines)}"
+                lines.append(f"{name} = {ir.to_text(n, names, None)}")
+                names[id(n)] = name
+    for i, s in enumerate(statements):
+        if id(s.node) in names:                            # `x = y`: an alias, no new value
+            lines.append(f"%{i} {s.target} = {names[id(s.node)]}")
+            continue
+        name_reused(s.node)
+        lines.append(f"%{i} {s.target} = {ir.to_text(s.node, names, None)}")
+        names[id(s.node)] = f"%{i}"
+    for r in results:
+        name_reused(r)
+    lines.append("return " + ", ".join(ir.to_text(r, names, None) for r in results))
+    return lines
 
 
 def _annotation(fn, name, ann):
@@ -283,10 +341,21 @@ def _where(fn) -> str:
     return f"{inspect.getsourcefile(fn) or '?'}:{fn.__code__.co_firstlineno}"
 
 
+# keyword arguments of unifattn.ops.linear_attention, and "S" (the state's name inside the reference and the
+# checker when the rule calls its state otherwise): no input may take these names (nor a __dunder__ name)
+RESERVED = ("S", "r", "scale", "initial_state", "output_final_state", "cu_seqlens", "form", "inplace_state", "tune",
+            "check_inputs")
+
+
 def rule(state=("K", "V")):
     """Declare an attention rule. The function is traced once, now."""
-    if len(state) != 2 or not all(isinstance(d, str) for d in state):
-        raise TypeError(f"rule(state=...) takes two dimension names like ('K', 'V'); got {state!r}")
+    if callable(state):
+        raise TypeError(f"rule: expected @rule(state=('K', 'V')), a decorator with arguments; got @rule on "
+                        f"{getattr(state, '__name__', state)!r}. Fix: write @rule(state=('K', 'V'))")
+    if not (isinstance(state, (tuple, list)) and len(state) == 2
+            and all(isinstance(d, str) and d.isidentifier() for d in state) and state[0] != state[1]):
+        raise TypeError(f"rule(state=...) takes two dimension names (two different identifiers) like ('K', 'V'); "
+                        f"got {state!r}. Fix: state=('K', 'V') names the key and the value dimension")
 
     def deco(fn):
         return trace(fn, tuple(state))
@@ -327,6 +396,10 @@ def run_traced(fn, args: tuple, kwargs: dict, known: list[str], importable_from:
         line = _tb_line(e, fn.__code__)
         raise RuleError(name, f"{file}:{line}", "DSL operations on traced values", f"{type(e).__name__}: {e}",
                         "use +, -, *, /, @, .T and the primitives of " + importable_from) from None
+    except Exception as e:  # noqa: BLE001 - the user's own code failed (1 / 0, a KeyError in a helper...)
+        line = _tb_line(e, fn.__code__)
+        raise RuleError(name, f"{file}:{line}", "the body to run once on traced values", f"{type(e).__name__}: {e}",
+                        "fix the Python error at this line (the traceback above shows where it began)") from e
     finally:
         sys.settrace(old)
         _T.code = None
@@ -338,14 +411,48 @@ def statements_of(recorder: "_Recorder", src_lines: list[str], first: int) -> tu
                  for t, n, ln in recorder.statements)
 
 
+def require_def(fn, what: str):
+    """A rule or selector is a plain `def` function: its annotations type the inputs, its source gives lines."""
+    if not inspect.isfunction(fn) or fn.__name__ == "<lambda>":
+        raise TypeError(f"{what}: expected a function defined with `def`, its inputs annotated; got {fn!r}. "
+                        "Fix: decorate a `def` (a lambda cannot annotate its inputs)")
+
+
+def check_params(fn, params, reserved: tuple, op: str, where: str):
+    """No *args / **kwargs, and no input named like a keyword of the op or an internal name."""
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            star = "*" if p.kind == p.VAR_POSITIONAL else "**"
+            raise RuleError(fn.__name__, where, "named inputs", f"{star}{p.name}", "list every input by name")
+        if p.name in reserved or (p.name.startswith("__") and p.name.endswith("__")):
+            raise RuleError(fn.__name__, where, f"input names other than {reserved} and __dunder__ names "
+                            f"(keywords of {op}, and names used inside it)", f"an input named '{p.name}'",
+                            f"rename '{p.name}'")
+
+
+def _first_is_input(fn, p) -> bool:
+    """Does the first argument (the state) carry an input type, i.e. was the state left out?"""
+    ann = p.annotation
+    if isinstance(ann, str):
+        try:
+            ann = eval(ann, fn.__globals__, {"Vec": Vec, "Scalar": Scalar, "Param": Param})
+        except Exception:  # noqa: BLE001 - any other annotation on the state is left alone
+            return False
+    return isinstance(ann, InputType) or ann in (Vec, Param)
+
+
 def trace(fn, state_dims=("K", "V")) -> Rule:
+    require_def(fn, "rule")
     name = fn.__name__
     file, src_lines, first = source_of(fn)
     where = f"{file}:{first}"
     params = list(inspect.signature(fn).parameters.values())
-    if not params:
-        raise RuleError(name, where, "the state as first argument, then typed inputs", "no arguments",
+    if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD) \
+            or _first_is_input(fn, params[0]):
+        got = "no arguments" if not params else f"'{params[0]}' first"
+        raise RuleError(name, where, "the state as first argument (no annotation), then typed inputs", got,
                         "write `def my_rule(S, q: Vec['K'], k: Vec['K'], v: Vec['V']):`")
+    check_params(fn, params[1:], RESERVED, "unifattn.ops.linear_attention", where)
     specs = []
     for p in params[1:]:
         t = _annotation(fn, p.name, p.annotation)
@@ -368,12 +475,13 @@ def trace(fn, state_dims=("K", "V")) -> Rule:
     S = Sym(ir.Node("state", shape=tuple(state_dims)))
     args = {s.name: Sym(ir.Node("input" if s.kind == "token" else "param", shape=s.shape, name=s.name)) for s in specs}
 
+    positional = tuple(args.pop(p.name) for p in params[1:] if p.kind == p.POSITIONAL_ONLY)
     _T.rule, _T.code, _T.file, _T.first_line = name, fn.__code__, file, first
-    result, recorder = run_traced(fn, (S,), args, list(names) + list(PRIMITIVES) + ["S"], "unifattn.dsl")
+    result, recorder = run_traced(fn, (S,) + positional, args, list(names) + list(PRIMITIVES) + ["S"], "unifattn.dsl")
 
     last = first + len(src_lines) - 1
     if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(r, Sym) for r in result)):
-        got = "nothing (no return)" if result is None else f"{type(result).__name__}"
+        got = "nothing (no return)" if result is None else _describe(result)
         raise RuleError(name, f"{file}:{recorder.return_line or last}", "`return S, o` (new state, output)", got,
                         "end the rule with `return S, S.T @ q`")
     new_state, output = result[0].node, result[1].node
@@ -390,6 +498,14 @@ def trace(fn, state_dims=("K", "V")) -> Rule:
              file, first, src)
     _check_dataflow(r)
     return r
+
+
+def _describe(x) -> str:
+    if isinstance(x, Sym):
+        return _fmt(x.node.shape)
+    if isinstance(x, tuple):
+        return f"a tuple of {len(x)} ({', '.join(_describe(e) for e in x)})"
+    return type(x).__name__
 
 
 def _tb_line(e: BaseException, code) -> int:
@@ -437,33 +553,46 @@ def dataflow(r: Rule) -> nx.DiGraph:
     """Graph of inputs -> statements -> (state, output): which value feeds which."""
     g = nx.DiGraph()
     producers: dict[int, str] = {}
+
+    def link(node: ir.Node, target: str):
+        """Edges into target from what node reads: inputs, the state, and earlier statements' values (whose
+        own reads are linked to them already, so the walk stops there: linear in the rule's size)."""
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op in ("input", "param"):
+                g.add_edge(n.name, target)
+            elif n.op == "state":
+                g.add_edge("S", target)
+            elif id(n) in producers:
+                g.add_edge(producers[id(n)], target)
+                continue
+            stack.extend(n.args)
+
     for spec in r.inputs:
         g.add_node(spec.name, kind="input")
     g.add_node("S", kind="state")
     for i, s in enumerate(r.statements):
         sid = f"{s.target}@{s.line}#{i}"
         g.add_node(sid, kind="statement", line=s.line)
-        for n in ir.walk([s.node]):
-            if n.op in ("input", "param"):
-                g.add_edge(n.name, sid)
-            elif n.op == "state":
-                g.add_edge("S", sid)
-            elif id(n) in producers and n is not s.node:
-                g.add_edge(producers[id(n)], sid)
+        link(s.node, sid)
         producers[id(s.node)] = sid
     for out, node in (("new_state", r.new_state), ("output", r.output)):
         g.add_node(out, kind="result")
-        for n in ir.walk([node]):
-            if n.op in ("input", "param"):
-                g.add_edge(n.name, out)
-            elif n.op == "state":
-                g.add_edge("S", out)
-            elif id(n) in producers:
-                g.add_edge(producers[id(n)], out)
+        link(node, out)
     return g
 
 
 def _check_dataflow(r: Rule):
+    declared = {s.name for s in r.inputs}
+    for n in ir.walk([r.new_state, r.output]):
+        if n.op in ("input", "param") and n.name not in declared:   # a value kept from tracing another rule
+            raise RuleError(r.name, f"{r.file}:{n.line or r.line}", "values of this rule's own inputs",
+                            f"'{n.name}', an input of another rule or selector",
+                            f"add '{n.name}' to this rule's signature and use it from there")
     g = dataflow(r)
     live = nx.ancestors(g, "new_state") | nx.ancestors(g, "output")
     for spec in r.inputs:

@@ -45,8 +45,9 @@ from dataclasses import dataclass
 
 from . import ir
 from .errors import RuleError
-from .rule import (InputType, Scalar, Sym, Vec, _fail, _lift, _line, _T, exp, l2norm, log, logsigmoid, relu,
-                   run_traced, sigmoid, softplus, source_of, sqrt, statements_of, vsum)
+from .rule import (InputType, Scalar, Sym, Vec, _describe, _fail, _lift, _line, _T, check_params, exp, ir_lines,
+                   l2norm, log, logsigmoid, relu, require_def, run_traced, sigmoid, softplus, source_of, sqrt,
+                   statements_of, vsum)
 
 __all__ = ["selector", "Selector", "SelectorInput", "Heads", "Vec", "Scalar", "sum_heads", "relu", "exp", "log",
            "sqrt", "sigmoid", "softplus", "logsigmoid", "l2norm", "vsum", "block", "sink", "local", "Block",
@@ -62,6 +63,9 @@ class Block:
     """granularity=block(n): keys are selected n at a time (block j = keys [j*n, (j+1)*n))."""
     size: int
 
+    def __post_init__(self):
+        _positive("block(n)", self.size)
+
     def __repr__(self) -> str:
         return f"block({self.size})"
 
@@ -71,6 +75,9 @@ class Sink:
     """always=(sink(n),): the first n keys (or blocks) of the sequence are always kept."""
     n: int
 
+    def __post_init__(self):
+        _positive("sink(n)", self.n)
+
     def __repr__(self) -> str:
         return f"sink({self.n})"
 
@@ -79,6 +86,9 @@ class Sink:
 class Local:
     """always=(local(n),): the n most recent keys (or blocks), the query's own included, are always kept."""
     n: int
+
+    def __post_init__(self):
+        _positive("local(n)", self.n)
 
     def __repr__(self) -> str:
         return f"local({self.n})"
@@ -91,15 +101,15 @@ def _positive(what: str, n) -> int:
 
 
 def block(n: int) -> Block:
-    return Block(_positive("block(n)", n))
+    return Block(n)
 
 
 def sink(n: int = 1) -> Sink:
-    return Sink(_positive("sink(n)", n))
+    return Sink(n)
 
 
 def local(n: int = 1) -> Local:
-    return Local(_positive("local(n)", n))
+    return Local(n)
 
 
 # ------------------------------------------------------------------ input types
@@ -184,8 +194,7 @@ class Selector:
         """Canonical text of the IR: same selector -> same text (cache keys, golden tests)."""
         lines = [f"selector {self.name} topk={self.topk} granularity={self.granularity!r} always={self.always!r}"]
         lines += [f"input {i!r}" for i in self.inputs]
-        lines += [f"{s.target} = {ir.to_text(s.node)}" for s in self.statements]
-        lines += [f"return {ir.to_text(self.score)}"]
+        lines += ir_lines(self.statements, (self.score,))
         return "\n".join(lines)
 
 
@@ -237,7 +246,11 @@ def selector(topk: int, granularity="token", always=(), keys=None):
         raise ValueError(f"selector(always=...): expected at most topk={topk} forced keys; got {forced}. "
                          "Fix: raise topk or shrink sink/local")
     if keys is not None:
-        keys = (keys,) if isinstance(keys, str) else tuple(keys)
+        keys = (keys,) if isinstance(keys, str) else keys
+        if not isinstance(keys, (tuple, list)) or not all(isinstance(k, str) for k in keys):
+            raise TypeError(f"selector(keys=...): expected the names of the key-side inputs; got {keys!r}. "
+                            "Fix: keys=('ki',) or keys='ki'")
+        keys = tuple(dict.fromkeys(keys))
 
     def deco(fn):
         return trace(fn, topk, bs, always, keys)
@@ -266,17 +279,13 @@ def _annotation(fn, name, ann):
 
 
 def trace(fn, topk: int, block_size: int = 1, always=(), keys=None) -> Selector:
+    require_def(fn, "selector")
     name = fn.__name__
     file, src_lines, first = source_of(fn)
     where = f"{file}:{first}"
     params = list(inspect.signature(fn).parameters.values())
     names = [p.name for p in params]
-    for p in params:
-        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            raise RuleError(name, where, "named inputs", f"*{p.name} / **{p.name}", "list every input by name")
-        if p.name in RESERVED:
-            raise RuleError(name, where, f"input names other than {RESERVED} (keywords of unifattn.select)",
-                            f"an input named '{p.name}'", f"rename '{p.name}'")
+    check_params(fn, params, RESERVED, "unifattn.select", where)
     if keys is None:
         keyside = [n for n in names if n.startswith("k")]
         how = "no input name starts with 'k' (the default key-side convention)"
@@ -303,22 +312,24 @@ def trace(fn, topk: int, block_size: int = 1, always=(), keys=None) -> Selector:
                                 "name dimensions like 'D', 'HI', 'DI'")
     head_dims = tuple(dict.fromkeys(s.shape[0] for s in specs if s.heads))
     for s in specs:
-        if s.heads and len(s.shape) == 2 and s.shape[1] in head_dims:
-            raise RuleError(name, where, f"a feature dimension after the head dimension in '{s.name}'",
-                            f"{s!r}: {s.shape[1]!r} is also a head dimension",
+        feature = s.shape[-1] if s.shape and not (s.heads and len(s.shape) == 1) else None
+        if feature in head_dims:       # Heads['H', 'D'] or Vec['D'] with D also an indexer-head dimension
+            raise RuleError(name, where, f"a feature dimension in '{s.name}' that is not an indexer-head dimension",
+                            f"{s!r}: {feature!r} is also a head dimension",
                             "use different names for indexer heads and features, e.g. Heads['HI', 'DI']")
 
     args = {s.name: Sym(ir.Node("input", shape=s.shape, name=s.name)) for s in specs}
+    positional = tuple(args.pop(p.name) for p in params if p.kind == p.POSITIONAL_ONLY)
     _T.rule, _T.code, _T.file, _T.first_line = name, fn.__code__, file, first
     _S.head_dims = head_dims
     try:
-        result, recorder = run_traced(fn, (), args, [], "unifattn.dsl.selector")
+        result, recorder = run_traced(fn, positional, args, [], "unifattn.dsl.selector")
     finally:
         _S.head_dims = None
 
     ret = recorder.return_line or first + len(src_lines) - 1
     if not isinstance(result, Sym) or result.node.shape != ():
-        got = ("nothing (no return)" if result is None else type(result).__name__ if not isinstance(result, Sym)
+        got = ("nothing (no return)" if result is None else _describe(result) if not isinstance(result, Sym)
                else f"a value of shape {list(result.node.shape)}")
         raise RuleError(name, f"{file}:{ret}", "`return score` with a scalar score", got,
                         "reduce to a scalar: q @ k for vectors, sum_heads(...) over Heads dimensions")

@@ -17,6 +17,11 @@ from . import ir
 
 
 class sigmoid(sp.Function):
+    @classmethod
+    def eval(cls, x):
+        if x.is_Float:          # numeric points (checker._numeric_affine) stay numbers, not nested calls
+            return 1 / (1 + sp.exp(-x))
+
     def _eval_rewrite_as_exp(self, x, **kw):
         return 1 / (1 + sp.exp(-x))
 
@@ -32,6 +37,11 @@ class sigmoid(sp.Function):
 
 
 class softplus(sp.Function):
+    @classmethod
+    def eval(cls, x):
+        if x.is_Float:
+            return sp.log(1 + sp.exp(x))
+
     def _eval_rewrite_as_exp(self, x, **kw):
         return sp.log(1 + sp.exp(x))
 
@@ -46,6 +56,11 @@ class softplus(sp.Function):
 
 
 class logsigmoid(sp.Function):
+    @classmethod
+    def eval(cls, x):
+        if x.is_Float:
+            return -sp.log(1 + sp.exp(-x))
+
     def _eval_rewrite_as_exp(self, x, **kw):
         return -sp.log(1 + sp.exp(-x))
 
@@ -60,6 +75,11 @@ class logsigmoid(sp.Function):
 
 
 class relu(sp.Function):
+    @classmethod
+    def eval(cls, x):
+        if x.is_Float:
+            return x if x > 0 else sp.Float(0)
+
     def fdiff(self, argindex=1):
         return sp.Heaviside(self.args[0])
 
@@ -81,6 +101,20 @@ _FUN = {"exp": sp.exp, "log": sp.log, "sqrt": sp.sqrt, "sigmoid": sigmoid, "soft
         "logsigmoid": logsigmoid, "relu": relu}
 EPS = sp.Rational(1, 10 ** 6)          # ir.L2NORM_EPS, exactly
 MAX_TREE = 400                          # element-wise expressions larger than this (as trees) stay numeric
+MAX_DEPTH = 60                          # ... and deeper ones (sympy recurses on an expression's depth)
+
+
+class Undefined(Exception):
+    """A value undefined for every input (x / 0, log(0)) met while evaluating node."""
+
+    def __init__(self, node: ir.Node, why: str):
+        self.node, self.why = node, why
+        super().__init__(why)
+
+
+def _zero_somewhere(x) -> bool:
+    """Is x (or an entry of x) identically 0 as sympy built it (e.g. g - g)?"""
+    return any(e == 0 for e in x) if isinstance(x, sp.MatrixBase) else x == 0
 
 
 def instance_env(inputs, dims: dict[str, int]) -> dict:
@@ -98,9 +132,13 @@ def instance_env(inputs, dims: dict[str, int]) -> dict:
 def evaluate(node: ir.Node, env: dict, memo: dict | None = None):
     """sympy value of node: Expr for scalars, Matrix (n x 1) for vectors, Matrix for matrices."""
     memo = dict(env.get("__opaque__", {})) if memo is None else memo
-    key = id(node)
-    if key in memo:
-        return memo[key]
+    for n in ir.walk([node], skip=memo):       # children first, no recursion: deep rules stay in Python's limit
+        memo[id(n)] = _value(n, env, memo)
+    return memo[id(node)]
+
+
+def _value(node: ir.Node, env: dict, memo: dict):
+    """sympy value of one node whose arguments have values in memo."""
     op = node.op
     if op in ("input", "param"):
         out = env[node.name]
@@ -109,7 +147,7 @@ def evaluate(node: ir.Node, env: dict, memo: dict | None = None):
     elif op == "const":
         out = sp.nsimplify(node.value, rational=True) if node.value == int(node.value) else sp.Float(node.value, 30)
     elif op in ir.BINARY:
-        x, y = (evaluate(a, env, memo) for a in node.args)
+        x, y = (memo[id(a)] for a in node.args)
         if op == "add":
             out = _ew(x, y, lambda a, b: a + b)
         elif op == "sub":
@@ -117,31 +155,37 @@ def evaluate(node: ir.Node, env: dict, memo: dict | None = None):
         elif op == "mul":
             out = _ew(x, y, lambda a, b: a * b)
         else:
+            if _zero_somewhere(y):
+                raise Undefined(node, f"a division by {ir.to_text(node.args[1])}, which is 0 for every input")
             out = _ew(x, y, lambda a, b: a / b)
     elif op == "neg":
-        out = -evaluate(node.args[0], env, memo)
+        out = -memo[id(node.args[0])]
     elif op in _FUN:
-        x = evaluate(node.args[0], env, memo)
+        x = memo[id(node.args[0])]
+        if op == "log" and _zero_somewhere(x):
+            raise Undefined(node, f"log of {ir.to_text(node.args[0])}, which is 0 for every input")
         f = _FUN[op]
         out = x.applyfunc(f) if isinstance(x, sp.MatrixBase) else f(x)
     elif op == "pow":
-        x = evaluate(node.args[0], env, memo)
+        x = memo[id(node.args[0])]
         e = sp.nsimplify(node.value, rational=True)
+        if e < 0 and _zero_somewhere(x):
+            raise Undefined(node, f"a negative power of {ir.to_text(node.args[0])}, which is 0 for every input")
         out = x.applyfunc(lambda a: a ** e) if isinstance(x, sp.MatrixBase) else x ** e
     elif op == "l2norm":
-        x = evaluate(node.args[0], env, memo)
+        x = memo[id(node.args[0])]
         out = x / sp.sqrt(sum(a * a for a in x) + EPS)
     elif op == "sum":
-        out = sum(evaluate(node.args[0], env, memo))
+        out = sum(memo[id(node.args[0])])
     elif op == "diag":
-        out = sp.diag(*evaluate(node.args[0], env, memo))
+        out = sp.diag(*memo[id(node.args[0])])
     elif op == "outer":
-        a, b = (evaluate(x, env, memo) for x in node.args)
+        a, b = (memo[id(x)] for x in node.args)
         out = a * b.T
     elif op == "transpose":
-        out = evaluate(node.args[0], env, memo).T
+        out = memo[id(node.args[0])].T
     elif op == "matmul":
-        a, b = (evaluate(x, env, memo) for x in node.args)
+        a, b = (memo[id(x)] for x in node.args)
         ra, rb = len(node.args[0].shape), len(node.args[1].shape)
         if ra == 1 and rb == 1:
             out = (a.T * b)[0, 0]
@@ -151,7 +195,6 @@ def evaluate(node: ir.Node, env: dict, memo: dict | None = None):
             out = a * b
     else:  # pragma: no cover
         raise AssertionError(op)
-    memo[key] = out
     return out
 
 
@@ -163,23 +206,38 @@ def tree_size(node: ir.Node, limit: int = 10 ** 6) -> int:
     return memo[id(node)]
 
 
-def opaque_statements(statements, dims: dict[str, int], depends_on_state) -> dict:
-    """Fresh real symbols for the values of large state-free scalar / vector statements.
+def depth(node: ir.Node) -> int:
+    memo: dict[int, int] = {}
+    for n in ir.walk([node]):
+        memo[id(n)] = 1 + max((memo[id(a)] for a in n.args), default=0)
+    return memo[id(node)]
 
-    A statement whose expression, as a tree, exceeds MAX_TREE (nested reuse grows it
-    exponentially) becomes a symbol: proofs made with it hold for every value it can take, and
-    sympy's work stays the size of the rule.
+
+def opaque_values(roots, statements, dims: dict[str, int], limit: int = 10 ** 6) -> dict:
+    """Fresh real symbols for the large state-free scalar / vector values of a rule.
+
+    A value whose sympy form exceeds MAX_TREE nodes as a tree (nested reuse grows it exponentially;
+    an entry of l2norm / sum / '@' reads every entry of its argument) or MAX_DEPTH levels (sympy
+    recurses on depth) becomes a symbol, the first such value on every path: proofs made with it
+    hold for every value it can take, and sympy's work stays the size of the rule.
     """
-    out = {}
-    for i, st in enumerate(statements):
-        n = st.node
-        if n.op in ("input", "param", "const") or len(n.shape) > 1 or depends_on_state(n) or id(n) in out \
-                or tree_size(n) <= MAX_TREE:
-            continue
-        if not n.shape:
-            out[id(n)] = sp.Symbol(f"_{st.target}{i}", real=True)
-        else:
-            out[id(n)] = sp.Matrix([sp.Symbol(f"_{st.target}{i}_{j}", real=True) for j in range(dims[n.shape[0]])])
+    names = {id(st.node): st.target for st in statements}
+    size: dict[int, int] = {}
+    deep: dict[int, int] = {}
+    stateful: set[int] = set()
+    out: dict = {}
+    for n in ir.walk(roots):                     # children first
+        if n.op == "state" or any(id(a) in stateful for a in n.args):
+            stateful.add(id(n))
+        fan = dims[n.args[0].shape[-1]] + (n.op == "l2norm") if n.op in ("l2norm", "sum", "matmul") else 1
+        size[id(n)] = min(limit, 1 + fan * sum(size[id(a)] for a in n.args))
+        deep[id(n)] = 1 + max((deep[id(a)] for a in n.args), default=0)
+        if (size[id(n)] > MAX_TREE or deep[id(n)] > MAX_DEPTH) and id(n) not in stateful \
+                and n.op not in ir.LEAVES and len(n.shape) <= 1:
+            name = f"_{names.get(id(n), 'x')}{len(out)}"
+            out[id(n)] = sp.Symbol(name, real=True) if not n.shape else \
+                sp.Matrix([sp.Symbol(f"{name}_{j}", real=True) for j in range(dims[n.shape[0]])])
+            size[id(n)] = deep[id(n)] = 1
     return out
 
 
@@ -234,7 +292,7 @@ def elementwise(node: ir.Node):
 
     None if the expression is not element-wise, or too large as a tree for symbolic work.
     """
-    if tree_size(node) > MAX_TREE:
+    if tree_size(node) > MAX_TREE or depth(node) > MAX_DEPTH:
         return None
     memo: dict = {}
 

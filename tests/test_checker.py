@@ -550,3 +550,83 @@ def test_deeply_nested_preprocessing_is_checked_quickly(tmp_path):
     # its decay exp(-x^2) is not proved in (0, 1] at this size (and is computed in the rule): recurrent only
     assert f.transition == "scalar" and f.forms == ("recurrent",) and "not proved" in f.reason
     assert len(mod.deep.ir_text()) < 5000          # statements are referenced, not re-printed
+
+
+# --------------------------------------------------------------------------- adversarial rules
+def test_products_of_float_constants_keep_their_class():
+    """0.9 * (0.9 * S): the IR folded 0.9 * 0.9 in float64, sympy multiplied exactly, and the template
+    check failed (AssertionError) on a 1e-17 difference."""
+    mod, _ = load(HEADER + textwrap.dedent("""
+        @rule(state=("K", "V"))
+        def twice(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+            S = 0.9 * S
+            S = 0.9 * S
+            S = S + outer(k, v)
+            return S, S.T @ q
+
+        @rule(state=("K", "V"))
+        def summed(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+            S = 0.1 * S + 0.2 * S + outer(k, v)
+            return S, S.T @ q
+    """))
+    for r in (mod.twice, mod.summed):
+        f = check(r)
+        assert f.transition == "scalar" and f.forms == ("chunk", "recurrent"), f
+
+
+@pytest.mark.parametrize("stmt", [
+    "S = S + outer(k / (g - g), v)",                # sympy printed zoo and lambdify raised KeyError
+    "S = S + outer(log(k - k) + k, v) * g",
+    "S = S / (g - g) + outer(k, v)",
+])
+def test_values_undefined_for_every_input_are_rule_errors(stmt):
+    mod, path = load(HEADER + "from unifattn.dsl import log\n\n" + textwrap.dedent(f"""
+        @rule(state=("K", "V"))
+        def undefined(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):
+            {stmt}
+            return S, S.T @ q
+    """))
+    with pytest.raises(RuleError) as e:
+        check(mod.undefined)
+    assert e.value.where == f"{path}:{line_of(path, stmt)}"
+    assert "0 for every input" in e.value.got and e.value.fix
+
+
+def test_division_by_the_state_is_recurrent_only():
+    mod, _ = load(HEADER + textwrap.dedent("""
+        @rule(state=("K", "V"))
+        def by_state(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+            S = outer(k, v) / S
+            return S, S.T @ q
+    """))
+    assert check(mod.by_state).transition == "recurrent_only"
+
+
+def test_nested_values_stay_small_for_sympy():
+    """l2norm(l2norm(k) + q) nested: each entry reads all K entries (4x a level, 10 s at depth 4); twelve
+    non-linear state steps evaluated at numeric points kept sigmoid(0) unevaluated (exponential)."""
+    mod, _ = load(HEADER + textwrap.dedent("""
+        from unifattn.dsl import l2norm, sigmoid
+
+        @rule(state=("K", "V"))
+        def nested_key(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], b: Scalar):
+            kk = l2norm(k)
+            for _ in range(8):
+                kk = l2norm(kk + q)
+            S = S + sigmoid(b) * outer(kk, v - S.T @ kk)
+            return S, S.T @ q
+
+        @rule(state=("K", "V"))
+        def squashed(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):
+            for _ in range(12):
+                S = sigmoid(S) * 0.5 + S * g
+            S = S + outer(k, v)
+            return S, S.T @ q
+    """))
+    assert check(mod.nested_key).transition == "delta"
+    assert check(mod.squashed).transition == "recurrent_only"
+
+
+def test_check_takes_rules_only():
+    with pytest.raises(TypeError, match="check: expected a rule declared with @unifattn.dsl.rule; got Selector"):
+        check(ua.rules.moba)

@@ -4,16 +4,20 @@ Rules that must fail are written to small module files, so each error can be
 matched against the exact file:line of the offending statement (marked
 `# <-` in the source below).
 """
+import functools
 import importlib.util
+import inspect
 import itertools
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 import unifattn as ua
 from unifattn.dsl import Param, RuleError, Scalar, Vec, diag, exp, outer, rule, trace
+from unifattn.dsl.rule import RESERVED
 
 _COUNTER = itertools.count()
 _KEEP = []
@@ -209,6 +213,42 @@ def test_custom_state_dimension_names():
 def test_bad_state_declaration():
     with pytest.raises(TypeError, match=r"rule\(state=\.\.\.\) takes two dimension names"):
         rule(state=("K",))
+    for state in (("K", "K"), 3, None, "KV", ("K", "V-1")):        # ('K', 'K') crashed the checker (IndexError)
+        with pytest.raises(TypeError, match=r"rule\(state=\.\.\.\) takes two dimension names.*Fix:"):
+            rule(state=state)
+
+
+def test_bare_decorator_and_non_functions_are_type_errors():
+    def fn(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + outer(k, v)
+        return S, S.T @ q
+    with pytest.raises(TypeError, match=r"expected @rule\(state=\('K', 'V'\)\).*Fix:"):
+        rule(fn)                                      # `@rule` without parentheses
+    for bad in (functools.partial(fn), lambda S, q, k, v: (S, S.T @ q), len):
+        with pytest.raises(TypeError, match="expected a function defined with `def`.*Fix:"):
+            trace(bad)
+    with pytest.raises(TypeError, match=r"Scalar takes no further dimension.*Fix: Vec\['K'\]"):
+        Scalar["K"]
+
+
+def test_positional_only_and_keyword_only_inputs():
+    def fn(S, q: Vec["K"], k: Vec["K"], /, v: Vec["V"], *, g: Scalar):
+        S = exp(g) * S + outer(k, v)
+        return S, S.T @ q
+    assert _body(trace(fn).ir_text()) == _body(ua.rules.simple_gla.ir_text())
+
+
+def test_reserved_names_cover_the_op_keywords():
+    keywords = [p.name for p in inspect.signature(ua.ops.linear_attention).parameters.values()
+                if p.kind != p.VAR_KEYWORD and p.name not in ("q", "k", "v")]
+    assert set(keywords) <= set(RESERVED), keywords
+
+
+def test_numpy_numbers_are_constants():
+    def fn(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = np.float32(0.5) * S + outer(k, v)       # a number (numbers.Real) like any float
+        return S, S.T @ q
+    assert trace(fn).new_state.args[0].args[0].value == 0.5
 
 
 # --------------------------------------------------------------------------- RuleError cases
@@ -283,6 +323,103 @@ ERROR_CASES = {
         S = S + outer(k, v) + outer(q, v)
         return S, v
 ''', "no_read", []),
+    "returning_a_number": ('''
+    @rule(state=("K", "V"))
+    def number_out(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + outer(k, v)
+        return S, 0  # <-
+''', "number_out", [('got', 'a tuple of 2 (matrix[K, V], int)')]),
+    # constants: the checker and the kernels need finite numbers, and 1/0 is no decay
+    "nan_constant": ('''
+    @rule(state=("K", "V"))
+    def nan_decay(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = float("nan") * S + outer(k, v)  # <-
+        return S, S.T @ q
+''', "nan_decay", [('expected', 'a finite number')]),
+    "huge_integer_constant": ('''
+    @rule(state=("K", "V"))
+    def huge(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + 10 ** 400 * outer(k, v)  # <-
+        return S, S.T @ q
+''', "huge", [('expected', 'a finite number')]),
+    "infinite_exponent": ('''
+    @rule(state=("K", "V"))
+    def inf_pow(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):
+        S = sigmoid(g) ** float("inf") * S + outer(k, v)  # <-
+        return S, S.T @ q
+''', "inf_pow", [('expected', 'a finite number')]),
+    "division_by_constant_zero": ('''
+    @rule(state=("K", "V"))
+    def div0(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + outer(k / 0, v)  # <-
+        return S, S.T @ q
+''', "div0", [('got', 'vector[K] / 0')]),
+    "number_to_a_traced_power": ('''
+    @rule(state=("K", "V"))
+    def rpow(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):
+        S = 2 ** g * S + outer(k, v)  # <-
+        return S, S.T @ q
+''', "rpow", [('fix', 'exp(x * log(c))')]),
+    # Python in the body: its own errors and comparisons (which would pick one branch for every token)
+    "python_error_in_body": ('''
+    @rule(state=("K", "V"))
+    def pyerr(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S * (1 / 0.0) + outer(k, v)  # <-
+        return S, S.T @ q
+''', "pyerr", [('got', 'ZeroDivisionError')]),
+    "comparison_on_traced_value": ('''
+    @rule(state=("K", "V"))
+    def compare(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):
+        if g == 0:  # <-
+            S = S + outer(k, v)
+        else:
+            S = exp(g) * S + outer(k, v)
+        return S, S.T @ q
+''', "compare", [('expected', 'no comparisons')]),
+    # the signature: the state first, named inputs, and no names the op or its internals use
+    "state_left_out": ('''
+    @rule(state=("K", "V"))  # <-
+    def no_state(q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):  # <-
+        return q, k
+''', "no_state", [('expected', 'the state as first argument')]),
+    "var_positional_inputs": ('''
+    @rule(state=("K", "V"))  # <-
+    def star(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], *rest: Scalar):  # <-
+        S = S + outer(k, v)
+        return S, S.T @ q
+''', "star", [('got', '*rest')]),
+    "input_named_S_with_a_renamed_state": ('''
+    @rule(state=("K", "V"))  # <-
+    def renamed(M, q: Vec["K"], k: Vec["K"], v: Vec["V"], S: Scalar):  # <-
+        M = exp(S) * M + outer(k, v)
+        return M, M.T @ q
+''', "renamed", [('got', "an input named 'S'")]),
+    "input_named_like_an_op_keyword": ('''
+    @rule(state=("K", "V"))  # <-
+    def kw(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], scale: Scalar):  # <-
+        S = exp(scale) * S + outer(k, v)
+        return S, S.T @ q
+''', "kw", [('got', "an input named 'scale'"), ('expected', 'unifattn.ops.linear_attention')]),
+    "dunder_input_name": ('''
+    @rule(state=("K", "V"))  # <-
+    def dunder(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], __dtype__: Scalar):  # <-
+        S = exp(__dtype__) * S + outer(k, v)
+        return S, S.T @ q
+''', "dunder", [('got', "an input named '__dtype__'")]),
+    "value_of_another_rule": ('''
+    KEPT = []
+
+    @rule(state=("K", "V"))
+    def first(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], w: Vec["V"]):
+        KEPT.append(w)
+        S = S + outer(k, v + w)
+        return S, S.T @ q
+
+    @rule(state=("K", "V"))  # <-
+    def second(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+        S = S + outer(k, v + KEPT[0])
+        return S, S.T @ q
+''', "second", [('got', "'w', an input of another rule")]),
 }
 
 
@@ -396,3 +533,77 @@ def test_rule_error_is_an_exception_with_fields():
     e = RuleError("r", "f.py:3", "A", "B", "C")
     assert isinstance(e, Exception)
     assert str(e) == "rule 'r' (f.py:3): expected A; got B. Fix: C"
+
+
+# --------------------------------------------------------------------------- selectors
+def test_selector_options_are_checked_however_built():
+    from unifattn.dsl.selector import Block, Local, Sink, selector
+    for bad in (lambda: Block(0), lambda: Sink(-1), lambda: Local(0)):    # block(0) checked, Block(0) was not
+        with pytest.raises(ValueError, match="expected a positive int.*Fix:"):
+            bad()
+    with pytest.raises(TypeError, match=r"selector\(keys=\.\.\.\): expected the names.*Fix:"):
+        selector(topk=4, keys=3)
+
+    @selector(topk=4, keys=("k", "k"))                                    # was: "every input key-side"
+    def dup(q: Vec["D"], k: Vec["D"]):
+        return q @ k
+    assert [i.side for i in dup.inputs] == ["query", "key"]
+
+
+def test_selector_signature():
+    from unifattn.dsl.selector import Heads, selector, sum_heads
+
+    @selector(topk=4)
+    def posonly(q: Vec["D"], k: Vec["D"], /):
+        return q @ k
+    assert posonly.ir_text().endswith("return (q @ k)")
+    with pytest.raises(RuleError, match=r"input names other than .*got an input named '__dtype__'"):
+        @selector(topk=4)
+        def dunder(q: Vec["D"], k: Vec["D"], __dtype__: Scalar):
+            return (q @ k) * __dtype__
+    with pytest.raises(RuleError, match="expected a divisor other than the constant 0"):
+        @selector(topk=4)
+        def div0(q: Vec["D"], k: Vec["D"]):
+            return (q @ k) / 0
+    # a Vec over an indexer-head dimension: the generated kernel read it as per-head values (wrong scores)
+    with pytest.raises(RuleError, match="'D' is also a head dimension"):
+        @selector(topk=4)
+        def clash(qi: Heads["D"], k: Vec["D"]):
+            return sum_heads(qi * k)
+
+
+# --------------------------------------------------------------------------- large rules
+def test_long_and_deep_rules_trace_in_linear_time(tmp_path):
+    """2000 statements (a Python loop in the rule) and 400-deep expressions built by a helper: the
+    dataflow check was quadratic (a minute), the IR printer and the checker recursive (RecursionError)."""
+    mod, _, _ = load(tmp_path, HEADER + textwrap.dedent('''
+        def squash(x, n):
+            for _ in range(n):
+                x = sigmoid(x) * 0.5 + x * 0.25
+            return x
+
+        @rule(state=("K", "V"))
+        def long(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):
+            x = g
+            for _ in range(2000):
+                x = x * 0.999 + 0.001
+            S = exp(-x * x) * S + outer(k, v)
+            return S, S.T @ q
+
+        @rule(state=("K", "V"))
+        def deep(S, q: Vec["K"], k: Vec["K"], v: Vec["V"], g: Scalar):
+            S = exp(-squash(g, 400) ** 2) * S + outer(squash(k, 400), v)
+            return S, S.T @ q
+
+        @rule(state=("K", "V"))
+        def deep_state(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
+            S = squash(S, 300) + outer(k, v)
+            return S, S.T @ q
+    '''))
+    assert len(mod.long.statements) == 2002
+    for r in (mod.long, mod.deep):
+        assert len(r.ir_text()) > 1000
+        f = ua.dsl.check(r)
+        assert f.transition == "scalar" and f.forms == ("recurrent",)     # the decay is not proved in (0, 1]
+    with pytest.raises(RuleError, match="expected an update of the state at most 250 operations deep.*Fix:"):
+        ua.dsl.check(mod.deep_state)
