@@ -28,14 +28,13 @@ Python and launches) and the input scan.
 """
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from ab_score_emission import import_sources  # noqa: E402
 from bench_select import TOPK, bench, inputs  # noqa: E402
 
 from unifattn.codegen import selector as cgs  # noqa: E402
@@ -62,17 +61,7 @@ def variants():
     texts = {"rowmax": text}
     for tag, block in FLAG.items():
         texts[tag] = text[:a] + block.lstrip("\n") + text[b:]
-    d = pathlib.Path(tempfile.mkdtemp())
-    mods = {}
-    for tag, t in texts.items():
-        p = d / f"ab_flag_{tag}.py"
-        p.write_text(t)
-        spec = importlib.util.spec_from_file_location(f"ab_flag_{tag}", p)
-        m = importlib.util.module_from_spec(spec)
-        sys.modules[f"ab_flag_{tag}"] = m
-        spec.loader.exec_module(m)
-        mods[tag] = m
-    return mods
+    return import_sources(texts, "ab_flag")
 
 
 def main():

@@ -39,14 +39,21 @@ def emissions():
     finally:
         cgs._Emitter.__init__ = init
     assert texts["direct"] != texts["bsum"], "the two emissions should differ"
+    return import_sources(texts, "ab")
+
+
+def import_sources(texts: dict, prefix: str) -> dict:
+    """tag -> generated module text  ->  tag -> the module, written to a temporary folder and imported
+    side by side (the A/B scripts' variants of one generated kernel)."""
     d = pathlib.Path(tempfile.mkdtemp())
     mods = {}
     for tag, text in texts.items():
-        p = d / f"ab_{tag}.py"
+        name = f"{prefix}_{tag}"
+        p = d / f"{name}.py"
         p.write_text(text)
-        spec = importlib.util.spec_from_file_location(f"ab_{tag}", p)
+        spec = importlib.util.spec_from_file_location(name, p)
         m = importlib.util.module_from_spec(spec)
-        sys.modules[f"ab_{tag}"] = m
+        sys.modules[name] = m
         spec.loader.exec_module(m)
         mods[tag] = m
     return mods
