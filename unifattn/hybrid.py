@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unifattn import ops, validate
+from unifattn import validate
 from unifattn.layers import LinearAttention, SparseAttention, _check_hidden, _positive_int
 
 __all__ = ["DenseAttention", "SwiGLU", "HybridBlock", "HybridStack", "HybridLM", "MIXERS"]
@@ -151,7 +151,7 @@ class HybridStack(nn.Module):
         _positive_int("d_model", d_model)
         _positive_int("num_heads", num_heads)
         _positive_int("mlp_hidden", mlp_hidden, allow_none=True)
-        _check_linear_form(linear_form)
+        validate.form("linear_form", linear_form)   # a stack without L layers would ignore it
         if head_dim is None:
             if d_model % num_heads:
                 validate.fail("head_dim", f"given, or d_model={d_model} divisible by num_heads={num_heads}",
@@ -182,20 +182,13 @@ class HybridStack(nn.Module):
         losses (a scalar, 0 when there is none) to add to the training loss."""
         _check_hidden(x, self.d_model)           # dtype: checked by each mixer (norms may be kept in fp32)
         if linear_form is not None:
-            _check_linear_form(linear_form)
+            validate.form("linear_form", linear_form)   # a stack without L layers would ignore it
         aux = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             x, a = block(x, cu_seqlens=cu_seqlens, linear_form=linear_form, return_indexer_loss=return_indexer_loss)
             if a is not None:
                 aux = aux + a
         return (x, aux) if return_indexer_loss else x
-
-
-def _check_linear_form(form):
-    """Checked here too: a stack without 'L' layers would otherwise ignore a misspelled form."""
-    if form not in ops.FORMS:
-        validate.fail("linear_form", f"one of {ops.FORMS}", repr(form),
-                      "linear_form='reference' to train, 'chunk' for inference, 'recurrent' for decoding")
 
 
 class HybridLM(nn.Module):

@@ -260,10 +260,7 @@ class LinearAttention(nn.Module):
 
     @staticmethod
     def _check_form(form, facts, rule):
-        if form not in ops.FORMS:
-            validate.fail("form", f"one of {ops.FORMS}", repr(form),
-                          "form='reference' to train (the generated forms have no backward yet), "
-                          "'chunk' for inference, 'recurrent' for decoding")
+        validate.form("form", form)
         if form not in ("reference", "recurrent") and form not in facts.forms:
             validate.fail(f"form={form!r} for rule '{rule.name}' ({rule.where})", f"a rule with the {form} form",
                           f"class '{facts.transition}' with forms {facts.forms} ({facts.reason})",

@@ -17,7 +17,7 @@ from unifattn import validate
 from unifattn.dsl import check
 from unifattn.dsl.rule import Rule
 
-FORMS = ("reference", "chunk", "recurrent")
+FORMS = validate.FORMS              # the forms of linear_attention
 
 
 def _expand_heads(x: torch.Tensor, H: int, HV: int) -> torch.Tensor:
@@ -42,8 +42,7 @@ def linear_attention(r: Rule, q, k, v, *, scale=None, initial_state=None, output
     if not isinstance(r, Rule):
         validate.fail("rule", "a rule declared with @unifattn.dsl.rule (e.g. unifattn.rules.kda)",
                       type(r).__name__, "pass the rule object first", TypeError)
-    if form not in FORMS:
-        validate.fail("form", f"one of {FORMS}", repr(form), "pick form='chunk' for training, 'recurrent' for decoding")
+    validate.form("form", form)
     d = validate.linear_inputs(r, q, k, v, inputs, initial_state, cu_seqlens, scale)
     scale = d.K ** -0.5 if scale is None else float(scale)
     if tune and form != "chunk":

@@ -20,6 +20,16 @@ def fail(what: str, expected: str, got: str, fix: str, exc=ValueError):
     raise exc(f"{what}: expected {expected}; got {got}. Fix: {fix}")
 
 
+FORMS = ("reference", "chunk", "recurrent")
+
+
+def form(name: str, value) -> None:
+    """A linear-attention form name (the op's form=, a layer's or a stack's)."""
+    if value not in FORMS:
+        fail(name, f"one of {FORMS}", repr(value), f"{name}='reference' to train (the generated forms have no "
+             "backward yet), 'chunk' for inference, 'recurrent' for decoding")
+
+
 def _shape(x) -> str:
     return f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} on {x.device}"
 
