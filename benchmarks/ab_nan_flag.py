@@ -38,7 +38,7 @@ from ab_score_emission import import_sources  # noqa: E402
 from bench_select import TOPK, bench, inputs  # noqa: E402
 
 from unifattn.codegen import selector as cgs  # noqa: E402
-from unifattn.select import _prepare, _run_tiles, select  # noqa: E402
+from unifattn.select import _plan, _prepare, _run_tiles, select  # noqa: E402
 from unifattn.selectors import lightning_indexer as li  # noqa: E402
 
 FLAG = {
@@ -73,7 +73,7 @@ def main():
 
     def scoring(x, flag):
         p, _ = _prepare(li, x, None, TOPK)
-        return lambda: _run_tiles(li, p, None, lambda *a: None, flag)
+        return lambda: _run_tiles(li, p, _plan(li, p, None), lambda *a: None, flag)
     x = inputs(2048, seed=3)
     for tag in mods:                             # the flag: clear on finite scores, set on a NaN one
         use(tag)
@@ -84,7 +84,7 @@ def main():
         xn = {k: v.clone() for k, v in x.items()}
         xn["w"][0, 1000, 0] = float("inf")              # a head weight: inf * relu(dot <= 0) = NaN
         p, _ = _prepare(li, xn, None, TOPK, check_inputs=False)
-        _run_tiles(li, p, None, lambda *a: None, f)
+        _run_tiles(li, p, _plan(li, p, None), lambda *a: None, f)
         torch.cuda.synchronize()
         assert int(f) == 1, f"{tag}: flag clear on a NaN score"
     print("flags at T=2048: right in every variant")

@@ -43,7 +43,7 @@ import torch
 import triton
 
 from unifattn.codegen.selector import SelectConfig
-from unifattn.select import _prepare, _run_tiles, reference_scores, select, select_scores
+from unifattn.select import _plan, _prepare, _run_tiles, reference_scores, select, select_scores
 from unifattn.selectors import lightning_indexer
 from unifattn.testing.tolerance import TOLERANCE
 
@@ -64,7 +64,7 @@ def bench(fn, rep_ms=300):
 
 def scoring_only(x, cfg):
     p, _ = _prepare(lightning_indexer, x, None, TOPK)
-    return lambda: _run_tiles(lightning_indexer, p, cfg, lambda *a: None)
+    return lambda: _run_tiles(lightning_indexer, p, _plan(lightning_indexer, p, cfg), lambda *a: None)
 
 
 def sdpa_ms(T=32768, HQ=64, HKV=4, D=128):

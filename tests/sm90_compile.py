@@ -76,10 +76,10 @@ def scan():
     ptr = {f"x{i}": f"*{dt}" for i, dt in enumerate(("fp32", "bf16", "fp16", "fp32", "bf16", "fp16", "fp32", "bf16"))}
     ptr["flags"] = "*i32"
     ranges = {f"R{i}": i % 3 for i in range(m.SLOTS)}
-    return [compile_one(f"_scan_kernel {nt} tensors", m._scan_kernel,
+    return [compile_one(f"_scan_kernel {nt} tensors amax={amax}", m._scan_kernel,
                         {**ptr, **{f"x{i}": None for i in range(nt, m.SLOTS)}},
-                        {**ranges, "NT": nt, "BLOCK": m.BLOCK})
-            for nt in (1, 5, m.SLOTS)] + \
+                        {**ranges, "NT": nt, "AMAX": amax, "BLOCK": m.BLOCK})
+            for nt, amax in ((1, False), (5, True), (m.SLOTS, False), (m.SLOTS, True))] + \
         [compile_one(f"_index_scan_kernel block={n} bos={bos}", m._index_scan_kernel,
                      {"idx": "*i32", "bos": "*i32" if bos else None, "flags": "*i32"},
                      {"NBLK": n, "HAS_BOS": bos, "BLOCK": 1024}) for n, bos in ((1, False), (64, True))]

@@ -179,6 +179,30 @@ def test_scan_one_launch_many_tensors():
     assert scan(xs) == (1 << 2) | (1 << 9)
 
 
+def test_scan_amax_is_each_tensors_largest_magnitude():
+    """scan_async(amax=True): entry 1 + i is max |checks[i]| as fp32 bits, in kernel launches (fp32, bf16, fp16,
+    more than 8 tensors) and on torch's path (strided, fp64; fp64 past fp32's range reads inf), NaN where a
+    tensor holds one, 0 for an empty one; the flag word is unchanged."""
+    from unifattn.kernels.checks import BLOCK, scan_async
+    g = torch.Generator().manual_seed(3)
+    dts = [torch.float32, torch.bfloat16, torch.float16]
+    xs = [(torch.randn(n, generator=g) * 10 ** (i % 5 - 2)).to(dts[i % 3])
+          for i, n in enumerate([1, BLOCK - 1, BLOCK + 1, 3 * BLOCK, 7, 2 * BLOCK + 5, 1, BLOCK, 5])]
+    xs[3][BLOCK + 7] = -60000.0                               # the largest magnitude is negative
+    xs.append(torch.randn(2 * BLOCK, generator=g)[::2])       # strided: torch's path
+    xs.append(torch.tensor([1e300, -2.0], dtype=torch.float64))
+    xs.append(torch.empty(0))
+    xs.append(torch.tensor([1.0, float("nan"), 3.0]))
+    got = scan_async([(x, None) for x in xs], amax=True)
+    assert got.shape == (1 + len(xs),) and got.dtype == torch.int32
+    assert int(got[0]) == 1 << (len(xs) - 1)                  # only the NaN tensor is flagged
+    amax = got[1:].view(torch.float32)
+    for i, x in enumerate(xs[:-4]):
+        assert float(amax[i]) == float(x.float().abs().max()), i
+    assert float(amax[-4]) == float(xs[-4].abs().max())
+    assert amax[-3] == float("inf") and amax[-2] == 0.0 and torch.isnan(amax[-1])
+
+
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
 def test_generated_source_is_deterministic_and_names_the_rule(form):
     r = ua.rules.kda

@@ -81,7 +81,7 @@ class _Prep:
     n_cols: int
     dtype: torch.dtype
     device: torch.device
-    check: object            # () -> None: raises on NaN/inf inputs (reads the queued scan; call before returning)
+    check: object            # () -> {input: largest |x|}: raises on NaN/inf inputs (reads the queued scan)
 
 
 def _desc(x) -> str:
@@ -161,8 +161,8 @@ def _prepare(sel: Selector, inputs: dict, cu_seqlens, topk, check_inputs: bool =
                       "use grouped query heads (HQ = HKV * G)")
     G = 1 if HQ is None else HQ // HKV
     # NaN/inf inputs: the scan is queued here, its verdict read by the caller (_Prep.check)
-    pending = validate.finite_later({s.name: inputs[s.name] for s in sel.inputs}) if check_inputs else \
-        (lambda: None)
+    pending = validate.finite_later({s.name: inputs[s.name] for s in sel.inputs}, amax=True) if check_inputs \
+        else (lambda: None)
 
     # sequences: rows of the flattened [B * T] token axis
     if cu_seqlens is None:
@@ -263,11 +263,11 @@ def _finish(col: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- kernel path
-def _run_tiles(sel: Selector, p: _Prep, config, on_tile, nan_flag=None):
-    """Score query tiles with the generated kernel; on_tile(q0, q1, c0, scores [HKV, nq, W]). nan_flag (int32
-    [1] or None): the kernel sets it when a candidate's score is NaN."""
+def _plan(sel: Selector, p: _Prep, config):
+    """What the tile launches need, queued before select's sync: the module, the cast (and, for blocks,
+    pooled) inputs, and the query tiles [(q0, q1, c0, W)]."""
     from unifattn.codegen import selector as cgs
-    from unifattn.kernels.utils import empty, interpreting
+    from unifattn.kernels.utils import interpreting
     cfg = config or cgs.SelectConfig()
     if not isinstance(cfg, cgs.SelectConfig):
         validate.fail("config", "a unifattn.select.SelectConfig", type(cfg).__name__, "pass SelectConfig(...)",
@@ -288,15 +288,34 @@ def _run_tiles(sel: Selector, p: _Prep, config, on_tile, nan_flag=None):
     wmax = max(((L + n - 1) // n for _, L in p.seqs), default=1)
     qt = cfg.query_tile or max(cfg.block_t, (cfg.max_tile_elems // (p.HKV * max(wmax, 1))) // cfg.block_t
                                * cfg.block_t)
-    prec = "ieee" if ct == torch.float32 else "tf32"
+    tiles = []
     for q0 in range(0, rows, qt):
         q1 = min(rows, q0 + qt)
         c0 = int(p.q_bblk[q0])
         W = int(p.q_bblk[q1 - 1]) + int(p.q_pos[q1 - 1]) // n + 1 - c0     # through the last row's last column
+        tiles.append((q0, q1, c0, W))
+    prec = "ieee" if ct == torch.float32 else "tf32"
+    return mod, x, tiles, prec, cfg
+
+
+def _run_tiles(sel: Selector, p: _Prep, plan, on_tile, nan_flag=None):
+    """Score query tiles with the generated kernel; on_tile(q0, q1, c0, scores [HKV, nq, W]). nan_flag (int32
+    [1] or None): the kernel sets it when a candidate's score is NaN."""
+    from unifattn.kernels.utils import empty
+    mod, x, tiles, prec, cfg = plan
+    for q0, q1, c0, W in tiles:
         o = empty((p.HKV, q1 - q0, W), torch.float32, p.device)
-        mod.launch(x, o, p.dev_pos, p.dev_bblk, q0, c0, q1 - q0, W, p.HKV, p.G, p.dims, n, sel.n_sink, sel.n_local, prec,
-                   cfg, nan_flag)
+        mod.launch(x, o, p.dev_pos, p.dev_bblk, q0, c0, q1 - q0, W, p.HKV, p.G, p.dims, sel.block_size, sel.n_sink,
+                   sel.n_local, prec, cfg, nan_flag)
         on_tile(q0, q1, c0, o)
+
+
+def scores_finite(sel: Selector, amax: dict, dims: dict, G: int) -> bool:
+    """Whether sel's fp32 scores are finite (so never NaN) for inputs with |x| <= amax: the bound of
+    dsl.bounds on one (query head, key) score, times the G heads of a group summed."""
+    from unifattn.dsl.bounds import FP32_MAX, MARGIN, score_bound
+    b = score_bound(sel, amax, dims)
+    return b is not None and b * G <= FP32_MAX / MARGIN
 
 
 def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=None, check_inputs: bool = True,
@@ -304,9 +323,13 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
     """int32 [B, T, HKV, topk]: per query the kept keys (or key blocks), ascending, -1 padded.
 
     topk overrides the selector's; config is a SelectConfig (tile sizes); inputs by name.
-    check_inputs: scan the inputs for NaN/inf and flag NaN scores (one read, and one host sync after
-    the kernels are queued, which keeps the host from running ahead into the next call); False skips
-    both, and a NaN score then ranks lowest (as in select_reference).
+    check_inputs: scan the inputs for NaN/inf (one read, in the launch that also takes each input's
+    largest |x|) and make sure no score is NaN. One host sync reads the scan before the kernels are
+    queued: when the inputs' magnitudes bound the score far from fp32's overflow (dsl.bounds: scores of
+    polynomials, relu, l2norm, bounded exps; the built-in selectors), no score can be NaN and the call
+    returns with its kernels queued. Otherwise the scoring kernel flags NaN scores and a second sync
+    reads the flag after them. False skips both, and a NaN score then ranks lowest (as in
+    select_reference).
     Not differentiable (top-k has no gradient: train the scorer with a distillation loss).
     """
     p, topk = _prepare(sel, inputs, cu_seqlens, topk, check_inputs)
@@ -326,11 +349,15 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
         rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
         out[q0:q1] = _finish(rel, valid).permute(1, 0, 2)
 
-    nan_flag = torch.zeros(1, dtype=torch.int32, device=p.device) if check_inputs else None
+    nan_flag = None
     with torch.no_grad():
+        plan = _plan(sel, p, config) if rows else None
+        if check_inputs:
+            amax = p.check()                    # the sync: NaN/inf inputs raise here, before any scoring
+            if rows and not scores_finite(sel, amax, p.dims, p.G):
+                nan_flag = torch.zeros(1, dtype=torch.int32, device=p.device)
         if rows:
-            _run_tiles(sel, p, config, on_tile, nan_flag)
-    p.check()                                  # NaN/inf inputs raise here, after the kernels are queued
+            _run_tiles(sel, p, plan, on_tile, nan_flag)
     if nan_flag is not None and int(nan_flag.item()):   # the queue has drained: a 4-byte read
         validate.fail(f"selector '{sel.name}'", "finite scores for finite inputs", "NaN scores",
                       "make the score function finite everywhere (e.g. guard a log or a division: "
@@ -356,7 +383,7 @@ def select_scores(sel: Selector, *, cu_seqlens=None, config=None, **inputs) -> t
 
     with torch.no_grad():
         if p.B * p.T:
-            _run_tiles(sel, p, config, on_tile)
+            _run_tiles(sel, p, _plan(sel, p, config), on_tile)
     return dense.reshape(p.B, p.T, p.HKV, C)
 
 

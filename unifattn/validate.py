@@ -151,15 +151,23 @@ def finite(tensors: dict, ranges: tuple = ()):
     finite_later(tensors, ranges)()
 
 
-def finite_later(tensors: dict, ranges: tuple = ()):
+def finite_later(tensors: dict, ranges: tuple = (), amax: bool = False):
     """finite, in two steps: the scan is queued now, and the returned function reads its flags
     (the host sync) and raises. Kernels queued in between overlap the caller's host work; their
-    results must not leave the call before the function has run."""
+    results must not leave the call before the function has run. amax: the function also returns
+    {name: largest |x|} (0.0 for empty tensors), read in the same sync."""
     from unifattn.kernels.checks import scan_async
     cond = {name: (c, why) for name, c, why in ranges}
     items = [(name, x) for name, x in tensors.items() if x is not None and x.numel()]
-    flags = scan_async([(x, cond.get(name, (None,))[0]) for name, x in items])
-    return lambda: _finite_report(items, cond, 0 if flags is None else int(flags.item()))
+    flags = scan_async([(x, cond.get(name, (None,))[0]) for name, x in items], amax=amax)
+
+    def read():
+        got = [0] if flags is None else flags.cpu()
+        _finite_report(items, cond, int(got[0]))
+        if amax:
+            big = {} if flags is None else dict(zip((n for n, _ in items), got[1:].view(torch.float32).tolist()))
+            return {name: big.get(name, 0.0) for name in tensors}
+    return read
 
 
 def _finite_report(items, cond, bad: int):
