@@ -6,6 +6,11 @@ shaped so that the kernel's search runs its usual course or is cut short:
     early    2048 scores of 1e30 per row: the search stops after a few bits
     few      at most 2048 candidates per row: no search, the output pass only
     tied     every score equal: 32 bits, then the tie-rank scan
+    indexer  lightning-indexer scores of random inputs (16 heads x 64 dims), causal
+
+Variants of the kernel (A/B in one process, each checked first): the search (bits from bit 31, or
+regula falsi first: kernels.topk._kth_key), the output pass's prefix counts (shuffle scans, or
+ballots), and the row ends (read to W, or to each row's causal end).
 
     python benchmarks/bench_topk.py
 
@@ -38,6 +43,13 @@ def tile(kind: str, g: torch.Generator) -> torch.Tensor:
         s.scatter_(-1, hot, 1e30)
     elif kind == "tied":
         s.fill_(1.0)
+    elif kind == "indexer":
+        qi = torch.randn(R, 16, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+        ki = torch.randn(T, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+        w = torch.randn(R, 16, device="cuda", generator=g)
+        s = torch.zeros(1, R, T, device="cuda")
+        for h in range(16):
+            s[0] += w[:, h, None] * torch.relu((qi[:, h] @ ki.T).float())
     causal = torch.arange(T, device="cuda")[None, None, :] > pos[None, :, None]
     if kind == "few":
         causal |= torch.arange(T, device="cuda")[None, None, :] >= K
@@ -53,29 +65,40 @@ def select_rows():
     from unifattn.select import select
     from unifattn.selectors import lightning_indexer
     x = bench_select.inputs(32768)
-    for impl in ("auto", "torch"):
+    for impl, check in (("auto", True), ("auto", False), ("torch", True)):
         cfg = SelectConfig(topk_impl=impl)
-        ms = triton.testing.do_bench(lambda: select(lightning_indexer, topk=K, config=cfg, **x), warmup=10, rep=200)
-        print(f"select() T=32768 top-{K}, topk_impl={impl}: {ms:.2f} ms")
+        ms = triton.testing.do_bench(lambda: select(lightning_indexer, topk=K, config=cfg, check_inputs=check, **x),
+                                     warmup=10, rep=200)
+        print(f"select() T=32768 top-{K}, topk_impl={impl}, check_inputs={check}: {ms:.2f} ms")
     print(f"scoring alone: {triton.testing.do_bench(bench_select.scoring_only(x, SelectConfig()), rep=200):.2f} ms")
+
+
+VARIANTS = {                       # name: topk_rows keywords (ends: each row's causal end)
+    "before: bits, scans, to W": dict(interp=0, ballot=False),
+    "bits, ballots, to W": dict(interp=0, ballot=True),
+    "regula falsi, scans, to W": dict(interp=tk.INTERP, ballot=False),
+    "regula falsi, ballots, to W": dict(interp=tk.INTERP, ballot=True),
+    "now: regula falsi, ballots, ends": dict(interp=tk.INTERP, ballot=True, ends=True),
+}
 
 
 def main():
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     g = torch.Generator(device="cuda").manual_seed(0)
     bblk = torch.zeros(R, dtype=torch.int32, device="cuda")
+    ends = torch.arange(T - R, T, dtype=torch.int32, device="cuda") + 1
     rows = []
-    for kind in ("random", "early", "few", "tied"):
+    for kind in ("random", "indexer", "early", "few", "tied"):
         s = tile(kind, g)
         col, valid = _topk_rows(s, K)
         want = _finish(col, valid).permute(1, 0, 2)
-        for warps, asm in ((None, True), (None, False), (32, True)):
-            out = torch.empty(R, 1, K, dtype=torch.int32, device="cuda")
-            run = lambda o=out, w=warps, a=asm: tk.topk_rows(s, o, bblk, 0, K, num_warps=w, asm=a)  # noqa: E731
+        for name, kw in VARIANTS.items():
+            kw = {**kw, "ends": ends if kw.get("ends") else None}
+            out = torch.full((R, 1, K), -7, dtype=torch.int32, device="cuda")
+            run = lambda o=out, kw=kw: tk.topk_rows(s, o, bblk, 0, K, **kw)  # noqa: E731
             run()
             ok = torch.equal(out, want)
-            rows.append((kind, f"top-k kernel, {warps or 'default (16)'} warps{'' if asm else ', no asm'}",
-                         triton.testing.do_bench(run, warmup=25, rep=200), ok))
+            rows.append((kind, name, triton.testing.do_bench(run, warmup=25, rep=200), ok))
         rows.append((kind, "torch.topk alone", triton.testing.do_bench(
             lambda: torch.topk(s, K, dim=-1, sorted=False), warmup=25, rep=200), True))
         if kind == "random":        # the floor: each row read into registers once, one reduction
@@ -86,7 +109,7 @@ def main():
                              True))
         del s
     select_rows()
-    print(f"\n{'scores':<8}{'kernel':>40}{'ms':>8}  same as torch's path")
+    print(f"\n{'scores':<8}{'top-k kernel':>40}{'ms':>8}  same as torch's path")
     for kind, w, ms, ok in rows:
         print(f"{kind:<8}{str(w):>40}{ms:>8.3f}  {'yes' if ok else 'NO'}")
 

@@ -57,9 +57,15 @@ for part in $parts; do
            done; done; wait; cat /tmp/rules_split.*.log | tee "$LOG/rules.log" | grep -v ": ok$" ;;
     probe) timeout ${PROBE_S:-240} python3 benchmarks/diag_chunk_configs.py ${PROBE_ARGS:-} 2>&1 | tee "$LOG/probe.log" ;;
     profile) timeout ${PROFILE_S:-130} python3 benchmarks/profile_linear.py ${PROFILE_ARGS:-} 2>&1 | tee "$LOG/profile.log" ;;
-    topk_tests) cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg && timeout ${TOPK_TESTS_S:-120} python3 -m pytest -q \
-                  -p no:cacheprovider tests/test_selector.py -k "radix or two_launch or kth_search or property or tie") \
-                  2>&1 | tail -n 15 | tee "$LOG/topk_tests.log" ;;
+    topk_tests) # the top-k kernel's and the selection's GPU tests, two processes side by side
+           cp -r tests /tmp/ua_pkg/ && (cd /tmp/ua_pkg && {
+             timeout ${TOPK_TESTS_S:-180} python3 -m pytest -q -p no:cacheprovider tests/test_topk_adversarial.py \
+               > /tmp/topk_tests.0.log 2>&1 &
+             timeout ${TOPK_TESTS_S:-180} python3 -m pytest -q -p no:cacheprovider tests/test_bounds.py \
+               tests/test_selector.py > /tmp/topk_tests.1.log 2>&1 &
+             wait
+             for f in /tmp/topk_tests.*.log; do echo "== $f"; grep -E "passed|failed|Error|error" "$f" | tail -n 12; done
+           }) 2>&1 | tee "$LOG/topk_tests.log" ;;
     topk) timeout ${TOPK_S:-120} python3 benchmarks/bench_topk.py 2>&1 | tee "$LOG/topk.log" ;;
     select) timeout ${SELECT_S:-150} python3 benchmarks/bench_select.py ${SELECT_ARGS:---no-sweep} 2>&1 | tee "$LOG/select.log" ;;
     chunk_tests) # chunk-kernel GPU tests selected by CHUNK_TESTS_K, one process per class, side by side

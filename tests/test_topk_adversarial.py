@@ -131,6 +131,67 @@ def test_multi_step_output_pass_ties_across_steps():
     assert torch.equal(got, want)
 
 
+def search_rows(W, seed):
+    """[1, 10, W]: rows that lead the k-th-key search (kernels.topk._kth_key) down each of its paths:
+    smooth scores (regula falsi converges), two clusters far apart and +inf among finite scores (its
+    guesses fall in the gap: bisection), heavy tails, all tied (the bracket closes at once), a few
+    distinct values (bits after the bracket), scores spread over every exponent, and causal -inf tails."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(W, generator=g),
+            torch.where(torch.rand(W, generator=g) < 0.1, 1e30, torch.randn(W, generator=g)),
+            torch.where(torch.rand(W, generator=g) < 0.05, INF, torch.randn(W, generator=g)),
+            torch.randn(W, generator=g) / torch.randn(W, generator=g),                      # Cauchy
+            torch.full((W,), 2.5),
+            torch.randint(0, 5, (W,), generator=g).float() * 0.25,
+            torch.exp(torch.randn(W, generator=g) * 30).clamp(max=FMAX),
+            -torch.exp(torch.randn(W, generator=g) * 30).clamp(max=FMAX),
+            torch.rand(W, generator=g) * 1e-40,                                             # denormals
+            torch.randn(W, generator=g)]
+    s = torch.stack(rows)
+    s[9, W // 3:] = -INF
+    s[1, : W // 2] = torch.where(torch.rand(W // 2, generator=g) < 0.5, -INF, s[1, : W // 2])
+    return s[None].contiguous()
+
+
+@pytest.mark.parametrize("interp", [0, 1, 3, 24])
+@pytest.mark.parametrize("W, topk", [(300, 17), (1000, 200)])
+def test_search_paths_equal_brute_force(interp, W, topk):
+    """The same rows with the plain bit search (0), with 1 or 3 regula falsi steps before it (bits then
+    start from a partly closed bracket) and with the default: one answer, the brute force's."""
+    s = search_rows(W, seed=W + topk)
+    got, want = run_kernel(s, topk, c0=3, interp=interp)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("max_row", [None, 64])
+def test_ends_bound_each_row_and_nothing_past_them_is_read(max_row):
+    """ends[i]: row i's candidates lie before column ends[i] - c0. Past it the scores here are large and
+    finite (a buffer never written would hold anything): they must not be kept. ends past W, at the row's
+    start and before it (no candidate: all -1) included; one launch, and two with max_row=64."""
+    W, topk, c0 = 200, 16, 5
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(2, 6, W, generator=g)
+    ends = torch.tensor([c0 + 150, c0 + W + 40, c0, c0 - 3, c0 + 1, c0 + 17], dtype=torch.int32)
+    masked = s.clone()
+    for i, e in enumerate(ends.tolist()):
+        masked[:, i, max(e - c0, 0):] = -INF
+        s[:, i, max(e - c0, 0):] = 1e30
+    got, _ = run_kernel(s, topk, c0=c0, ends=ends.to(DEVICE), max_row=max_row)
+    want = brute(masked, topk, c0, torch.arange(6, dtype=torch.int32) * 3 % 7)
+    assert torch.equal(got, want)
+    assert (got[2:4] == -1).all() and (got[4, :, 1:] == -1).all()
+
+
+def test_ends_are_checked():
+    from unifattn.kernels.topk import topk_rows
+    s = torch.zeros(1, 3, 8, device=DEVICE)
+    out = torch.empty(3, 1, 2, dtype=torch.int32, device=DEVICE)
+    bblk = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    for bad in (torch.zeros(2, dtype=torch.int32), torch.zeros(3, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="ends: expected contiguous int32"):
+            topk_rows(s, out, bblk, 0, 2, ends=bad.to(DEVICE))
+
+
 # --------------------------------------------------------------------------- topk_rows: two launches
 @pytest.mark.parametrize("W, topk, max_row", [
     (33, 1, 32),       # max_row + 1: a last segment of one key
