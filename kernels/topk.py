@@ -44,6 +44,7 @@ from unifattn.kernels.utils import interpreting
 MAX_ROW = 32768                   # keys one program holds (16 warps x 64 registers)
 KEYS_PER_THREAD = 16              # per step of the in-order output pass (one scan each)
 INTERP = 24                       # regula falsi steps before the bit search (_kth_key)
+PREFIX = 0                        # the output pass's prefix counts (_block_prefix) in compiled kernels
 KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bits = 0x007FFFFF
 
 
@@ -87,48 +88,67 @@ def _count_ge(b_k, trial, ASM: tl.constexpr):
 
 
 @triton.jit
-def _warp_prefix(x, col):
-    """x int32 0/1, col its column. Per element (PTX, compiled only): the set elements in the lower lanes of its
-    warp at the same register slot (a ballot and a popcount), the slot's total, and 1 where those 32 lanes hold
-    the 32 consecutive, 32-aligned columns in lane order (the layout that makes the first a column-order
-    prefix; _block_prefix falls back to scans elsewhere)."""
+def _warp_prefix(x):
+    """x int32 0/1. Per element (PTX, compiled only): the set elements in the lower lanes of its warp at the
+    same register slot (a ballot and a popcount), and the slot's total."""
     return tl.inline_asm_elementwise(
         """
         {
-        .reg .pred p, q;
-        .reg .b32 b, m, lane, base;
-        setp.ne.s32 p, $3, 0;
+        .reg .pred p;
+        .reg .b32 b, m;
+        setp.ne.s32 p, $2, 0;
         vote.sync.ballot.b32 b, p, 0xffffffff;
         mov.u32 m, %lanemask_lt;
         and.b32 m, b, m;
         popc.b32 $0, m;
         popc.b32 $1, b;
-        mov.u32 lane, %laneid;
-        sub.s32 base, $4, lane;
-        shfl.sync.idx.b32 m, base, 0, 0x1f, 0xffffffff;
-        and.b32 b, base, 31;
-        setp.eq.s32 p, m, base;
-        setp.eq.s32 q, b, 0;
-        and.pred p, p, q;
-        selp.s32 $2, 1, 0, p;
         }
-        """, "=r,=r,=r,r,r", [x, col], dtype=(tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        """, "=r,=r,r", [x], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
 
 
 @triton.jit
-def _block_prefix(x, col, BLOCK: tl.constexpr, BALLOT: tl.constexpr):
-    """Exclusive prefix count of x (int32 0/1 [BLOCK]) in the order of col = a base + arange(BLOCK).
-    BALLOT (compiled only): a ballot per warp slot (_warp_prefix) and one scan of the slot totals down the 32-column groups,
-    within each thread and across warps: no shuffle scans. Two shuffle scans per element (_prefix_count)
-    when the layout is not the one the ballots need (never seen: a guard, not a path)."""
-    if BALLOT:
-        pre, tot, ok = _warp_prefix(x, col)
-        t2 = tl.reshape(tot, [BLOCK // 32, 32])
-        excl = tl.reshape(tl.cumsum(t2, 0) - t2, [BLOCK]) + pre
-        if tl.min(ok, 0) == 0:
-            excl = _prefix_count(x, BLOCK) - x
-    else:
+def _lanes_in_order(col):
+    """1 where the 32 lanes of the element's warp slot hold 32 consecutive, 32-aligned columns in lane order
+    (the layout that makes _warp_prefix a column-order prefix), else 0. PTX, compiled only."""
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .pred p, q;
+        .reg .b32 lane, base, b0, lo;
+        mov.u32 lane, %laneid;
+        sub.s32 base, $1, lane;
+        shfl.sync.idx.b32 b0, base, 0, 0x1f, 0xffffffff;
+        and.b32 lo, base, 31;
+        setp.eq.s32 p, b0, base;
+        setp.eq.s32 q, lo, 0;
+        and.pred p, p, q;
+        selp.s32 $0, 1, 0, p;
+        }
+        """, "=r,r", [col], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _block_prefix(x, lanes_ok, BLOCK: tl.constexpr, PREFIX: tl.constexpr):
+    """Exclusive prefix count of x (int32 0/1 [BLOCK], in column order).
+    PREFIX 0: two shuffle scans over the 32-column groups (_prefix_count). 1 and 2 (compiled only, and
+    only where lanes_ok, _lanes_in_order, holds): a ballot per warp slot for the prefix inside a group,
+    then the groups' totals scanned down the groups within each thread and across warps (1), or summed
+    per group by shuffles and scanned as a [BLOCK // 32] vector (2)."""
+    if PREFIX == 0:
         excl = _prefix_count(x, BLOCK) - x
+    else:
+        if lanes_ok:
+            pre, tot = _warp_prefix(x)
+            if PREFIX == 1:
+                t2 = tl.reshape(tot, [BLOCK // 32, 32])
+                excl = tl.reshape(tl.cumsum(t2, 0) - t2, [BLOCK]) + pre
+            else:
+                x2 = tl.reshape(x, [BLOCK // 32, 32])
+                gt = tl.sum(x2, 1)
+                before = tl.cumsum(gt, 0) - gt
+                excl = tl.reshape(tl.reshape(pre, [BLOCK // 32, 32]) + before[:, None], [BLOCK])
+        else:
+            excl = _prefix_count(x, BLOCK) - x
     return excl
 
 
@@ -149,9 +169,19 @@ def _key_of(x):
 
 
 @triton.jit
-def _kth_key(b_k, n_valid, TOPK, ROW: tl.constexpr, INTERP: tl.constexpr, ASM: tl.constexpr):
+def _count2(b_k, b_t, trial, ASM: tl.constexpr, TAIL: tl.constexpr):
+    """The keys >= trial in the row's registers: b_k, and the tail b_t when TAIL > 0."""
+    n = _count_ge(b_k, trial, ASM)
+    if TAIL > 0:
+        n += _count_ge(b_t, trial, ASM)
+    return n
+
+
+@triton.jit
+def _kth_key(b_k, b_t, n_valid, TOPK, ROW: tl.constexpr, TAIL: tl.constexpr, INTERP: tl.constexpr,
+             ASM: tl.constexpr):
     """The TOPK-th largest key kth, or a lower bound with exactly TOPK keys >= it, and n_ge, the count of keys
-    >= kth (n_valid > TOPK keys are above -inf's).
+    >= kth (n_valid > TOPK keys are above -inf's). The row's keys: b_k [ROW], and b_t [TAIL] when TAIL > 0.
 
     A bracket [lo, hi): keys >= lo number c_lo >= TOPK, keys >= hi number c_hi < TOPK. First up to INTERP
     steps of regula falsi on the scores at the ends, aimed at rank TOPK + 1/2, with the Illinois rule (an
@@ -167,10 +197,14 @@ def _kth_key(b_k, n_valid, TOPK, ROW: tl.constexpr, INTERP: tl.constexpr, ASM: t
     on rows built against it (log-normal, Cauchy, 2048 scores of 1e30, 64 of +inf); 47 at most."""
     lo = tl.full([], 0, tl.int64)
     hi = tl.full([], 4294967296, tl.int64)
-    c_lo = n_valid * 0 + ROW                                      # every register holds a key >= 0
+    c_lo = n_valid * 0 + ROW + TAIL                               # every register holds a key >= 0
     if INTERP > 0:
         lo = tl.min(tl.where(b_k > KEY_NEG_INF, b_k, tl.full(b_k.shape, 4294967295, tl.uint32)), 0).to(tl.int64)
         hi = tl.max(b_k, 0).to(tl.int64) + 1
+        if TAIL > 0:
+            lo = tl.minimum(lo, tl.min(tl.where(b_t > KEY_NEG_INF, b_t, tl.full(b_t.shape, 4294967295, tl.uint32)),
+                                       0).to(tl.int64))
+            hi = tl.maximum(hi, tl.max(b_t, 0).to(tl.int64) + 1)
         c_lo = n_valid
         c_hi = n_valid * 0
         f_lo = (c_lo - TOPK).to(tl.float32) - 0.5
@@ -185,7 +219,7 @@ def _kth_key(b_k, n_valid, TOPK, ROW: tl.constexpr, INTERP: tl.constexpr, ASM: t
             g = _key_of(x)
             ok = ((x - x) == 0) & (((v_hi - v_lo) - (v_hi - v_lo)) == 0) & (g > lo) & (g < hi) & ~stall
             g = tl.where(ok, g, lo + (hi - lo) // 2)
-            cnt = _count_ge(b_k, g.to(tl.uint32), ASM)
+            cnt = _count2(b_k, b_t, g.to(tl.uint32), ASM, TAIL)
             stall = (cnt == c_lo) | (cnt == c_hi)
             up = cnt >= TOPK
             f = (cnt - TOPK).to(tl.float32) - 0.5
@@ -206,46 +240,53 @@ def _kth_key(b_k, n_valid, TOPK, ROW: tl.constexpr, INTERP: tl.constexpr, ASM: t
     n_ge = tl.where(kth == lo, c_lo, -1)                          # -1: not counted yet
     while (b >= 0) & (n_ge != TOPK):
         trial = kth | (tl.full([], 1, tl.int64) << tl.maximum(b, 0).to(tl.int64))
-        cnt = _count_ge(b_k, trial.to(tl.uint32), ASM)
+        cnt = _count2(b_k, b_t, trial.to(tl.uint32), ASM, TAIL)
         kth = tl.where(cnt >= TOPK, trial, kth)
         n_ge = tl.where(cnt >= TOPK, cnt, n_ge)
         b -= 1
     if n_ge < 0:
-        n_ge = _count_ge(b_k, kth.to(tl.uint32), ASM)
+        n_ge = _count2(b_k, b_t, kth.to(tl.uint32), ASM, TAIL)
     return kth.to(tl.uint32), n_ge
 
 
 @triton.jit
-def topk_rows_kernel(src, col_in, out, out_col, bblk, ends, c0, L, n_seg, nq, HKV, TOPK,
+def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOPK,
                      ROW: tl.constexpr, BLOCK: tl.constexpr, KEYS_IN: tl.constexpr, FINAL: tl.constexpr,
-                     HAS_ENDS: tl.constexpr = False, ASM: tl.constexpr = False, BALLOT: tl.constexpr = False,
+                     TAIL: tl.constexpr = 0, ASM: tl.constexpr = False, PREFIX: tl.constexpr = 0,
                      INTERP: tl.constexpr = 0):
     """Grid (rows, n_seg). Row r = h * nq + i of src [rows, L] (scores, or with KEYS_IN keys whose
-    columns are in col_in [rows, L]); segment c holds entries [c * ROW, min(L, (c + 1) * ROW)), and with
-    HAS_ENDS only those before column ends[i] - c0 (the rest are not candidates: not read).
+    columns are in col_in [rows, L]); segment c holds entries [c * SEG, min(L, (c + 1) * SEG)), SEG = ROW +
+    TAIL: ROW keys in one register tensor and, when TAIL > 0 (a smaller power of two), the rest in a second
+    (a row of 20480 scores holds 16384 + 4096 keys, not 32768: every count of the search costs less).
     FINAL: out[i, h, :TOPK] = kept columns + (c0 - bblk[i]), ascending, -1 padded.
     Otherwise out / out_col [rows, n_seg, TOPK] = the segment's kept keys / columns, in column
     order, padded with key 0 (below every score)."""
     r, c = tl.program_id(0), tl.program_id(1)
     i_h, i_q = r // nq, r % nq
-    n = tl.minimum(L - c * ROW, ROW)
-    if HAS_ENDS:
-        n = tl.maximum(tl.minimum(n, tl.load(ends + i_q) - c0 - c * ROW), 0)
-    seg = r.to(tl.int64) * L + c * ROW
+    n = tl.minimum(L - c * (ROW + TAIL), ROW + TAIL)
+    seg = r.to(tl.int64) * L + c * (ROW + TAIL)
     o = tl.arange(0, ROW)
     b_k = _keys(src + seg, o, o < n, KEYS_IN)
+    if TAIL > 0:
+        o_t = ROW + tl.arange(0, TAIL)
+        b_t = _keys(src + seg, o_t, o_t < n, KEYS_IN)
+    else:
+        b_t = b_k
     # at most TOPK candidates: keep every key above -inf's (keys are integers: >= its key + 1)
     kth = tl.full([], KEY_NEG_INF + 1, tl.uint32)
-    n_valid = _count_ge(b_k, kth, ASM)
+    n_valid = _count2(b_k, b_t, kth, ASM, TAIL)
     k_eq = n_valid * 0
     ration = n_valid < 0                                          # some keys equal to kth left out
     if n_valid > TOPK:
-        kth, n_ge = _kth_key(b_k, n_valid, TOPK, ROW, INTERP, ASM)
+        kth, n_ge = _kth_key(b_k, b_t, n_valid, TOPK, ROW, TAIL, INTERP, ASM)
         # keep every key above kth and the first k_eq equal to it; when that is all of them (the
         # search stopped early, or the k-th key is not tied past TOPK) keys >= kth are the set
         ration = n_ge > TOPK
         if ration:
-            k_eq = TOPK - (n_ge - tl.sum((b_k == kth).to(tl.int32), 0))
+            at_kth = tl.sum((b_k == kth).to(tl.int32), 0)
+            if TAIL > 0:
+                at_kth += tl.sum((b_t == kth).to(tl.int32), 0)
+            k_eq = TOPK - (n_ge - at_kth)
 
     # in column order, so the kept columns come out ascending
     if FINAL:
@@ -257,6 +298,9 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, ends, c0, L, n_seg, nq, HK
     n_sel = n_valid * 0
     n_eq = n_valid * 0
     o_b = tl.arange(0, BLOCK)
+    lanes_ok = n_valid >= 0
+    if PREFIX > 0:
+        lanes_ok = tl.min(_lanes_in_order(o_b), 0) == 1
     b_next = _keys(src + seg, o_b, o_b < n, KEYS_IN)
     for i0 in range(0, n, BLOCK):
         o_b = i0 + tl.arange(0, BLOCK)
@@ -266,16 +310,16 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, ends, c0, L, n_seg, nq, HK
         sel = m_b & (b_kb >= kth)
         if ration:                                                # ties at the k-th key: lowest columns
             eq = (m_b & (b_kb == kth)).to(tl.int32)
-            rank = _block_prefix(eq, o_b, BLOCK, BALLOT) + n_eq
+            rank = _block_prefix(eq, lanes_ok, BLOCK, PREFIX) + n_eq
             sel = m_b & ((b_kb > kth) | ((eq != 0) & (rank < k_eq)))
             n_eq += tl.sum(eq, 0)
         sel_i = sel.to(tl.int32)
-        pos = _block_prefix(sel_i, o_b, BLOCK, BALLOT) + n_sel
+        pos = _block_prefix(sel_i, lanes_ok, BLOCK, PREFIX) + n_sel
         keep = sel & (pos < TOPK)                                  # never past the row
         if KEYS_IN:
             b_c = tl.load(col_in + seg + o_b, mask=m_b, other=0)
         else:
-            b_c = c * ROW + o_b
+            b_c = c * (ROW + TAIL) + o_b
         if FINAL:
             tl.store(p_out + pos, (b_c + shift).to(tl.int32), mask=keep)
         else:
@@ -295,6 +339,16 @@ def _warps(row: int) -> int:
     return 16 if row >= 16384 else 8 if row >= 4096 else 4
 
 
+def split(W: int) -> tuple[int, int]:
+    """(ROW, TAIL): two powers of two (TAIL 0 or smaller than ROW) whose sum holds W keys, the smallest
+    such: 20480 -> (16384, 4096), 24576 -> (16384, 8192), 28672 -> (32768, 0)."""
+    p = max(32, triton.next_power_of_2(W))
+    if p == 32 or W == p:
+        return p, 0
+    tail = max(32, triton.next_power_of_2(W - p // 2))
+    return (p, 0) if tail >= p // 2 else (p // 2, tail)
+
+
 def fits(W: int, topk: int, max_row: int | None = None) -> bool:
     """Whether topk_rows takes rows of W scores: one segment, or topk at most half a segment, so
     that each round of per-segment candidates is shorter than the row it came from."""
@@ -302,7 +356,7 @@ def fits(W: int, topk: int, max_row: int | None = None) -> bool:
     return W <= max_row or 2 * topk <= max_row
 
 
-def _check_layout(s, out, bblk, ends, topk, max_row):
+def _check_layout(s, out, bblk, topk, max_row):
     """The kernel indexes flat buffers: refuse what it would read or write wrong."""
     def bad(what, want, got):
         raise ValueError(f"topk_rows: {what}: expected {want}; got {got}. Fix: pass a fresh contiguous tensor")
@@ -320,30 +374,26 @@ def _check_layout(s, out, bblk, ends, topk, max_row):
     if bblk.dim() != 1 or bblk.numel() != nq or bblk.dtype != torch.int32 or not bblk.is_contiguous() or \
             bblk.device != s.device:
         bad("bblk", f"contiguous int32 [nq] = [{nq}] on {s.device}", f"{tuple(bblk.shape)} {bblk.dtype} on {bblk.device}")
-    if ends is not None and (ends.dim() != 1 or ends.numel() != nq or ends.dtype != torch.int32 or
-                             not ends.is_contiguous() or ends.device != s.device):
-        bad("ends", f"contiguous int32 [nq] = [{nq}] on {s.device}", f"{tuple(ends.shape)} {ends.dtype} on {ends.device}")
 
 
 def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, topk: int,
-              ends: torch.Tensor | None = None, max_row: int | None = None, num_warps: int | None = None,
-              asm: bool | None = None, ballot: bool | None = None, interp: int = INTERP) -> None:
+              max_row: int | None = None, num_warps: int | None = None, asm: bool | None = None,
+              prefix: int | None = None, interp: int = INTERP, tail: bool = True) -> None:
     """s fp32 [HKV, nq, W] (contiguous; -inf = not a candidate) -> out int32 [nq, HKV, topk]: per row the
     columns of its topk best scores + (c0 - bblk[i]), ascending, ties to the lower column, -1 padded.
-    ends (int32 [nq] or None): row i's candidates are among its columns j < ends[i] - c0; the kernel does
-    not read past them (a causal tile's early rows end well before W).
     max_row (a power of two; tests lower it to reach the two-launch path at small W): keys per program.
     num_warps: None picks by row length (16 warps from 16384 keys); benchmarks sweep it, asm (None: on
-    when compiled; PTX set.ge counts), ballot (None: as asm; the output pass's ballot prefix counts) and
-    interp (the search's regula falsi steps, _kth_key; 0: bits only)."""
+    when compiled; PTX set.ge counts), prefix (the output pass's prefix counts, _block_prefix; None: PREFIX when asm, else 0) and
+    interp (the search's regula falsi steps, _kth_key; 0: bits only); tail: rows held in two register
+    tensors (split) rather than one of the next power of two."""
     warps = (lambda row: num_warps) if num_warps else _warps
     asm = (not interpreting()) if asm is None else asm               # PTX inline asm: compiled kernels only
-    ballot = asm if ballot is None else ballot
+    prefix = (PREFIX if asm else 0) if prefix is None else prefix
     block = lambda row: min(row, KEYS_PER_THREAD * 32 * warps(row))    # noqa: E731
     max_row = MAX_ROW if max_row is None else max_row
     if not (s.is_cuda or interpreting()):
         raise RuntimeError("topk_rows: expected CUDA tensors (or TRITON_INTERPRET=1); got " + str(s.device))
-    _check_layout(s, out, bblk, ends, topk, max_row)
+    _check_layout(s, out, bblk, topk, max_row)
     HKV, nq, W = s.shape
     if not fits(W, topk, max_row):
         raise ValueError(f"topk_rows: rows of W={W} scores with topk={topk}: over {max_row} scores a row is "
@@ -356,9 +406,10 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
     with _on(s.device):                      # Triton launches on the current device, not the tensor's
         if W <= max_row:
             row = max(32, triton.next_power_of_2(W))
-            topk_rows_kernel[(rows, 1)](s, s, out, out, bblk, ends, c0, W, 1, nq, HKV, topk, ROW=row,
-                                        BLOCK=block(row), KEYS_IN=False, FINAL=True, HAS_ENDS=ends is not None,
-                                        ASM=asm, BALLOT=ballot, INTERP=interp, num_warps=warps(row))
+            main, rest = split(W) if tail else (row, 0)
+            topk_rows_kernel[(rows, 1)](s, s, out, out, bblk, c0, W, 1, nq, HKV, topk, ROW=main, TAIL=rest,
+                                        BLOCK=block(row), KEYS_IN=False, FINAL=True, ASM=asm, PREFIX=prefix,
+                                        INTERP=interp, num_warps=warps(row))
             return
         # rounds of per-segment candidates until one program holds them: each round keeps topk of every
         # max_row entries (at most half), in column order
@@ -367,12 +418,12 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
             n_seg = triton.cdiv(L, max_row)
             keys = torch.empty((rows, n_seg, topk), dtype=torch.int32, device=s.device)
             cols = torch.empty_like(keys)
-            topk_rows_kernel[(rows, n_seg)](src, col, keys, cols, bblk, ends, c0, L, n_seg, nq, HKV, topk,
+            topk_rows_kernel[(rows, n_seg)](src, col, keys, cols, bblk, c0, L, n_seg, nq, HKV, topk,
                                             ROW=max_row, BLOCK=block(max_row), KEYS_IN=keys_in, FINAL=False,
-                                            HAS_ENDS=ends is not None and not keys_in, ASM=asm, BALLOT=ballot, INTERP=interp,
-                                            num_warps=warps(max_row))
+                                            ASM=asm, PREFIX=prefix, INTERP=interp, num_warps=warps(max_row))
             src, col, L, keys_in = keys, cols, n_seg * topk, True
         row = max(32, triton.next_power_of_2(L))
-        topk_rows_kernel[(rows, 1)](src, col, out, out, bblk, ends, c0, L, 1, nq, HKV, topk, ROW=row,
-                                    BLOCK=block(row), KEYS_IN=True, FINAL=True, ASM=asm, BALLOT=ballot, INTERP=interp,
-                                    num_warps=warps(row))
+        main, rest = split(L) if tail else (row, 0)
+        topk_rows_kernel[(rows, 1)](src, col, out, out, bblk, c0, L, 1, nq, HKV, topk, ROW=main, TAIL=rest,
+                                    BLOCK=block(row), KEYS_IN=True, FINAL=True, ASM=asm, PREFIX=prefix,
+                                    INTERP=interp, num_warps=warps(row))

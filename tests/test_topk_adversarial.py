@@ -163,33 +163,37 @@ def test_search_paths_equal_brute_force(interp, W, topk):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("max_row", [None, 64])
-def test_ends_bound_each_row_and_nothing_past_them_is_read(max_row):
-    """ends[i]: row i's candidates lie before column ends[i] - c0. Past it the scores here are large and
-    finite (a buffer never written would hold anything): they must not be kept. ends past W, at the row's
-    start and before it (no candidate: all -1) included; one launch, and two with max_row=64."""
-    W, topk, c0 = 200, 16, 5
-    g = torch.Generator().manual_seed(1)
-    s = torch.randn(2, 6, W, generator=g)
-    ends = torch.tensor([c0 + 150, c0 + W + 40, c0, c0 - 3, c0 + 1, c0 + 17], dtype=torch.int32)
-    masked = s.clone()
-    for i, e in enumerate(ends.tolist()):
-        masked[:, i, max(e - c0, 0):] = -INF
-        s[:, i, max(e - c0, 0):] = 1e30
-    got, _ = run_kernel(s, topk, c0=c0, ends=ends.to(DEVICE), max_row=max_row)
-    want = brute(masked, topk, c0, torch.arange(6, dtype=torch.int32) * 3 % 7)
+@pytest.mark.skipif(DEVICE != "cuda", reason="PTX ballots: compiled kernels only (the interpreter runs prefix 0)")
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+def test_prefix_count_variants_equal_brute_force_gpu(prefix):
+    """The output pass's prefix counts (kernels.topk._block_prefix) in each variant, with ties rationed
+    across several BLOCK steps (W = 20000: ROW 32768, BLOCK 8192 on 16 warps) and the adversarial rows."""
+    W, k = 20000, 3000
+    s = torch.randint(0, 3, (2, 3, W), generator=torch.Generator().manual_seed(5)).float()
+    got, want = run_kernel(s, k, c0=2, prefix=prefix)
     assert torch.equal(got, want)
-    assert (got[2:4] == -1).all() and (got[4, :, 1:] == -1).all()
+    s = adversarial_rows(5000, 700, seed=prefix)
+    got, want = run_kernel(s, 700, prefix=prefix)
+    assert torch.equal(got, want)
 
 
-def test_ends_are_checked():
-    from unifattn.kernels.topk import topk_rows
-    s = torch.zeros(1, 3, 8, device=DEVICE)
-    out = torch.empty(3, 1, 2, dtype=torch.int32, device=DEVICE)
-    bblk = torch.zeros(3, dtype=torch.int32, device=DEVICE)
-    for bad in (torch.zeros(2, dtype=torch.int32), torch.zeros(3, dtype=torch.int64)):
-        with pytest.raises(ValueError, match="ends: expected contiguous int32"):
-            topk_rows(s, out, bblk, 0, 2, ends=bad.to(DEVICE))
+def test_split_rows_into_two_register_tensors():
+    from unifattn.kernels.topk import split
+    assert [split(W) for W in (1, 32, 33, 80, 100, 300, 4096, 5000, 12288, 20480, 24576, 28672, 32768)] == [
+        (32, 0), (32, 0), (64, 0), (64, 32), (128, 0), (256, 64), (4096, 0), (4096, 1024), (8192, 4096),
+        (16384, 4096), (16384, 8192), (32768, 0), (32768, 0)]
+
+
+@pytest.mark.parametrize("W, topk", [(80, 7), (300, 40), (1500, 600)])
+def test_tail_split_equals_one_tensor(W, topk):
+    """A row held as ROW + TAIL keys (kernels.topk.split) and as one power-of-two tensor: both the brute
+    force's, with ties rationed (integer scores), +-inf and causal -inf tails in the TAIL part."""
+    s = adversarial_rows(W, topk, seed=W)
+    s[0, 0, W - 20:] = -INF
+    s[1, 2, W - 5:] = INF
+    for tail in (True, False):
+        got, want = run_kernel(s, topk, c0=1, tail=tail)
+        assert torch.equal(got, want), tail
 
 
 # --------------------------------------------------------------------------- topk_rows: two launches

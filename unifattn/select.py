@@ -341,12 +341,9 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
     if impl != "torch":
         from unifattn.kernels.topk import fits, topk_rows
 
-    if impl != "torch" and rows:           # each row's end column: the top-k kernel reads no further
-        ends = (p.dev_bblk + p.dev_pos // sel.block_size + 1).to(torch.int32)
-
     def on_tile(q0, q1, c0, s):
         if impl == "kernel" or (impl == "auto" and fits(s.shape[-1], topk)):
-            topk_rows(s, out[q0:q1], bblk[q0:q1], c0, topk, ends=ends[q0:q1])   # ascending, -1 padded, in place
+            topk_rows(s, out[q0:q1], bblk[q0:q1], c0, topk)               # ascending, -1 padded, in place
             return
         col, valid = _topk_rows(s, topk)                                     # [HKV, nq, topk]
         rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
