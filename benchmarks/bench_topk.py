@@ -9,8 +9,9 @@ shaped so that the kernel's search runs its usual course or is cut short:
     indexer  lightning-indexer scores of random inputs (16 heads x 64 dims), causal
 
 Variants of the kernel (A/B in one process, each checked first): the search (bits from bit 31, or
-regula falsi first: kernels.topk._kth_key) and the output pass's prefix counts (shuffle scans, or
-ballots: kernels.topk._block_prefix).
+regula falsi first: kernels.topk._kth_key), the output pass's prefix counts (shuffle scans over the
+32 lanes of a warp, or runs of neighbouring columns: kernels.topk._prefix) and its step, and rows
+that are not a power of two held as one register tensor or two (kernels.topk.split).
 
     python benchmarks/bench_topk.py
 
@@ -75,14 +76,15 @@ def select_rows():
 
 
 VARIANTS = {                       # name: topk_rows keywords
-    "bits, scans (before)": dict(interp=0, prefix=0),
-    "bits, ballots + scan down": dict(interp=0, prefix=1),
-    "bits, ballots + sums": dict(interp=0, prefix=2),
-    "regula falsi, scans": dict(interp=tk.INTERP, prefix=0),
-    "regula falsi, ballots + scan down": dict(interp=tk.INTERP, prefix=1),
-    "regula falsi, ballots + sums": dict(interp=tk.INTERP, prefix=2),
-    "bits, scans, one register tensor": dict(interp=0, prefix=0, tail=False),
-    "regula falsi, scans, one register tensor": dict(interp=tk.INTERP, prefix=0, tail=False),
+    "bits, lanes (before)": dict(interp=0, group=0, tail=False),
+    "regula falsi, lanes": dict(interp=tk.INTERP, group=0),
+    "regula falsi, runs of 4": dict(interp=tk.INTERP, group=4),
+    "regula falsi, runs of 16": dict(interp=tk.INTERP, group=16),
+    "regula falsi, runs of 32": dict(interp=tk.INTERP, group=32),
+    "bits, runs of 16": dict(interp=0, group=16),
+    "regula falsi, runs of 16, 8 keys a step": dict(interp=tk.INTERP, group=16, keys_per_thread=8),
+    "regula falsi, runs of 16, 32 keys a step": dict(interp=tk.INTERP, group=16, keys_per_thread=32),
+    "regula falsi, runs of 16, one tensor": dict(interp=tk.INTERP, group=16, tail=False),
 }
 
 
@@ -98,7 +100,7 @@ def main():
         want = _finish(col, valid).permute(1, 0, 2)
         for name, kw in VARIANTS.items():
             out = torch.full((R, 1, K), -7, dtype=torch.int32, device="cuda")
-            if "tail" in kw and W == T:
+            if kw.get("tail") is False and W == T and "before" not in name:
                 continue                    # a power-of-two row: no tail
             run = lambda o=out, kw=kw: tk.topk_rows(s, o, bblk, 0, K, **kw)  # noqa: E731
             run()

@@ -44,7 +44,7 @@ from unifattn.kernels.utils import interpreting
 MAX_ROW = 32768                   # keys one program holds (16 warps x 64 registers)
 KEYS_PER_THREAD = 16              # per step of the in-order output pass (one scan each)
 INTERP = 24                       # regula falsi steps before the bit search (_kth_key)
-PREFIX = 0                        # the output pass's prefix counts (_block_prefix) in compiled kernels
+GROUP = 16                        # neighbouring columns per run in the output pass's prefix counts (_prefix)
 KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bits = 0x007FFFFF
 
 
@@ -88,68 +88,16 @@ def _count_ge(b_k, trial, ASM: tl.constexpr):
 
 
 @triton.jit
-def _warp_prefix(x):
-    """x int32 0/1. Per element (PTX, compiled only): the set elements in the lower lanes of its warp at the
-    same register slot (a ballot and a popcount), and the slot's total."""
-    return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .pred p;
-        .reg .b32 b, m;
-        setp.ne.s32 p, $2, 0;
-        vote.sync.ballot.b32 b, p, 0xffffffff;
-        mov.u32 m, %lanemask_lt;
-        and.b32 m, b, m;
-        popc.b32 $0, m;
-        popc.b32 $1, b;
-        }
-        """, "=r,=r,r", [x], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-
-
-@triton.jit
-def _lanes_in_order(col):
-    """1 where the 32 lanes of the element's warp slot hold 32 consecutive, 32-aligned columns in lane order
-    (the layout that makes _warp_prefix a column-order prefix), else 0. PTX, compiled only."""
-    return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .pred p, q;
-        .reg .b32 lane, base, b0, lo;
-        mov.u32 lane, %laneid;
-        sub.s32 base, $1, lane;
-        shfl.sync.idx.b32 b0, base, 0, 0x1f, 0xffffffff;
-        and.b32 lo, base, 31;
-        setp.eq.s32 p, b0, base;
-        setp.eq.s32 q, lo, 0;
-        and.pred p, p, q;
-        selp.s32 $0, 1, 0, p;
-        }
-        """, "=r,r", [col], dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _block_prefix(x, lanes_ok, BLOCK: tl.constexpr, PREFIX: tl.constexpr):
-    """Exclusive prefix count of x (int32 0/1 [BLOCK], in column order).
-    PREFIX 0: two shuffle scans over the 32-column groups (_prefix_count). 1 and 2 (compiled only, and
-    only where lanes_ok, _lanes_in_order, holds): a ballot per warp slot for the prefix inside a group,
-    then the groups' totals scanned down the groups within each thread and across warps (1), or summed
-    per group by shuffles and scanned as a [BLOCK // 32] vector (2)."""
-    if PREFIX == 0:
-        excl = _prefix_count(x, BLOCK) - x
+def _prefix(x, BLOCK: tl.constexpr, GROUP: tl.constexpr):
+    """(exclusive prefix count of x in its columns' order, total). x int32 0/1: [BLOCK // GROUP, GROUP] runs
+    of GROUP neighbouring columns (GROUP > 0: the scan along a run stays mostly within a thread's registers,
+    then one scan over the runs' totals), or [BLOCK] (GROUP == 0: _prefix_count's groups of 32 lanes)."""
+    if GROUP > 0:
+        tot = tl.sum(x, 1)
+        before = tl.cumsum(tot, 0) - tot
+        return tl.cumsum(x, 1) - x + before[:, None], tl.sum(tot, 0)
     else:
-        if lanes_ok:
-            pre, tot = _warp_prefix(x)
-            if PREFIX == 1:
-                t2 = tl.reshape(tot, [BLOCK // 32, 32])
-                excl = tl.reshape(tl.cumsum(t2, 0) - t2, [BLOCK]) + pre
-            else:
-                x2 = tl.reshape(x, [BLOCK // 32, 32])
-                gt = tl.sum(x2, 1)
-                before = tl.cumsum(gt, 0) - gt
-                excl = tl.reshape(tl.reshape(pre, [BLOCK // 32, 32]) + before[:, None], [BLOCK])
-        else:
-            excl = _prefix_count(x, BLOCK) - x
-    return excl
+        return _prefix_count(x, BLOCK) - x, tl.sum(x, 0)
 
 
 @triton.jit
@@ -252,7 +200,7 @@ def _kth_key(b_k, b_t, n_valid, TOPK, ROW: tl.constexpr, TAIL: tl.constexpr, INT
 @triton.jit
 def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOPK,
                      ROW: tl.constexpr, BLOCK: tl.constexpr, KEYS_IN: tl.constexpr, FINAL: tl.constexpr,
-                     TAIL: tl.constexpr = 0, ASM: tl.constexpr = False, PREFIX: tl.constexpr = 0,
+                     TAIL: tl.constexpr = 0, ASM: tl.constexpr = False, GROUP: tl.constexpr = 0,
                      INTERP: tl.constexpr = 0):
     """Grid (rows, n_seg). Row r = h * nq + i of src [rows, L] (scores, or with KEYS_IN keys whose
     columns are in col_in [rows, L]); segment c holds entries [c * SEG, min(L, (c + 1) * SEG)), SEG = ROW +
@@ -297,24 +245,25 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOP
         p_col = out_col + (r.to(tl.int64) * n_seg + c) * TOPK
     n_sel = n_valid * 0
     n_eq = n_valid * 0
-    o_b = tl.arange(0, BLOCK)
-    lanes_ok = n_valid >= 0
-    if PREFIX > 0:
-        lanes_ok = tl.min(_lanes_in_order(o_b), 0) == 1
-    b_next = _keys(src + seg, o_b, o_b < n, KEYS_IN)
+    if GROUP > 0:                                                 # [BLOCK // GROUP, GROUP]: runs of columns
+        o_g = tl.arange(0, BLOCK // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    else:
+        o_g = tl.arange(0, BLOCK)
+    b_next = _keys(src + seg, o_g, o_g < n, KEYS_IN)
     for i0 in range(0, n, BLOCK):
-        o_b = i0 + tl.arange(0, BLOCK)
+        o_b = i0 + o_g
         m_b = o_b < n
         b_kb = b_next
         b_next = _keys(src + seg, o_b + BLOCK, o_b + BLOCK < n, KEYS_IN)   # in flight while this step works
         sel = m_b & (b_kb >= kth)
         if ration:                                                # ties at the k-th key: lowest columns
             eq = (m_b & (b_kb == kth)).to(tl.int32)
-            rank = _block_prefix(eq, lanes_ok, BLOCK, PREFIX) + n_eq
-            sel = m_b & ((b_kb > kth) | ((eq != 0) & (rank < k_eq)))
-            n_eq += tl.sum(eq, 0)
+            rank, n_eq_b = _prefix(eq, BLOCK, GROUP)
+            sel = m_b & ((b_kb > kth) | ((eq != 0) & (rank + n_eq < k_eq)))
+            n_eq += n_eq_b
         sel_i = sel.to(tl.int32)
-        pos = _block_prefix(sel_i, lanes_ok, BLOCK, PREFIX) + n_sel
+        pos, n_sel_b = _prefix(sel_i, BLOCK, GROUP)
+        pos += n_sel
         keep = sel & (pos < TOPK)                                  # never past the row
         if KEYS_IN:
             b_c = tl.load(col_in + seg + o_b, mask=m_b, other=0)
@@ -325,7 +274,7 @@ def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOP
         else:
             tl.store(p_out + pos, b_kb.to(tl.int32, bitcast=True), mask=keep)
             tl.store(p_col + pos, b_c.to(tl.int32), mask=keep)
-        n_sel += tl.sum(sel_i, 0)
+        n_sel += n_sel_b
     for j0 in range(0, TOPK, BLOCK):
         o_j = j0 + tl.arange(0, BLOCK)
         m_j = (o_j >= n_sel) & (o_j < TOPK)
@@ -378,18 +327,19 @@ def _check_layout(s, out, bblk, topk, max_row):
 
 def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, topk: int,
               max_row: int | None = None, num_warps: int | None = None, asm: bool | None = None,
-              prefix: int | None = None, interp: int = INTERP, tail: bool = True) -> None:
+              group: int = GROUP, interp: int = INTERP, tail: bool = True,
+              keys_per_thread: int = KEYS_PER_THREAD) -> None:
     """s fp32 [HKV, nq, W] (contiguous; -inf = not a candidate) -> out int32 [nq, HKV, topk]: per row the
     columns of its topk best scores + (c0 - bblk[i]), ascending, ties to the lower column, -1 padded.
     max_row (a power of two; tests lower it to reach the two-launch path at small W): keys per program.
     num_warps: None picks by row length (16 warps from 16384 keys); benchmarks sweep it, asm (None: on
-    when compiled; PTX set.ge counts), prefix (the output pass's prefix counts, _block_prefix; None: PREFIX when asm, else 0) and
+    when compiled; PTX set.ge counts), group (the output pass's runs of columns, _prefix; 0: one vector) and
     interp (the search's regula falsi steps, _kth_key; 0: bits only); tail: rows held in two register
-    tensors (split) rather than one of the next power of two."""
+    tensors (split) rather than one of the next power of two; keys_per_thread: the output pass's step."""
     warps = (lambda row: num_warps) if num_warps else _warps
     asm = (not interpreting()) if asm is None else asm               # PTX inline asm: compiled kernels only
-    prefix = (PREFIX if asm else 0) if prefix is None else prefix
-    block = lambda row: min(row, KEYS_PER_THREAD * 32 * warps(row))    # noqa: E731
+    block = lambda row: min(row, keys_per_thread * 32 * warps(row))    # noqa: E731
+    group = min(group, 32)                                               # BLOCK >= 32
     max_row = MAX_ROW if max_row is None else max_row
     if not (s.is_cuda or interpreting()):
         raise RuntimeError("topk_rows: expected CUDA tensors (or TRITON_INTERPRET=1); got " + str(s.device))
@@ -408,7 +358,7 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
             row = max(32, triton.next_power_of_2(W))
             main, rest = split(W) if tail else (row, 0)
             topk_rows_kernel[(rows, 1)](s, s, out, out, bblk, c0, W, 1, nq, HKV, topk, ROW=main, TAIL=rest,
-                                        BLOCK=block(row), KEYS_IN=False, FINAL=True, ASM=asm, PREFIX=prefix,
+                                        BLOCK=block(row), KEYS_IN=False, FINAL=True, ASM=asm, GROUP=group,
                                         INTERP=interp, num_warps=warps(row))
             return
         # rounds of per-segment candidates until one program holds them: each round keeps topk of every
@@ -420,10 +370,10 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
             cols = torch.empty_like(keys)
             topk_rows_kernel[(rows, n_seg)](src, col, keys, cols, bblk, c0, L, n_seg, nq, HKV, topk,
                                             ROW=max_row, BLOCK=block(max_row), KEYS_IN=keys_in, FINAL=False,
-                                            ASM=asm, PREFIX=prefix, INTERP=interp, num_warps=warps(max_row))
+                                            ASM=asm, GROUP=group, INTERP=interp, num_warps=warps(max_row))
             src, col, L, keys_in = keys, cols, n_seg * topk, True
         row = max(32, triton.next_power_of_2(L))
         main, rest = split(L) if tail else (row, 0)
         topk_rows_kernel[(rows, 1)](src, col, out, out, bblk, c0, L, 1, nq, HKV, topk, ROW=main, TAIL=rest,
-                                    BLOCK=block(row), KEYS_IN=True, FINAL=True, ASM=asm, PREFIX=prefix,
+                                    BLOCK=block(row), KEYS_IN=True, FINAL=True, ASM=asm, GROUP=group,
                                     INTERP=interp, num_warps=warps(row))

@@ -62,17 +62,16 @@ def compile_one(label, fn, pointers, constexprs, scalars=None, options=None):
 def topk():
     from unifattn.kernels import topk as m
     ptr = {"src": "*fp32", "col_in": "*i32", "out": "*i32", "out_col": "*i32", "bblk": "*i32"}
-    return [compile_one(f"topk_rows_kernel W={row} keys_in={ki} final={fin} prefix={prefix}", m.topk_rows_kernel,
+    return [compile_one(f"topk_rows_kernel W={row} keys_in={ki} final={fin} group={group}", m.topk_rows_kernel,
                         {**ptr, "src": "*i32" if ki else "*fp32"},
                         {"ROW": m.split(row)[0], "TAIL": m.split(row)[1],
                          "BLOCK": min(row, m.KEYS_PER_THREAD * 32 * m._warps(row)), "KEYS_IN": ki,
-                         "FINAL": fin, "ASM": True, "PREFIX": prefix, "INTERP": m.INTERP},
+                         "FINAL": fin, "ASM": True, "GROUP": group, "INTERP": m.INTERP},
                         options={"num_warps": m._warps(row)})
-            for row, ki, fin, prefix in ((m.MAX_ROW, False, True, 0), (m.MAX_ROW, False, True, 1),
-                                         (m.MAX_ROW, False, True, 2), (m.MAX_ROW, False, False, m.PREFIX),
-                                         (m.MAX_ROW, True, False, m.PREFIX), (8192, True, True, m.PREFIX),
-                                         (256, False, True, m.PREFIX), (20480, False, True, m.PREFIX),
-                                         (24576, True, True, m.PREFIX))]
+            for row, ki, fin, group in ((m.MAX_ROW, False, True, 0), (m.MAX_ROW, False, True, m.GROUP),
+                                        (m.MAX_ROW, False, False, m.GROUP), (m.MAX_ROW, True, False, m.GROUP),
+                                        (8192, True, True, m.GROUP), (256, False, True, m.GROUP),
+                                        (20480, False, True, m.GROUP), (24576, True, True, m.GROUP))]
 
 
 def scan():
