@@ -5,26 +5,34 @@
 Keys. A fp32 score becomes an order-preserving uint32 (-0.0 reads as +0.0; -inf, the mark of a
 non-candidate, becomes 0x007FFFFF; lanes past the row become 0, below every score).
 
-One program per row segment of at most ROW <= MAX_ROW keys, all held in registers (16 warps:
-64 keys per thread at 32768):
+One program per row segment of at most MAX_ROW keys, all held in registers (16 warps: 64 keys per
+thread at 32768; a row that is not a power of two in two tensors, ROW + TAIL: split()):
 
 1. n_valid = the keys above -inf's. At most k of them: keep them all, pad with -1.
-2. Otherwise the k-th largest key, bit by bit from the top: a bit is set when at least k keys
-   reach prefix | bit. 32 counting passes over registers, no histogram; the search stops early
-   when exactly k keys reach the prefix (the kept set is then known: for random scores the k-th
-   and (k+1)-th keys part well before the last bit).
+2. Otherwise the k-th largest key (_kth_key): a bracket of keys closed by regula falsi on the scores
+   (Illinois rule, a bisection where the guesses fall between clusters), then bits from the highest
+   where the bracket's ends differ: a bit is set when at least k keys reach prefix | bit. Each step is
+   one counting pass over the registers, no histogram; the search stops when exactly k keys reach the
+   bracket's low end (the kept set is then known).
 3. One pass in column order (the segment read again, from L2, in steps of 16 keys per thread)
    writes every column whose key is greater than the k-th, and the first k_eq columns whose key
-   equals it: positions from a prefix count (_prefix_count), so the kept columns come out
-   ascending and nothing is sorted. The tie rank is counted only when the k-th key is rationed.
+   equals it: positions from prefix counts over runs of 4 neighbouring columns (_prefix), so the kept
+   columns come out ascending and nothing is sorted. The tie rank is counted only when the k-th key is
+   rationed.
 
-H200, the last tile of a T=32768 selection (4096 rows x 32768 scores): 1.12 ms against 1.68 ms for
-torch.topk alone (which leaves the tie repair and the sort still to do); reading the tile once
-costs 0.13 ms, the output pass with no search 0.54 ms (benchmarks/bench_topk.py). Measured and
-dropped on the way: one tl.cumsum per output step (1.59 ms), the output pass straight from the
-registers without a second read (spills: 3.67), two bits per search pass with three counts in one
-reduction (1.87 against 1.59 at the time), 8 or 32 warps (1.26, 1.20); counting with plain
-compares instead of PTX set.ge: 1.25.
+H200, the last tile of a T=32768 selection (4096 rows x 32768 scores, causal; benchmarks/bench_topk.py,
+2026-11-30, one run): 0.925 ms on N(0, 1) scores and 0.918 on lightning-indexer scores, against 1.146 /
+1.140 for the bit search with prefix counts over a warp's 32 lanes (stop 13's kernel) and 1.68 for
+torch.topk alone (which leaves the tie repair and the sort still to do); the tile of rows [20480, 24576)
+(16384 + 8192 registers) 0.789 against 1.014; every score tied 0.805 against 1.679. Rows built against
+regula falsi (2048 scores of 1e30 among N(0, 1)) take 1.219 against 1.066. Reading the tile once costs
+0.13 ms. Measured and dropped on the way: runs of 16 or 32 columns (1.034, 1.035), 8 or 32 keys per
+thread a step (1.021, 1.102 with runs of 16), ballots (PTX vote) for the prefix counts (slower, and
+wrong on the H200 although a lane-order guard held), reading each row only to its causal end (0.1 ms
+slower: the end's load delays the row's), one tl.cumsum per output step (1.59 ms at the time), the
+output pass straight from the registers without a second read (spills: 3.67), two bits per search pass
+with three counts in one reduction (1.87 against 1.59 at the time), 8 or 32 warps (1.26, 1.20);
+counting with plain compares instead of PTX set.ge: 1.25.
 
 Rows longer than MAX_ROW (T = 131072) take rounds: each MAX_ROW segment keeps its own top-k
 (key, column) pairs in column order, until the concatenated candidates fit one program, which
@@ -44,7 +52,7 @@ from unifattn.kernels.utils import interpreting
 MAX_ROW = 32768                   # keys one program holds (16 warps x 64 registers)
 KEYS_PER_THREAD = 16              # per step of the in-order output pass (one scan each)
 INTERP = 24                       # regula falsi steps before the bit search (_kth_key)
-GROUP = 16                        # neighbouring columns per run in the output pass's prefix counts (_prefix)
+GROUP = 4                         # neighbouring columns per run in the output pass's prefix counts (_prefix)
 KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bits = 0x007FFFFF
 
 

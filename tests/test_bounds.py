@@ -11,7 +11,7 @@ from unifattn.dsl.bounds import FP32_MAX, MARGIN, score_bound
 from unifattn.dsl.selector import Heads, Scalar, Vec, exp, l2norm, log, relu, selector, sigmoid, sqrt, sum_heads
 from unifattn.kernels.utils import poisoned
 from unifattn import select as select_mod
-from unifattn.select import scores_finite, select, select_reference
+from unifattn.select import SelectConfig, scores_finite, select, select_reference
 from unifattn.selectors import lightning_indexer, moba
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,41 +85,48 @@ def test_group_sum_counts_in_the_bound():
 
 
 def _flags_seen(monkeypatch):
+    """[(flagged, number of query tiles)] per _run_tiles call that scores something."""
     seen = []
     real = select_mod._run_tiles
 
-    def spy(sel, p, plan, on_tile, nan_flag=None):
-        seen.append(nan_flag is not None)
-        return real(sel, p, plan, on_tile, nan_flag)
+    def spy(sel, p, plan, on_tile, nan_flag=None, tiles=slice(None)):
+        if plan is not None and len(plan[2][tiles]):
+            seen.append((nan_flag is not None, len(plan[2][tiles])))
+        return real(sel, p, plan, on_tile, nan_flag, tiles)
     monkeypatch.setattr(select_mod, "_run_tiles", spy)
     return seen
 
 
 def test_select_drops_the_nan_flag_only_with_a_bound(monkeypatch):
-    """Bounded inputs: no flag (the call returns with its kernels queued); inputs large enough to overflow
-    fp32 in the dot: the flag is kept, and the NaN scores it catches (inf - inf across heads) raise."""
+    """Three query tiles. The first is queued before the sync, flagged. Bounded inputs: the other two go
+    unflagged (the call returns with its kernels queued); inputs large enough to overflow fp32 in the dot:
+    they are flagged too, and the NaN scores caught (inf - inf across heads) raise. Unchecked: no flag."""
     seen = _flags_seen(monkeypatch)
     g = torch.Generator().manual_seed(0)
     B, T, HI, DI = 1, 24, 2, 8
     x = dict(qi=torch.randn(B, T, HI, DI, generator=g), ki=torch.randn(B, T, DI, generator=g),
              w=torch.tensor([1.0, -1.0]).expand(B, T, HI).contiguous())
     x = {k: v.to(DEVICE) for k, v in x.items()}
+    cfg = SelectConfig(query_tile=8)
     with poisoned():
-        idx = select(lightning_indexer, topk=4, **x)
+        idx = select(lightning_indexer, topk=4, config=cfg, **x)
     assert torch.equal(idx.cpu(), select_reference(lightning_indexer, topk=4, **x).cpu())
-    assert seen == [False]
+    assert seen == [(True, 1), (False, 2)]
     y = {**x, "qi": torch.full_like(x["qi"], 1e30), "ki": torch.full_like(x["ki"], 1e30)}   # every dot is inf
     with pytest.raises(ValueError, match="expected finite scores for finite inputs; got NaN scores"):
-        select(lightning_indexer, topk=4, **y)
-    assert seen == [False, True]
-    idx = select(lightning_indexer, topk=4, check_inputs=False, **x)      # unchecked: never a flag
-    assert seen == [False, True, False]
+        select(lightning_indexer, topk=4, config=cfg, **y)
+    assert seen[2:] == [(True, 1), (True, 2)]
+    with poisoned():
+        idx = select(lightning_indexer, topk=4, config=cfg, check_inputs=False, **x)
+    assert seen[4:] == [(False, 3)]
+    assert torch.equal(idx.cpu(), select_reference(lightning_indexer, topk=4, **x).cpu())
 
 
-def test_nan_inputs_raise_before_any_scoring(monkeypatch):
+def test_nan_inputs_raise_at_the_sync(monkeypatch):
+    """NaN inputs raise at the sync, after the first tile and before the others are queued."""
     seen = _flags_seen(monkeypatch)
-    x = dict(q=torch.randn(1, 8, 4), kmean=torch.randn(1, 8, 4))
+    x = dict(q=torch.randn(1, 80, 4), kmean=torch.randn(1, 80, 4))
     x["q"][0, 3, 1] = float("nan")
     with pytest.raises(ValueError, match="q: expected finite values"):
-        select(moba, **{k: v.to(DEVICE) for k, v in x.items()})
-    assert seen == []
+        select(moba, config=SelectConfig(query_tile=16), **{k: v.to(DEVICE) for k, v in x.items()})
+    assert seen == [(True, 1)]

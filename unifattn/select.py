@@ -298,12 +298,14 @@ def _plan(sel: Selector, p: _Prep, config):
     return mod, x, tiles, prec, cfg
 
 
-def _run_tiles(sel: Selector, p: _Prep, plan, on_tile, nan_flag=None):
-    """Score query tiles with the generated kernel; on_tile(q0, q1, c0, scores [HKV, nq, W]). nan_flag (int32
-    [1] or None): the kernel sets it when a candidate's score is NaN."""
+def _run_tiles(sel: Selector, p: _Prep, plan, on_tile, nan_flag=None, tiles=slice(None)):
+    """Score the plan's query tiles (those in the slice `tiles`) with the generated kernel; on_tile(q0, q1, c0,
+    scores [HKV, nq, W]). nan_flag (int32 [1] or None): the kernel sets it when a candidate's score is NaN."""
     from unifattn.kernels.utils import empty
-    mod, x, tiles, prec, cfg = plan
-    for q0, q1, c0, W in tiles:
+    if plan is None:
+        return
+    mod, x, all_tiles, prec, cfg = plan
+    for q0, q1, c0, W in all_tiles[tiles]:
         o = empty((p.HKV, q1 - q0, W), torch.float32, p.device)
         mod.launch(x, o, p.dev_pos, p.dev_bblk, q0, c0, q1 - q0, W, p.HKV, p.G, p.dims, sel.block_size, sel.n_sink,
                    sel.n_local, prec, cfg, nan_flag)
@@ -324,11 +326,11 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
 
     topk overrides the selector's; config is a SelectConfig (tile sizes); inputs by name.
     check_inputs: scan the inputs for NaN/inf (one read, in the launch that also takes each input's
-    largest |x|) and make sure no score is NaN. One host sync reads the scan before the kernels are
-    queued: when the inputs' magnitudes bound the score far from fp32's overflow (dsl.bounds: scores of
-    polynomials, relu, l2norm, bounded exps; the built-in selectors), no score can be NaN and the call
-    returns with its kernels queued. Otherwise the scoring kernel flags NaN scores and a second sync
-    reads the flag after them. False skips both, and a NaN score then ranks lowest (as in
+    largest |x|) and make sure no score is NaN. One host sync reads the scan after the first query tile
+    is queued (with a NaN-score flag) and before the others: when the inputs' magnitudes bound the score
+    far from fp32's overflow (dsl.bounds: scores of polynomials, relu, l2norm, bounded exps; the built-in
+    selectors), no score can be NaN and the call returns with its kernels queued. Otherwise every tile
+    flags NaN scores and a second sync reads the flag after them. False skips both, and a NaN score then ranks lowest (as in
     select_reference).
     Not differentiable (top-k has no gradient: train the scorer with a distillation loss).
     """
@@ -349,15 +351,18 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
         rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
         out[q0:q1] = _finish(rel, valid).permute(1, 0, 2)
 
-    nan_flag = None
+    nan_flag = torch.zeros(1, dtype=torch.int32, device=p.device) if check_inputs else None
     with torch.no_grad():
         plan = _plan(sel, p, config) if rows else None
+        first = 1 if check_inputs and rows else 0
+        # the first (smallest) tile goes before the sync, flagged: the GPU works while the host reads the scan
+        _run_tiles(sel, p, plan, on_tile, nan_flag, tiles=slice(0, first))
         if check_inputs:
-            amax = p.check()                    # the sync: NaN/inf inputs raise here, before any scoring
-            if rows and not scores_finite(sel, amax, p.dims, p.G):
-                nan_flag = torch.zeros(1, dtype=torch.int32, device=p.device)
+            amax = p.check()                    # the sync: NaN/inf inputs raise here, before their results leave
+            if rows and scores_finite(sel, amax, p.dims, p.G):
+                nan_flag = None                 # no score can be NaN: no flag, and no second sync
         if rows:
-            _run_tiles(sel, p, plan, on_tile, nan_flag)
+            _run_tiles(sel, p, plan, on_tile, nan_flag, tiles=slice(first, None))
     if nan_flag is not None and int(nan_flag.item()):   # the queue has drained: a 4-byte read
         validate.fail(f"selector '{sel.name}'", "finite scores for finite inputs", "NaN scores",
                       "make the score function finite everywhere (e.g. guard a log or a division: "
