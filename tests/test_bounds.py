@@ -120,6 +120,8 @@ def test_select_drops_the_nan_flag_only_with_a_bound(monkeypatch):
         idx = select(lightning_indexer, topk=4, config=cfg, check_inputs=False, **x)
     assert seen[4:] == [(False, 3)]
     assert torch.equal(idx.cpu(), select_reference(lightning_indexer, topk=4, **x).cpu())
+    select(lightning_indexer, topk=4, **x)                  # one tile: nothing before the sync, no flag
+    assert seen[5:] == [(False, 1)]
 
 
 def test_nan_inputs_raise_at_the_sync(monkeypatch):

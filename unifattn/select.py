@@ -326,8 +326,8 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
 
     topk overrides the selector's; config is a SelectConfig (tile sizes); inputs by name.
     check_inputs: scan the inputs for NaN/inf (one read, in the launch that also takes each input's
-    largest |x|) and make sure no score is NaN. One host sync reads the scan after the first query tile
-    is queued (with a NaN-score flag) and before the others: when the inputs' magnitudes bound the score
+    largest |x|) and make sure no score is NaN. One host sync reads the scan after the first of several
+    query tiles is queued (with a NaN-score flag) and before the others: when the inputs' magnitudes bound the score
     far from fp32's overflow (dsl.bounds: scores of polynomials, relu, l2norm, bounded exps; the built-in
     selectors), no score can be NaN and the call returns with its kernels queued. Otherwise every tile
     flags NaN scores and a second sync reads the flag after them. False skips both, and a NaN score then ranks lowest (as in
@@ -345,7 +345,9 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
 
     def on_tile(q0, q1, c0, s):
         if impl == "kernel" or (impl == "auto" and fits(s.shape[-1], topk)):
-            topk_rows(s, out[q0:q1], bblk[q0:q1], c0, topk)               # ascending, -1 padded, in place
+            from unifattn.kernels import topk as tk   # token rows end at their own key: global column q0 + i
+            end0 = q0 + 1 - c0 if tk.ENDS and sel.block_size == 1 else None
+            topk_rows(s, out[q0:q1], bblk[q0:q1], c0, topk, end0=end0)   # ascending, -1 padded, in place
             return
         col, valid = _topk_rows(s, topk)                                     # [HKV, nq, topk]
         rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
@@ -354,8 +356,9 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
     nan_flag = torch.zeros(1, dtype=torch.int32, device=p.device) if check_inputs else None
     with torch.no_grad():
         plan = _plan(sel, p, config) if rows else None
-        first = 1 if check_inputs and rows else 0
-        # the first (smallest) tile goes before the sync, flagged: the GPU works while the host reads the scan
+        first = 1 if check_inputs and plan is not None and len(plan[2]) > 1 else 0
+        # the first (smallest) of several tiles goes before the sync, flagged: the GPU works while the host
+        # reads the scan (a lone tile waits: queued before the sync, all of its work would hold the host)
         _run_tiles(sel, p, plan, on_tile, nan_flag, tiles=slice(0, first))
         if check_inputs:
             amax = p.check()                    # the sync: NaN/inf inputs raise here, before their results leave
