@@ -67,23 +67,19 @@ def select_rows():
     from unifattn.select import select
     from unifattn.selectors import lightning_indexer
     x = bench_select.inputs(32768)
-    ends = tk.ENDS
-    for check, tk.ENDS in ((True, ends), (False, ends), (True, not ends), (False, not ends)):
+    for check in (True, False):
         ms = triton.testing.do_bench(lambda: select(lightning_indexer, topk=K, check_inputs=check, **x),
                                      warmup=10, rep=200)
-        print(f"select() T=32768 top-{K}, check_inputs={check}, causal ends={tk.ENDS}: {ms:.2f} ms")
-    tk.ENDS = ends
+        print(f"select() T=32768 top-{K}, check_inputs={check}: {ms:.2f} ms")
     print(f"scoring alone: {triton.testing.do_bench(bench_select.scoring_only(x, SelectConfig()), rep=200):.2f} ms")
 
 
-VARIANTS = {                       # name: topk_rows keywords (ends: each row's causal end, end0)
+VARIANTS = {                       # name: topk_rows keywords
     "bits, lanes (stop 13)": dict(interp=0, group=0, tail=False),
     "regula falsi, lanes": dict(interp=tk.INTERP, group=0),
     "regula falsi, runs of 4": dict(interp=tk.INTERP, group=4),
     "regula falsi, runs of 16": dict(interp=tk.INTERP, group=16),
-    "regula falsi, runs of 4, causal ends": dict(interp=tk.INTERP, group=4, ends=True),
     "regula falsi, runs of 4, 8 keys a step": dict(interp=tk.INTERP, group=4, keys_per_thread=8),
-    "regula falsi, runs of 4, 8 keys, ends": dict(interp=tk.INTERP, group=4, keys_per_thread=8, ends=True),
     "regula falsi, runs of 4, one tensor": dict(interp=tk.INTERP, group=4, tail=False),
 }
 
@@ -102,7 +98,6 @@ def main():
             out = torch.full((R, 1, K), -7, dtype=torch.int32, device="cuda")
             if kw.get("tail") is False and W == T and "stop 13" not in name:
                 continue                    # a power-of-two row: no tail
-            kw = {**{k: v for k, v in kw.items() if k != "ends"}, "end0": W - R + 1 if kw.get("ends") else None}
             run = lambda o=out, kw=kw: tk.topk_rows(s, o, bblk, 0, K, **kw)  # noqa: E731
             run()
             ok = torch.equal(out, want)

@@ -28,8 +28,8 @@ torch.topk alone (which leaves the tie repair and the sort still to do); the til
 regula falsi (2048 scores of 1e30 among N(0, 1)) take 1.219 against 1.066. Reading the tile once costs
 0.13 ms. Measured and dropped on the way: runs of 16 or 32 columns (1.034, 1.035), 8 or 32 keys per
 thread a step (1.021, 1.102 with runs of 16), ballots (PTX vote) for the prefix counts (slower, and
-wrong on the H200 although a lane-order guard held), reading each row only to its causal end (0.1 ms
-slower: the end's load delays the row's), one tl.cumsum per output step (1.59 ms at the time), the
+wrong on the H200 although a lane-order guard held), reading each row only to its causal end (slower:
+1.076 against 0.925 with the end computed in the kernel, 0.1 ms more with it loaded), one tl.cumsum per output step (1.59 ms at the time), the
 output pass straight from the registers without a second read (spills: 3.67), two bits per search pass
 with three counts in one reduction (1.87 against 1.59 at the time), 8 or 32 warps (1.26, 1.20);
 counting with plain compares instead of PTX set.ge: 1.25.
@@ -52,7 +52,6 @@ from unifattn.kernels.utils import interpreting
 MAX_ROW = 32768                   # keys one program holds (16 warps x 64 registers)
 KEYS_PER_THREAD = 16              # per step of the in-order output pass (one scan each)
 INTERP = 24                       # regula falsi steps before the bit search (_kth_key)
-ENDS = False                      # select() passes token rows' causal ends (end0) to topk_rows
 GROUP = 4                         # neighbouring columns per run in the output pass's prefix counts (_prefix)
 KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bits = 0x007FFFFF
 
@@ -206,25 +205,21 @@ def _kth_key(b_k, b_t, n_valid, TOPK, ROW: tl.constexpr, TAIL: tl.constexpr, INT
     return kth.to(tl.uint32), n_ge
 
 
-@triton.jit(do_not_specialize=["END0"])
-def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOPK, END0,
+@triton.jit
+def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOPK,
                      ROW: tl.constexpr, BLOCK: tl.constexpr, KEYS_IN: tl.constexpr, FINAL: tl.constexpr,
                      TAIL: tl.constexpr = 0, ASM: tl.constexpr = False, GROUP: tl.constexpr = 0,
-                     INTERP: tl.constexpr = 0, ENDS: tl.constexpr = False):
+                     INTERP: tl.constexpr = 0):
     """Grid (rows, n_seg). Row r = h * nq + i of src [rows, L] (scores, or with KEYS_IN keys whose
     columns are in col_in [rows, L]); segment c holds entries [c * SEG, min(L, (c + 1) * SEG)), SEG = ROW +
     TAIL: ROW keys in one register tensor and, when TAIL > 0 (a smaller power of two), the rest in a second
     (a row of 20480 scores holds 16384 + 4096 keys, not 32768: every count of the search costs less).
-    ENDS: row i's candidates are its columns before END0 + i (a token selection's causal end); none
-    past it is read.
     FINAL: out[i, h, :TOPK] = kept columns + (c0 - bblk[i]), ascending, -1 padded.
     Otherwise out / out_col [rows, n_seg, TOPK] = the segment's kept keys / columns, in column
     order, padded with key 0 (below every score)."""
     r, c = tl.program_id(0), tl.program_id(1)
     i_h, i_q = r // nq, r % nq
     n = tl.minimum(L - c * (ROW + TAIL), ROW + TAIL)
-    if ENDS:
-        n = tl.maximum(tl.minimum(n, END0 + i_q - c * (ROW + TAIL)), 0)
     seg = r.to(tl.int64) * L + c * (ROW + TAIL)
     o = tl.arange(0, ROW)
     b_k = _keys(src + seg, o, o < n, KEYS_IN)
@@ -341,16 +336,14 @@ def _check_layout(s, out, bblk, topk, max_row):
 def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, topk: int,
               max_row: int | None = None, num_warps: int | None = None, asm: bool | None = None,
               group: int = GROUP, interp: int = INTERP, tail: bool = True,
-              keys_per_thread: int = KEYS_PER_THREAD, end0: int | None = None) -> None:
+              keys_per_thread: int = KEYS_PER_THREAD) -> None:
     """s fp32 [HKV, nq, W] (contiguous; -inf = not a candidate) -> out int32 [nq, HKV, topk]: per row the
     columns of its topk best scores + (c0 - bblk[i]), ascending, ties to the lower column, -1 padded.
     max_row (a power of two; tests lower it to reach the two-launch path at small W): keys per program.
     num_warps: None picks by row length (16 warps from 16384 keys); benchmarks sweep it, asm (None: on
     when compiled; PTX set.ge counts), group (the output pass's runs of columns, _prefix; 0: one vector) and
     interp (the search's regula falsi steps, _kth_key; 0: bits only); tail: rows held in two register
-    tensors (split) rather than one of the next power of two; keys_per_thread: the output pass's step.
-    end0 (None: W): row i's candidates are among its columns j < end0 + i (a token selection's causal
-    end: select() passes q0 + 1 - c0); the kernel reads no further."""
+    tensors (split) rather than one of the next power of two; keys_per_thread: the output pass's step."""
     warps = (lambda row: num_warps) if num_warps else _warps
     asm = (not interpreting()) if asm is None else asm               # PTX inline asm: compiled kernels only
     block = lambda row: min(row, keys_per_thread * 32 * warps(row))    # noqa: E731
@@ -372,9 +365,9 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
         if W <= max_row:
             row = max(32, triton.next_power_of_2(W))
             main, rest = split(W) if tail else (row, 0)
-            topk_rows_kernel[(rows, 1)](s, s, out, out, bblk, c0, W, 1, nq, HKV, topk, end0 or 0, ROW=main,
+            topk_rows_kernel[(rows, 1)](s, s, out, out, bblk, c0, W, 1, nq, HKV, topk, ROW=main,
                                         TAIL=rest, BLOCK=block(row), KEYS_IN=False, FINAL=True, ASM=asm, GROUP=group,
-                                        INTERP=interp, ENDS=end0 is not None, num_warps=warps(row))
+                                        INTERP=interp, num_warps=warps(row))
             return
         # rounds of per-segment candidates until one program holds them: each round keeps topk of every
         # max_row entries (at most half), in column order
@@ -383,13 +376,12 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
             n_seg = triton.cdiv(L, max_row)
             keys = torch.empty((rows, n_seg, topk), dtype=torch.int32, device=s.device)
             cols = torch.empty_like(keys)
-            topk_rows_kernel[(rows, n_seg)](src, col, keys, cols, bblk, c0, L, n_seg, nq, HKV, topk, end0 or 0,
+            topk_rows_kernel[(rows, n_seg)](src, col, keys, cols, bblk, c0, L, n_seg, nq, HKV, topk,
                                             ROW=max_row, BLOCK=block(max_row), KEYS_IN=keys_in, FINAL=False,
-                                            ASM=asm, GROUP=group, INTERP=interp,
-                                            ENDS=end0 is not None and not keys_in, num_warps=warps(max_row))
+                                            ASM=asm, GROUP=group, INTERP=interp, num_warps=warps(max_row))
             src, col, L, keys_in = keys, cols, n_seg * topk, True
         row = max(32, triton.next_power_of_2(L))
         main, rest = split(L) if tail else (row, 0)
-        topk_rows_kernel[(rows, 1)](src, col, out, out, bblk, c0, L, 1, nq, HKV, topk, 0, ROW=main, TAIL=rest,
+        topk_rows_kernel[(rows, 1)](src, col, out, out, bblk, c0, L, 1, nq, HKV, topk, ROW=main, TAIL=rest,
                                     BLOCK=block(row), KEYS_IN=True, FINAL=True, ASM=asm, GROUP=group,
                                     INTERP=interp, num_warps=warps(row))

@@ -132,3 +132,13 @@ def test_nan_inputs_raise_at_the_sync(monkeypatch):
     with pytest.raises(ValueError, match="q: expected finite values"):
         select(moba, config=SelectConfig(query_tile=16), **{k: v.to(DEVICE) for k, v in x.items()})
     assert seen == [(True, 1)]
+
+
+def test_tiles_queued_before_the_sync():
+    """select() queues the first tiles within a tenth of the scores before its sync, at least one, never all."""
+    from unifattn.select import _ahead
+    causal = (None, None, [(4096 * j, 4096 * (j + 1), 0, 4096 * (j + 1)) for j in range(8)], None, None)
+    assert _ahead(causal) == 2                          # 1 + 2 of 36 parts, the third would pass 3.6
+    assert _ahead((None, None, [(0, 8, 0, 8)], None, None)) == 0
+    assert _ahead((None, None, [(0, 8, 0, 8), (8, 9, 0, 9)], None, None)) == 1
+    assert _ahead(None) == 0

@@ -18,7 +18,7 @@ import torch
 
 from unifattn.dsl.selector import Vec, block, local, selector, sink
 from unifattn.kernels.utils import empty, poisoned
-from unifattn.select import SelectConfig, reference_scores, select, select_reference
+from unifattn.select import reference_scores, select, select_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INF = float("inf")
@@ -194,41 +194,6 @@ def test_tail_split_equals_one_tensor(W, topk):
     for tail in (True, False):
         got, want = run_kernel(s, topk, c0=1, tail=tail)
         assert torch.equal(got, want), tail
-
-
-@pytest.mark.parametrize("max_row", [None, 64])
-def test_causal_ends_bound_each_row_and_nothing_past_them_is_read(max_row):
-    """end0: row i's candidates lie before column end0 + i. Past it the scores here are large and finite
-    (a buffer never written would hold anything): they must not be kept. Rows whose end is past W, at
-    column 0 and before it included; one launch, and two with max_row=64."""
-    W, topk, nq = 200, 16, 6
-    g = torch.Generator().manual_seed(1)
-    s = torch.randn(2, nq, W, generator=g)
-    for end0 in (-2, 150, W - 2):
-        x, masked = s.clone(), s.clone()
-        for i in range(nq):
-            e = min(max(end0 + i, 0), W)
-            masked[:, i, e:] = -INF
-            x[:, i, e:] = 1e30
-        got, _ = run_kernel(x, topk, c0=5, end0=end0, max_row=max_row)
-        assert torch.equal(got, brute(masked, topk, 5, torch.arange(nq, dtype=torch.int32) * 3 % 7)), end0
-
-
-def test_select_with_causal_ends_equals_reference(monkeypatch):
-    from unifattn.kernels import topk as tk
-    monkeypatch.setattr(tk, "ENDS", True)
-    g = torch.Generator().manual_seed(2)
-    x = dict(q=torch.randn(1, 70, 8, generator=g), k=torch.randn(1, 70, 8, generator=g))
-    x = {k: v.to(DEVICE) for k, v in x.items()}
-    cu = torch.tensor([0, 30, 70], dtype=torch.int32, device=DEVICE)
-    for kw in (dict(), dict(cu_seqlens=cu)):
-        got = select(_dot, topk=9, config=SelectConfig(query_tile=16), **kw, **x)
-        assert torch.equal(got.cpu(), select_reference(_dot, topk=9, **kw, **x).cpu())
-
-
-@selector(topk=4)
-def _dot(q: Vec["D"], k: Vec["D"]):
-    return q @ k
 
 
 # --------------------------------------------------------------------------- topk_rows: two launches

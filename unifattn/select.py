@@ -312,6 +312,19 @@ def _run_tiles(sel: Selector, p: _Prep, plan, on_tile, nan_flag=None, tiles=slic
         on_tile(q0, q1, c0, o)
 
 
+def _ahead(plan, share: float = 0.1) -> int:
+    """How many of the plan's first tiles to queue before select's sync: those within `share` of all the
+    tiles' scores (causal tiles grow), at least one, and never all (the host would wait for none)."""
+    if plan is None or len(plan[2]) < 2:
+        return 0
+    work = [(q1 - q0) * W for q0, q1, _, W in plan[2]]
+    n, acc = 1, work[0]
+    while n < len(work) - 1 and acc + work[n] <= share * sum(work):
+        acc += work[n]
+        n += 1
+    return n
+
+
 def scores_finite(sel: Selector, amax: dict, dims: dict, G: int) -> bool:
     """Whether sel's fp32 scores are finite (so never NaN) for inputs with |x| <= amax: the bound of
     dsl.bounds on one (query head, key) score, times the G heads of a group summed."""
@@ -345,9 +358,7 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
 
     def on_tile(q0, q1, c0, s):
         if impl == "kernel" or (impl == "auto" and fits(s.shape[-1], topk)):
-            from unifattn.kernels import topk as tk   # token rows end at their own key: global column q0 + i
-            end0 = q0 + 1 - c0 if tk.ENDS and sel.block_size == 1 else None
-            topk_rows(s, out[q0:q1], bblk[q0:q1], c0, topk, end0=end0)   # ascending, -1 padded, in place
+            topk_rows(s, out[q0:q1], bblk[q0:q1], c0, topk)               # ascending, -1 padded, in place
             return
         col, valid = _topk_rows(s, topk)                                     # [HKV, nq, topk]
         rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
@@ -356,9 +367,9 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
     nan_flag = torch.zeros(1, dtype=torch.int32, device=p.device) if check_inputs else None
     with torch.no_grad():
         plan = _plan(sel, p, config) if rows else None
-        first = 1 if check_inputs and plan is not None and len(plan[2]) > 1 else 0
-        # the first (smallest) of several tiles goes before the sync, flagged: the GPU works while the host
-        # reads the scan (a lone tile waits: queued before the sync, all of its work would hold the host)
+        first = _ahead(plan) if check_inputs else 0
+        # the first (smallest) tiles go before the sync, flagged: the GPU works on them while the host reads
+        # the scan (the sync waits for the scan only) and queues the rest
         _run_tiles(sel, p, plan, on_tile, nan_flag, tiles=slice(0, first))
         if check_inputs:
             amax = p.check()                    # the sync: NaN/inf inputs raise here, before their results leave

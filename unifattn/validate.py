@@ -152,16 +152,26 @@ def finite(tensors: dict, ranges: tuple = ()):
 
 
 def finite_later(tensors: dict, ranges: tuple = (), amax: bool = False):
-    """finite, in two steps: the scan is queued now, and the returned function reads its flags
-    (the host sync) and raises. Kernels queued in between overlap the caller's host work; their
-    results must not leave the call before the function has run. amax: the function also returns
-    {name: largest |x|} (0.0 for empty tensors), read in the same sync."""
+    """finite, in two steps: the scan is queued now, and the returned function reads its flags and raises.
+    On a GPU the flags are copied to pinned host memory right behind the scan and the function waits on
+    an event recorded there: for the scan only, not for the kernels queued in between, which keep the
+    GPU busy while the host reads. Their results must not leave the call before the function has run.
+    amax: the function also returns {name: largest |x|} (0.0 for empty tensors), read in the same sync."""
     from unifattn.kernels.checks import scan_async
     cond = {name: (c, why) for name, c, why in ranges}
     items = [(name, x) for name, x in tensors.items() if x is not None and x.numel()]
     flags = scan_async([(x, cond.get(name, (None,))[0]) for name, x in items], amax=amax)
+    done = None
+    if flags is not None and flags.is_cuda:
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(flags.device))
+        flags = host
 
     def read():
+        if done is not None:
+            done.synchronize()
         got = [0] if flags is None else flags.cpu()
         _finite_report(items, cond, int(got[0]))
         if amax:
