@@ -30,8 +30,11 @@ def _scan_block(x, n, blk, bit_value, flags, slot, RANGE: tl.constexpr, AMAX: tl
     m = o < n
     b_x = tl.load(x + o, mask=m, other=0.).to(tl.float32)
     if AMAX:                                  # |x| as int32 bits: ordered like |x|, NaN above inf
-        b_a = tl.where(m, b_x.to(tl.int32, bitcast=True) & 2147483647, 0)
-        tl.atomic_max(flags + 1 + slot, tl.max(b_a, 0), sem="relaxed")
+        b_a = tl.max(tl.where(m, b_x.to(tl.int32, bitcast=True) & 2147483647, 0), 0)
+        # one address per tensor: atomics from every block (131072 for MoBA's 537 MB q at T=32768) serialize
+        # there; a block below the max seen so far skips its atomic (a stale read only costs one more)
+        if b_a > tl.load(flags + 1 + slot):
+            tl.atomic_max(flags + 1 + slot, b_a, sem="relaxed")
     bad = (b_x != b_x) | (tl.abs(b_x) == float("inf"))
     if RANGE == 1:
         bad = bad | (b_x > 0)
