@@ -13,7 +13,7 @@ regula falsi first: kernels.topk._kth_key), the output pass's prefix counts (shu
 32 lanes of a warp, or runs of neighbouring columns: kernels.topk._prefix) and its step, and rows
 that are not a power of two held as one register tensor or two (kernels.topk.split).
 
-    python benchmarks/bench_topk.py
+    python benchmarks/bench_topk.py [--moba]      # --moba: MoBA's selection only
 
 Each case is checked against torch's path (torch.topk, tie repair, sort) before it is timed.
 """
@@ -84,6 +84,31 @@ VARIANTS = {                       # name: topk_rows keywords
 }
 
 
+def moba_rows():
+    """MoBA's selection at T=32768 (q [1, T, 64, 128], k [1, T, 4, 128] bf16, top-16 of 512 blocks): one
+    query tile of short rows; select() with its kernel's search and output pass as in VARIANTS."""
+    import functools
+
+    from unifattn.select import select
+    from unifattn.selectors import moba
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(1, T, 64, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, T, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    real = tk.topk_rows
+    want = select(moba, topk=16, q=q, kmean=k)
+    for name in ("bits, lanes (stop 13)", "regula falsi, lanes", "regula falsi, runs of 4"):
+        tk.topk_rows = functools.partial(real, **VARIANTS[name])
+        try:
+            for check in (True, False):
+                ok = torch.equal(select(moba, topk=16, q=q, kmean=k, check_inputs=check), want)
+                ms = triton.testing.do_bench(lambda: select(moba, topk=16, q=q, kmean=k, check_inputs=check),
+                                             warmup=10, rep=200)
+                print(f"select(moba) T={T} top-16 x 64, {name}, check_inputs={check}: {ms:.2f} ms"
+                      f"{'' if ok else '  DIFFERENT INDICES'}")
+        finally:
+            tk.topk_rows = real
+
+
 def main():
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -118,4 +143,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    moba_rows() if "--moba" in sys.argv else main()

@@ -66,7 +66,7 @@ for part in $parts; do
              wait
              for f in /tmp/topk_tests.*.log; do echo "== $f"; grep -E "passed|failed|Error|error" "$f" | tail -n 12; done
            }) 2>&1 | tee "$LOG/topk_tests.log" ;;
-    topk) timeout ${TOPK_S:-120} python3 benchmarks/bench_topk.py 2>&1 | tee "$LOG/topk.log" ;;
+    topk) timeout ${TOPK_S:-120} python3 benchmarks/bench_topk.py ${TOPK_ARGS:-} 2>&1 | tee "$LOG/topk.log" ;;
     select) timeout ${SELECT_S:-150} python3 benchmarks/bench_select.py ${SELECT_ARGS:---no-sweep} 2>&1 | tee "$LOG/select.log" ;;
     chunk_tests) # chunk-kernel GPU tests selected by CHUNK_TESTS_K, one process per class, side by side
            cp -r tests benchmarks /tmp/ua_pkg/ && (cd /tmp/ua_pkg && {
