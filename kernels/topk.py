@@ -51,7 +51,8 @@ from unifattn.kernels.utils import interpreting
 
 MAX_ROW = 32768                   # keys one program holds (16 warps x 64 registers)
 KEYS_PER_THREAD = 16              # per step of the in-order output pass (one scan each)
-INTERP = 24                       # regula falsi steps before the bit search (_kth_key)
+INTERP = 24                       # regula falsi steps before the bit search (_kth_key), rows >= INTERP_ROW
+INTERP_ROW = 4096                 # below: bits only (MoBA's 512-block rows, top-16: 1.19 ms against 2.02 with it)
 GROUP = 4                         # neighbouring columns per run in the output pass's prefix counts (_prefix)
 KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bits = 0x007FFFFF
 
@@ -335,18 +336,20 @@ def _check_layout(s, out, bblk, topk, max_row):
 
 def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, topk: int,
               max_row: int | None = None, num_warps: int | None = None, asm: bool | None = None,
-              group: int = GROUP, interp: int = INTERP, tail: bool = True,
+              group: int = GROUP, interp: int | None = None, tail: bool = True,
               keys_per_thread: int = KEYS_PER_THREAD) -> None:
     """s fp32 [HKV, nq, W] (contiguous; -inf = not a candidate) -> out int32 [nq, HKV, topk]: per row the
     columns of its topk best scores + (c0 - bblk[i]), ascending, ties to the lower column, -1 padded.
     max_row (a power of two; tests lower it to reach the two-launch path at small W): keys per program.
     num_warps: None picks by row length (16 warps from 16384 keys); benchmarks sweep it, asm (None: on
     when compiled; PTX set.ge counts), group (the output pass's runs of columns, _prefix; 0: one vector) and
-    interp (the search's regula falsi steps, _kth_key; 0: bits only); tail: rows held in two register
+    interp (the search's regula falsi steps, _kth_key; 0: bits only; None: INTERP for rows of INTERP_ROW
+    keys or more, else 0); tail: rows held in two register
     tensors (split) rather than one of the next power of two; keys_per_thread: the output pass's step."""
     warps = (lambda row: num_warps) if num_warps else _warps
     asm = (not interpreting()) if asm is None else asm               # PTX inline asm: compiled kernels only
     block = lambda row: min(row, keys_per_thread * 32 * warps(row))    # noqa: E731
+    steps = lambda row: (INTERP if row >= INTERP_ROW else 0) if interp is None else interp   # noqa: E731
     group = min(group, 32)                                               # BLOCK >= 32
     max_row = MAX_ROW if max_row is None else max_row
     if not (s.is_cuda or interpreting()):
@@ -367,7 +370,7 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
             main, rest = split(W) if tail else (row, 0)
             topk_rows_kernel[(rows, 1)](s, s, out, out, bblk, c0, W, 1, nq, HKV, topk, ROW=main,
                                         TAIL=rest, BLOCK=block(row), KEYS_IN=False, FINAL=True, ASM=asm, GROUP=group,
-                                        INTERP=interp, num_warps=warps(row))
+                                        INTERP=steps(row), num_warps=warps(row))
             return
         # rounds of per-segment candidates until one program holds them: each round keeps topk of every
         # max_row entries (at most half), in column order
@@ -378,10 +381,10 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
             cols = torch.empty_like(keys)
             topk_rows_kernel[(rows, n_seg)](src, col, keys, cols, bblk, c0, L, n_seg, nq, HKV, topk,
                                             ROW=max_row, BLOCK=block(max_row), KEYS_IN=keys_in, FINAL=False,
-                                            ASM=asm, GROUP=group, INTERP=interp, num_warps=warps(max_row))
+                                            ASM=asm, GROUP=group, INTERP=steps(max_row), num_warps=warps(max_row))
             src, col, L, keys_in = keys, cols, n_seg * topk, True
         row = max(32, triton.next_power_of_2(L))
         main, rest = split(L) if tail else (row, 0)
         topk_rows_kernel[(rows, 1)](src, col, out, out, bblk, c0, L, 1, nq, HKV, topk, ROW=main, TAIL=rest,
                                     BLOCK=block(row), KEYS_IN=True, FINAL=True, ASM=asm, GROUP=group,
-                                    INTERP=interp, num_warps=warps(row))
+                                    INTERP=steps(row), num_warps=warps(row))
