@@ -20,38 +20,39 @@ shape, and the T=131072 forward (selection + sparse attention) with its peak mem
     python benchmarks/bench_sparse.py            # checks + table
     python benchmarks/bench_sparse.py --sweep    # also time launch configs
 
-Measured 2026-11-29 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), one run (session 13,
-call 4), after every check passed (random index sets and both selectors end to end, T=2048: o, dq,
-dk, dv within 2.0e-3 to 2.5e-3 relative L2 of the float32 dense reference):
+Measured 2026-11-30 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), one run (session 14,
+device call 9), after every check passed (random index sets and both selectors end to end, T=2048:
+o, dq, dk, dv within 2.0e-3 to 2.5e-3 relative L2 of the float32 dense reference):
 
     kernel                                 fwd ms  fwd+bwd ms   x fwd   x f+b  fwd TFLOP/s  gather TB/s
-    SDPA causal GQA (dense)                 28.97      123.80    1.00    1.00          607            -
-    ours token top-2048                     16.87      107.64    1.72    1.15          126         7.89
-    ours token top-1024                      8.67       54.48    3.34    2.27          125         7.81
-    ours block 16x64                         9.09       28.15    3.19    4.40          116         7.22
-    fla parallel_nsa block 16x64            10.39       35.81    2.79    3.46            -            -
-    select: lightning indexer top-2048      10.90           -    2.66       -            -            -
-    select: lightning, torch.topk path      25.45           -    1.14       -            -            -
-    select: lightning, check_inputs=False    9.29           -    3.12       -            -            -
-    select: moba top-16x64                   1.90           -   15.24       -            -            -
-    indexer + select + sparse top-2048      27.76      117.62    1.04    1.05            -            -
+    SDPA causal GQA (dense)                 28.93      122.01    1.00    1.00          608            -
+    ours token top-2048                     16.75      108.80    1.73    1.12          127         7.95
+    ours token top-1024                      8.73       55.05    3.32    2.22          124         7.75
+    ours block 16x64                         9.15       29.03    3.16    4.20          115         7.17
+    fla parallel_nsa block 16x64            10.47       36.14    2.76    3.38            -            -
+    select: lightning indexer top-2048       7.85           -    3.68       -            -            -
+    select: lightning, torch.topk path      25.98           -    1.11       -            -            -
+    select: lightning, check_inputs=False    7.77           -    3.73       -            -            -
+    select: moba top-16x64                   1.50           -   19.28       -            -            -
+    indexer + select + sparse top-2048      25.41      116.41    1.14    1.05            -            -
 
-    select = 0.376 x the SDPA forward (0.321 unchecked); target <= 0.25, not met
-    check_indices=True adds 9.29 / 4.87 ms per call (top-2048 / 1024) for unordered lists (a sort
-    for duplicates), 0.34 / 0.21 ms for lists in select()'s order; check_inputs=True adds 0.32 ms
-    T=131072: select 165.33 ms (torch.topk path 308.40, identical indices), sparse attention forward
-    70.18 ms, both 236.35 ms; peak 15.7 GiB
-Session 8's run (before the scoring tile of 128 keys, the key-tile bound fix and the forward's
-running max from -inf) gave the same sparse-attention rows within 3% (top-2048 16.90 / 109.19) and
-select 11.06 ms.
+    select = 0.271 x the SDPA forward (0.268 unchecked); target <= 0.25, not met
+    check_indices=True adds 9.19 / 4.98 ms per call (top-2048 / 1024) for unordered lists (a sort
+    for duplicates), 0.33 / 0.21 ms for lists in select()'s order; check_inputs=True adds 0.34 ms
+    T=131072: select 123.34 ms (torch.topk path 304.63, identical indices), sparse attention forward
+    69.97 ms, both 195.76 ms; peak 15.7 GiB
+Session 13's run (2026-11-29, before this session's top-k and sync changes) gave the same sparse-
+attention rows within 3% and select 10.90 ms (9.29 unchecked, MoBA 1.90), T=131072 select 165.33 ms.
 
-Where the selection goes (session 13, same run): one select() call is 10.2 ms of GPU time, the
-scoring kernel 3.77 ms (3.04 alone) and the top-k kernel 6.41 ms over the eight query tiles. On the last tile (4096 x 32768
-scores) the top-k kernel takes 1.14 ms against 1.68 ms for torch.topk alone; reading the tile once
-costs 0.13 ms (benchmarks/bench_topk.py: the search ~0.6 ms, the in-order output pass ~0.4 ms).
-The checked call's extra ~1.6 ms is the host sync that reads the input scan: the host cannot run
-ahead into the next call. Session 7's select (histogram radix or torch.topk, tie repair, sort):
-28.4 ms.
+Where the selection goes (same run): one select() call is 7.9 ms of GPU time, the scoring kernel
+2.97 ms and the top-k kernel 4.87 ms over the eight query tiles, the input scan 0.05 ms. On the last
+tile (4096 x 32768 scores) the top-k kernel takes 0.93 ms against 1.65 ms for torch.topk alone
+(benchmarks/bench_topk.py: regula falsi before the bit search, the output pass's prefix counts over
+runs of 4 columns, rows that are not a power of two in two register tensors). The checked call
+costs 0.08 ms more than the unchecked one: its sync waits for the input scan only (an event behind
+it), after the first query tiles are queued, and the scan's largest |x| bound the scores far from
+overflow (dsl.bounds), so no NaN-score flag is needed. Session 7's select (histogram radix or
+torch.topk, tie repair, sort): 28.4 ms.
 
 Tried on the H200 (session 7) and backed out:
 - indexer heads stacked into the scoring tile's rows (one dot of BT*16 rows, a reshape-sum):
@@ -66,7 +67,7 @@ G = 16 query heads per KV head each gathered K/V row (512 bytes) feeds only 16 r
 tensor cores. Top-2048 moves 2048 x 32768 x 4 KV heads x 512 B = 137 GB of K/V rows per pass,
 and the backward must gather them again (dS needs K and V). Even at 12 TB/s (half again the
 7.9 measured) that is >= 23 ms for forward + backward before any atomics, i.e. <= 5.5x SDPA's
-127 ms: 6x is out of reach with these index sets at G = 16; top-1024 likewise <= 11x against 12x.
+122-127 ms: 6x is out of reach with these index sets at G = 16; top-1024 likewise <= 11x against 12x.
 (The targets' "~8x" counts FLOPs; the bytes bind first.) The
 token backward (~91 ms at top-2048) re-gathers K/V (~17 ms at the forward's rate) and scatters
 dk, dv as fp32 atomics, 2 x 512 bytes per triple: the rest is that scatter. Block granularity

@@ -33,8 +33,9 @@ T and indices are relative to each sequence's start.
 How: queries in tiles of `query_tile`; the generated Triton kernel scores a tile
 against its causal columns into an fp32 [HKV, tile, W] buffer (never T x T at
 once); kernels.topk keeps the best of each row in one Triton program (the k-th
-score found bit by bit in registers, the kept columns written in order; ties to
-the lower index; rows over 32768 scores in rounds of per-segment candidates).
+score found in registers by regula falsi and bits, the kept columns written in
+order; ties to the lower index; rows over 32768 scores in rounds of per-segment
+candidates).
 With rows over 32768 scores and topk > 16384 it goes to torch.topk, whose rows
 with a tied k-th score are redone with exact (score, -index) int64 keys, then a
 sort: the same result.
