@@ -138,3 +138,41 @@ def constant_gate_and_beta(S, q: Vec["K"], k: Vec["K"], v: Vec["V"]):
 def test_constant_gate_and_beta(r):
     """The chunk form's prep kernel reads no input (it used to be printed with an empty argument)."""
     _both_forms_match(r, seed=3)
+
+
+def _gated(name: str):
+    """simple_gla with its log-gate input called `name`."""
+    from unifattn.dsl import Scalar, softplus
+    src = (f"def gated_{name}(S, q: Vec['K'], k: Vec['K'], v: Vec['V'], {name}: Scalar):\n"
+           f"    S = exp(-softplus({name})) * S + outer(k, v)\n"
+           f"    return S, S.T @ q\n")
+    env = dict(Vec=Vec, Scalar=Scalar, exp=exp, softplus=softplus, outer=outer)
+    exec(compile(src, f"<gated_{name}>", "exec"), env)
+    return rule(state=("K", "V"))(env[f"gated_{name}"])
+
+
+@pytest.mark.parametrize("name, forms", [("o", ("recurrent",)), ("T", ("recurrent",)), ("K", ("chunk", "recurrent")),
+                                         ("tl", ("chunk", "recurrent")), ("i_t", ("chunk", "recurrent")),
+                                         ("bos", ("recurrent",)), ("BV", ("chunk", "recurrent")),
+                                         ("i_hv", ("chunk", "recurrent"))])
+def test_input_names_that_the_generated_code_uses_raise(name, forms):
+    """An input named like a parameter or a local of a generated kernel (a duplicate argument, or a name the
+    kernel assigns or uses as a module) gets a RuleError that names it, in the forms whose kernel has the name;
+    the reference form still runs it."""
+    from unifattn.dsl.errors import RuleError
+    r = _gated(name)
+    case = make_inputs(r, B=1, T=9, H=1, K=8, V=8, seed=3, device=DEVICE)
+    for form in forms:
+        with pytest.raises(RuleError, match=rf"got {name}: the kernel would declare or assign them twice.*"
+                                            rf"Fix: rename the input\(s\), e\.g\. {name} -> {name}_in"):
+            codegen.source(r, form)
+    ua.ops.linear_attention(r, form="reference", **case)
+
+
+@pytest.mark.parametrize("name", ["h", "b_h", "stride", "B", "NT", "chunk", "o_gate"])
+def test_input_names_near_the_generated_ones_run(name):
+    """Names close to the generated code's own (b_h, stride, ...) are not refused, and both forms match the
+    float64 reference; `o` is refused by the recurrent kernel only, so its chunk form runs."""
+    _both_forms_match(_gated(name), seed=4)
+    r = _gated("o")
+    assert_matches_reference(r, form="chunk", **make_inputs(r, B=1, T=9, H=1, K=8, V=8, seed=5, device=DEVICE))
