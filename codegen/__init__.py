@@ -51,12 +51,20 @@ def _names_free(r, form: str, text: str) -> str:
         clash.add(found.group(1))
         tree = None
     if tree is not None:
+        top = {a.asname or a.name.split(".")[0] for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+               for a in n.names}
+        top |= {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        top |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
         for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
             params = [a.arg for a in fn.args.args]
-            stored = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-            modules = {n.value.id for n in ast.walk(fn)
-                       if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
-            clash |= {p for p in params if p in inputs and (p in stored or p in modules or params.count(p) > 1)}
+            jit = any("jit" in ast.unparse(d) for d in fn.decorator_list)
+            names = [n for n in ast.walk(fn) if isinstance(n, ast.Name)]
+            stored = {n.id for n in names if isinstance(n.ctx, ast.Store)}
+            loaded = {n.id for n in names if isinstance(n.ctx, ast.Load)}
+            # a kernel parameter the kernel also assigns, or one that hides a module-level name (tl, triton, a
+            # helper) the function uses; a host function may reassign its own parameters (x = x.float())
+            clash |= {p for p in params if p in inputs and (params.count(p) > 1 or (p in top and p in loaded)
+                                                          or (jit and p in stored))}
     if clash:
         first = sorted(clash)[0]
         raise RuleError(r.name, r.where, f"input names other than the names inside its generated {form} kernel",
