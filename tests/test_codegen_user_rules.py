@@ -171,8 +171,9 @@ def test_input_names_that_the_generated_code_uses_raise(name, forms):
 
 @pytest.mark.parametrize("name", ["h", "b_h", "stride", "B", "NT", "chunk", "o_gate", "x"])
 def test_input_names_near_the_generated_ones_run(name):
-    """Names close to the generated code's own (b_h, stride, ...), or a host function's (x), are not refused; both forms match the
-    float64 reference; `o` is refused by the recurrent kernel only, so its chunk form runs."""
+    """Names close to the generated code's own (b_h, stride, ...), or a host function's (x), are not refused:
+    both forms match the float64 reference; `o` is refused by the recurrent kernel only, so its chunk form
+    runs."""
     _both_forms_match(_gated(name), seed=4)
     r = _gated("o")
     assert_matches_reference(r, form="chunk", **make_inputs(r, B=1, T=9, H=1, K=8, V=8, seed=5, device=DEVICE))
