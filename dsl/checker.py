@@ -123,10 +123,13 @@ def _check(r: Rule) -> Facts:
     except NotLinear:
         structural = False
     if structural:
-        affine = all(sp.diff(e, a, b) == 0 or symbolic.is_zero(sp.diff(e, a, b), None, rng) is not None
-                     for e in S_new for a in s_syms for b in s_syms)
         J = {(i, j, kk, l): sp.diff(S_new[i, j], S[kk, l]) for i in range(3) for j in range(2)
              for kk in range(3) for l in range(2)}
+        # affine: every second derivative is 0; only those of Jacobian entries that still hold a state symbol
+        # are taken (a deep rule's 216 second derivatives of unexpanded entries took most of its check)
+        s_set = set(s_syms)
+        affine = all(sp.diff(d, b) == 0 or symbolic.is_zero(sp.diff(d, b), None, rng) is not None
+                     for d in J.values() for b in d.free_symbols & s_set)
         off = [J[i, j, kk, l] for (i, j, kk, l) in J if j != l]
         same = [J[i, 0, kk, 0] - J[i, 1, kk, 1] for i in range(3) for kk in range(3)]
         shared = affine and symbolic.all_zero(off + same, rng) is not None
@@ -169,7 +172,7 @@ def _check(r: Rule) -> Facts:
 
     # -- (2b) the class template rebuilt from the facts equals the rule (A, B, read-out)
     A_rule = sp.Matrix(3, 3, lambda i, kk: sp.diff(S_new[i, 0], S[kk, 0]))
-    B_rule = S_new.subs({s: 0 for s in s_syms})
+    B_rule = S_new.xreplace({s: sp.Integer(0) for s in s_syms})   # subs compares subtrees: minutes on deep rules
     try:
         A_t, B_t = _template(cls, facts, env)
     except symbolic.Undefined:          # e.g. the log of a decay that is identically 0

@@ -630,3 +630,18 @@ def test_nested_values_stay_small_for_sympy():
 def test_check_takes_rules_only():
     with pytest.raises(TypeError, match="check: expected a rule declared with @unifattn.dsl.rule; got Selector"):
         check(ua.rules.moba)
+
+
+def test_a_delta_update_repeated_in_one_token_is_placed():
+    """The same-key delta update written six times in one token: (I - beta k k^T)^6 is again a delta
+    transition, and the chunk form is proved. Its state is a deep DAG of shared sympy trees: the checker now
+    takes only the second derivatives it needs and substitutes the state structurally (xreplace); on this
+    machine the check took 12 s before and 5.6 s after (8 repeats: more than 130 s before, 62 s after)."""
+    from unifattn.dsl import Scalar, Vec, check, outer, rule
+    body = "\n".join(["    S = S - beta * outer(k, S.T @ k) + beta * outer(k, v)"] * 6)
+    src = (f"def repeated(S, q: Vec['K'], k: Vec['K'], v: Vec['V'], beta: Scalar):\n{body}\n"
+           "    return S, S.T @ q\n")
+    env = dict(Vec=Vec, Scalar=Scalar, outer=outer)
+    exec(compile(src, "<repeated>", "exec"), env)
+    r = rule(state=("K", "V"))(env["repeated"])
+    assert check(r).forms == ("chunk", "recurrent")
