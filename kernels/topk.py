@@ -58,15 +58,20 @@ KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bit
 
 
 @triton.jit
+def _key_bits(x):
+    """The key of fp32 x as int32 bits (read as uint32 they order like the scores)."""
+    b = x.to(tl.int32, bitcast=True)
+    b = tl.where(b == -2147483648, 0, b)                          # -0.0 reads as +0.0 (bits, not a float add)
+    return tl.where(b >= 0, b ^ -2147483648, ~b)                  # flip the sign bit, or every bit
+
+
+@triton.jit
 def _keys(src, o, m, KEYS_IN: tl.constexpr):
     """uint32 keys ordered like the fp32 scores at src + o; 0 where m is off."""
     if KEYS_IN:                                                   # already keys (a later round)
         b_i = tl.load(src + o, mask=m, other=0)
     else:
-        b_i = tl.load(src + o, mask=m, other=0.).to(tl.int32, bitcast=True)
-        b_i = tl.where(b_i == -2147483648, 0, b_i)               # -0.0 reads as +0.0 (bits, not a float add)
-        b_i = tl.where(b_i >= 0, b_i ^ -2147483648, ~b_i)         # flip the sign bit, or every bit
-        b_i = tl.where(m, b_i, 0)
+        b_i = tl.where(m, _key_bits(tl.load(src + o, mask=m, other=0.)), 0)
     return b_i.to(tl.uint32, bitcast=True)
 
 
@@ -119,10 +124,7 @@ def _value(key):
 @triton.jit
 def _key_of(x):
     """The int64 key of an fp32 score x (as _keys)."""
-    b = x.to(tl.int32, bitcast=True)
-    b = tl.where(b == -2147483648, 0, b)
-    b = tl.where(b >= 0, b ^ -2147483648, ~b)
-    return b.to(tl.uint32, bitcast=True).to(tl.int64)
+    return _key_bits(x).to(tl.uint32, bitcast=True).to(tl.int64)
 
 
 @triton.jit

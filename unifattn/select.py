@@ -365,16 +365,21 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
         rel = col + (c0 - bblk[q0:q1])[None, :, None]                        # relative to the sequence start
         out[q0:q1] = _finish(rel, valid).permute(1, 0, 2)
 
-    nan_flag = torch.zeros(1, dtype=torch.int32, device=p.device) if check_inputs else None
+    def new_flag():
+        return torch.zeros(1, dtype=torch.int32, device=p.device)
+
     with torch.no_grad():
         plan = _plan(sel, p, config) if rows else None
         first = _ahead(plan) if check_inputs else 0
         # the first (smallest) tiles go before the sync, flagged: the GPU works on them while the host reads
         # the scan (the sync waits for the scan only) and queues the rest
+        nan_flag = new_flag() if first else None
         _run_tiles(sel, p, plan, on_tile, nan_flag, tiles=slice(0, first))
         if check_inputs:
             amax = p.check()                    # the sync: NaN/inf inputs raise here, before their results leave
-            if rows and scores_finite(sel, amax, p.dims, p.G):
+            if rows and not scores_finite(sel, amax, p.dims, p.G):
+                nan_flag = new_flag() if nan_flag is None else nan_flag
+            else:
                 nan_flag = None                 # no score can be NaN: no flag, and no second sync
         if rows:
             _run_tiles(sel, p, plan, on_tile, nan_flag, tiles=slice(first, None))
