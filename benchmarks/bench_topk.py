@@ -13,7 +13,8 @@ regula falsi first: kernels.topk._kth_key), the output pass's prefix counts (shu
 32 lanes of a warp, or runs of neighbouring columns: kernels.topk._prefix) and its step, and rows
 that are not a power of two held as one register tensor or two (kernels.topk.split).
 
-    python benchmarks/bench_topk.py [--moba]      # --moba: MoBA's selection only
+    python benchmarks/bench_topk.py [--moba | --select]   # --moba: MoBA's selection only
+                                                          # --select: select() A/B (streams, registers)
 
 Each case is checked against torch's path (torch.topk, tie repair, sort) before it is timed.
 """
@@ -75,13 +76,71 @@ def select_rows():
 
 
 VARIANTS = {                       # name: topk_rows keywords
-    "bits, lanes (stop 13)": dict(interp=0, group=0, tail=False),
-    "regula falsi, lanes": dict(interp=tk.INTERP, group=0),
-    "regula falsi, runs of 4": dict(interp=tk.INTERP, group=4),
-    "regula falsi, runs of 16": dict(interp=tk.INTERP, group=16),
-    "regula falsi, runs of 4, 8 keys a step": dict(interp=tk.INTERP, group=4, keys_per_thread=8),
-    "regula falsi, runs of 4, one tensor": dict(interp=tk.INTERP, group=4, tail=False),
+    "bits, lanes (stop 13)": dict(interp=0, group=0, tail=False, occupancy=False),
+    "regula falsi, lanes": dict(interp=tk.INTERP, group=0, occupancy=False),
+    "stop 14 (no register bound)": dict(occupancy=False),
+    "stop 14 + L2 prefetch": dict(occupancy=False, prefetch=True),
+    "64 registers (default)": dict(),
+    "64 registers + L2 prefetch": dict(prefetch=True),
 }
+
+
+def regs_report():
+    """Registers and spills of every compiled top-k kernel variant (Triton's compiled-kernel cache)."""
+    try:
+        for cache in tk.topk_rows_kernel.device_caches.values():
+            for k in cache[0].values():
+                md = k.metadata
+                print(f"  topk_rows_kernel warps={md.num_warps} maxnreg={getattr(md, 'maxnreg', None)}: "
+                      f"{k.n_regs} registers, {k.n_spills} spills")
+    except Exception as exc:  # noqa: BLE001 - a Triton-version detail, not a result
+        print(f"  (no register report: {type(exc).__name__}: {exc})")
+
+
+def select_ab():
+    """select() of the lightning indexer at T=32768, top-2048 (bench_select's inputs), with the top-k on a
+    second stream or not, the top-k kernel's register bound or not, L2 prefetch, smaller tiles, the second
+    stream's priority. Each variant's indices are compared with the first's; A B A B order, two rounds."""
+    import sys
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    import functools
+
+    import bench_select
+    import unifattn.select as us
+    from unifattn.select import select
+    from unifattn.codegen.selector import SelectConfig
+    from unifattn.selectors import lightning_indexer
+    x = bench_select.inputs(32768)
+    real = tk.topk_rows
+    cases = {               # name: (SelectConfig keywords, topk_rows keywords, side stream priority)
+        "stop 14: one stream, no register bound": (dict(streams=1), dict(occupancy=False), 0),
+        "one stream, 64 registers": (dict(streams=1), {}, 0),
+        "two streams, no register bound": (dict(streams=2), dict(occupancy=False), 0),
+        "two streams, 64 registers (default)": (dict(streams=2), {}, 0),
+        "two streams, 64 registers, side priority -1": (dict(streams=2), {}, -1),
+        "two streams, 64 registers, tiles / 2": (dict(streams=2, max_tile_elems=1 << 26), {}, 0),
+        "two streams, 64 registers, prefetch": (dict(streams=2), dict(prefetch=True), 0),
+    }
+    want, times = None, {n: [] for n in cases}
+    for rnd in range(2):
+        for name, (cfg, kw, prio) in cases.items():
+            tk.topk_rows = functools.partial(real, **kw)
+            us.SIDE_PRIORITY = prio
+            try:
+                run = functools.partial(select, lightning_indexer, topk=K, config=SelectConfig(**cfg), **x)
+                got = run()
+                if want is None:
+                    want = got
+                same = torch.equal(got, want)
+                times[name].append((triton.testing.do_bench(run, warmup=10, rep=200), same))
+            finally:
+                tk.topk_rows, us.SIDE_PRIORITY = real, 0
+    print(f"\nselect() lightning indexer T=32768 top-{K}, check_inputs=True, two rounds")
+    for name, r in times.items():
+        print(f"{name:<48}" + "".join(f"{ms:>8.2f}" for ms, _ in r) + ("" if all(ok for _, ok in r)
+                                                                        else "  DIFFERENT INDICES"))
+    print(f"scoring alone: {triton.testing.do_bench(bench_select.scoring_only(x, SelectConfig()), rep=200):.2f} ms")
+    regs_report()
 
 
 def moba_rows():
@@ -96,7 +155,7 @@ def moba_rows():
     k = torch.randn(1, T, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     real = tk.topk_rows
     want = select(moba, topk=16, q=q, kmean=k)
-    for name in ("bits, lanes (stop 13)", "regula falsi, lanes", "regula falsi, runs of 4", "default"):
+    for name in ("bits, lanes (stop 13)", "stop 14 (no register bound)", "64 registers (default)"):
         tk.topk_rows = functools.partial(real, **VARIANTS.get(name, {}))
         try:
             for check in (True, False):
@@ -114,15 +173,16 @@ def main():
     g = torch.Generator(device="cuda").manual_seed(0)
     bblk = torch.zeros(R, dtype=torch.int32, device="cuda")
     rows = []
-    for kind, W in (("random", T), ("indexer", T), ("indexer", 24576), ("early", T), ("few", T)):
+    for kind, W in (("random", T), ("indexer", T), ("indexer", 24576), ("indexer", 16384), ("indexer", 8192),
+                    ("early", T), ("few", T)):
         s = tile(kind, g, W)
         kind = kind if W == T else f"{kind} {W // 1024}k"
         col, valid = _topk_rows(s, K)
         want = _finish(col, valid).permute(1, 0, 2)
         for name, kw in VARIANTS.items():
             out = torch.full((R, 1, K), -7, dtype=torch.int32, device="cuda")
-            if kw.get("tail") is False and W == T and "stop 13" not in name:
-                continue                    # a power-of-two row: no tail
+            if kind != "indexer" and "prefetch" in name:
+                continue
             run = lambda o=out, kw=kw: tk.topk_rows(s, o, bblk, 0, K, **kw)  # noqa: E731
             run()
             ok = torch.equal(out, want)
@@ -137,6 +197,7 @@ def main():
                              True))
         del s
     select_rows()
+    regs_report()
     print(f"\n{'scores':<12}{'top-k kernel':>44}{'ms':>8}  same as torch's path")
     for kind, w, ms, ok in rows:
         print(f"{kind:<12}{str(w):>44}{ms:>8.3f}  {'yes' if ok else 'NO'}")
@@ -144,4 +205,4 @@ def main():
 
 if __name__ == "__main__":
     import sys
-    moba_rows() if "--moba" in sys.argv else main()
+    moba_rows() if "--moba" in sys.argv else select_ab() if "--select" in sys.argv else main()

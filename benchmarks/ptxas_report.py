@@ -11,38 +11,19 @@ may differ from the GPU's.
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from sm90_compile import signature  # noqa: E402
+from sm90_compile import ptxas_info, signature  # noqa: E402
 
 from unifattn.kernels import chunk_intra, chunk_state  # noqa: E402
 
 CLASSES = {"identity": (0, False), "scalar": (1, False), "diagonal": (2, False), "delta": (0, True),
            "scalar_delta": (1, True), "diagonal_delta": (2, True)}
-PTXAS = [os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", p)
-         for p in ("ptxas-blackwell", "ptxas")]
-
-
-def ptxas_info(kernel) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(kernel.asm["ptx"])
-    for exe in PTXAS:
-        out = subprocess.run([exe, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-        if out.returncode == 0:
-            regs = re.search(r"Used (\d+) registers", out.stderr)
-            spill = re.search(r"(\d+) bytes spill stores", out.stderr)
-            return f"{regs.group(1) if regs else '?':>3} regs, {spill.group(1) if spill else '?':>4} B spilled"
-    return "ptxas failed: " + out.stderr.strip().splitlines()[-1][:80]
-
-
 def report(label, fn, pointers, constexprs, configs, scalars=None):
     for cfg in configs:
         kw = dict(constexprs, **cfg.kwargs)

@@ -34,7 +34,7 @@ from .printer import Printer, literal
 
 __all__ = ["SelectConfig", "source", "source_path", "module", "TEMPLATE_VERSION"]
 
-TEMPLATE_VERSION = "score-3"
+TEMPLATE_VERSION = "score-4"
 _FLT_MAX = "3.4028234663852886e+38"
 
 
@@ -48,7 +48,10 @@ class SelectConfig:
         shapes on the H200 (benchmarks/bench_select.py's docstring: scoring 3.04 ms against 3.52
         for 64 x 64 at T=32768).
     query_tile: queries scored before each top-k (None: as many as fit max_tile_elems).
-    max_tile_elems: bound on HKV * query_tile * columns of the fp32 score buffer.
+    max_tile_elems: bound on HKV * query_tile * columns of each fp32 score buffer (two with streams=2).
+    streams: 2 (on CUDA, with more than one query tile): each tile's top-k runs on a second stream while
+        the next tile is scored (unifattn.select._Pipe; two score buffers of max_tile_elems at most); 1: one
+        stream, one buffer.
     topk_impl: "kernel" (kernels.topk: one Triton program per row finds the k-th key bit by bit in
         registers and writes the kept columns in order), "torch" (torch.topk, tie repair, sort), or
         "auto" (the kernel where its rows fit, kernels.topk.fits; torch beyond). Same result: ties
@@ -61,6 +64,7 @@ class SelectConfig:
     query_tile: int | None = None
     max_tile_elems: int = 1 << 27
     topk_impl: str = "auto"
+    streams: int = 2
 
     def __post_init__(self):
         for name in ("block_t", "block_s"):
@@ -70,6 +74,8 @@ class SelectConfig:
         if self.topk_impl not in ("auto", "kernel", "torch"):
             raise ValueError(f"SelectConfig.topk_impl: expected 'auto', 'kernel' or 'torch'; got "
                              f"{self.topk_impl!r}. Fix: topk_impl='auto'")
+        if self.streams not in (1, 2):
+            raise ValueError(f"SelectConfig.streams: expected 1 or 2; got {self.streams!r}. Fix: streams=2")
         if self.query_tile is not None and not (isinstance(self.query_tile, int) and self.query_tile >= 1):
             raise ValueError(f"SelectConfig.query_tile: expected a positive int or None; got {self.query_tile!r}. "
                              "Fix: e.g. query_tile=256")
@@ -87,6 +93,8 @@ Glossary
   o           [HKV, NQ, W] float32 scores: -inf not a causal candidate, +inf kept by `always`
   G           query heads per KV head; their scores are summed
   flags       int32 [1]: bit 0 set when CHECK and some candidate's score is NaN (read by select())
+  FINITE      the inputs' magnitudes bound every score far below fp32's overflow (select() checked it):
+              no clamp of inf / NaN scores
   BT, BS      queries / key columns per program
 Inputs are [rows, heads, *dims] (query side) or [columns, heads, *dims] (key side),
 contiguous; s_<x>_row / s_<x>_head are their strides (head stride 0: no head axis).
@@ -106,7 +114,7 @@ def $kernel(
     o, q_pos, q_bblk, q0, c0, NQ, W, flags,
     $dims
     G: tl.constexpr, BLOCK: tl.constexpr, NSINK: tl.constexpr, NLOCAL: tl.constexpr,
-    BT: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, CHECK: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, PREC: tl.constexpr, CHECK: tl.constexpr, FINITE: tl.constexpr,
 ):
     i_t, i_s, i_hkv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_t * BT + tl.arange(0, BT)
@@ -120,11 +128,6 @@ $features
     t_pos = tl.load(q_pos + q0 + o_t, mask=m_t, other=0)
     t_bblk = tl.load(q_bblk + q0 + o_t, mask=m_t, other=0)
     t_qblk = t_pos // BLOCK                       # the query's own block (its own key when BLOCK == 1)
-    # [BT, BS] column relative to the query's sequence start
-    rel = (c0 + o_s)[None, :] - t_bblk[:, None]
-    # a candidate block holds no key after t; the query's partial block comes in only through `always`
-    m_cand = (rel >= 0) & ((rel + 1) * BLOCK <= t_pos[:, None] + 1)
-    m_force = (rel >= 0) & (rel <= t_qblk[:, None]) & ((rel < NSINK) | (t_qblk[:, None] - rel < NLOCAL))
     acc = tl.zeros([BT, BS], dtype=tl.float32)
     # programs right of every query's last column score nothing
     if c0 + i_s * BS <= tl.max(tl.where(m_t, t_bblk + t_qblk, -1), axis=0):
@@ -133,26 +136,42 @@ $pre
             i_hq = i_hkv * G + i_g
 $body
 $accumulate
-        if CHECK:                                 # a NaN score of finite inputs: select() raises
-            # a max over each row (within a warp) and one relaxed atomic per row that saw a NaN; programs
-            # that score nothing skip it. H200, T=32768 (benchmarks/ab_nan_flag.py): scoring 3.50 ms
-            # against 3.62-3.64 for a count over the whole tile in every program, 3.85 for a masked
-            # atomic per element, 3.06-3.09 with no flag.
-            m_nan = m_cand & (acc != acc) & m_t[:, None] & m_s[None, :]
-            n_row = tl.max(m_nan.to(tl.int32), axis=1)
-            tl.atomic_or(flags + tl.zeros([BT], dtype=tl.int32), 1, mask=n_row > 0, sem="relaxed")
-    # unchecked, NaN ranks lowest but stays a candidate; +-inf are reserved for the masks below
-    sc = tl.where(acc != acc, -$fmax, acc)
-    sc = tl.minimum(tl.maximum(sc, -$fmax), $fmax)
+    # The [BT, BS] masks only now, after the loop, with per-row bounds: the scoring is bound by this
+    # epilogue's CUDA-core work (the head loop's relu and add come to 2 of its ~3 instructions per score),
+    # and masks built before the loop stayed live through it (H200, T=32768, benchmarks/ab_score_pipeline.py).
+    # A candidate column c (relative to the sequence start: c - t_bblk) is a block with no key after t,
+    # (c - t_bblk + 1) * BLOCK <= t_pos + 1, so  t_bblk <= c <= t_bblk + (t_pos + 1) // BLOCK - 1;
+    # the query's partial block comes in only through `always`.
+    c_s = c0 + o_s
+    m_cand = (c_s[None, :] >= t_bblk[:, None]) & (c_s[None, :] <= (t_bblk + (t_pos + 1) // BLOCK - 1)[:, None])
+    if CHECK:                                     # a NaN score of finite inputs: select() raises
+        # a max over each row (within a warp) and one relaxed atomic per row that saw a NaN (none in a
+        # program that scores nothing: acc = 0). H200, T=32768 (benchmarks/ab_nan_flag.py): scoring 3.50 ms
+        # against 3.62-3.64 for a count over the whole tile in every program, 3.85 for a masked atomic
+        # per element, 3.06-3.09 with no flag.
+        m_nan = m_cand & (acc != acc) & m_t[:, None] & m_s[None, :]
+        n_row = tl.max(m_nan.to(tl.int32), axis=1)
+        tl.atomic_or(flags + tl.zeros([BT], dtype=tl.int32), 1, mask=n_row > 0, sem="relaxed")
+    if FINITE:                                    # the inputs' bound keeps every score finite (select())
+        sc = acc
+    else:
+        # unchecked, NaN ranks lowest but stays a candidate (tl.maximum is fmax: of NaN and -max it gives
+        # -max); +-inf are reserved for the masks below
+        sc = tl.minimum(tl.maximum(acc, -$fmax), $fmax)
     sc = tl.where(m_cand, sc, float('-inf'))
-    sc = tl.where(m_force, float('inf'), sc)
+    if NSINK + NLOCAL > 0:
+        rel = c_s[None, :] - t_bblk[:, None]
+        m_force = (rel >= 0) & (rel <= t_qblk[:, None]) & ((rel < NSINK) | (t_qblk[:, None] - rel < NLOCAL))
+        sc = tl.where(m_force, float('inf'), sc)
     p_o = o + (i_hkv * NQ + o_t[:, None]).to(tl.int64) * W + o_s[None, :]
     tl.store(p_o, sc, mask=m_t[:, None] & m_s[None, :])
 
 
-def launch(x, o, q_pos, q_bblk, q0, c0, NQ, W, HKV, G, dims, BLOCK, NSINK, NLOCAL, PREC, cfg, flags=None):
+def launch(x, o, q_pos, q_bblk, q0, c0, NQ, W, HKV, G, dims, BLOCK, NSINK, NLOCAL, PREC, cfg, flags=None,
+           finite=False):
     """x: input name -> (tensor, row stride, head stride); dims: dimension name -> size; flags: an int32 [1]
-    tensor to flag NaN scores in, or None (no check)."""
+    tensor to flag NaN scores in, or None (no check); finite: every score is known finite (the inputs'
+    bound, dsl.bounds): no clamp of inf / NaN scores."""
     grid = (triton.cdiv(NQ, cfg.block_t), triton.cdiv(W, cfg.block_s), HKV)
     $kernel[grid](
         $call_ptrs,
@@ -160,7 +179,7 @@ def launch(x, o, q_pos, q_bblk, q0, c0, NQ, W, HKV, G, dims, BLOCK, NSINK, NLOCA
         o, q_pos, q_bblk, q0, c0, NQ, W, o if flags is None else flags,
         $call_dims
         G=G, BLOCK=BLOCK, NSINK=NSINK, NLOCAL=NLOCAL, BT=cfg.block_t, BS=cfg.block_s, PREC=PREC,
-        CHECK=flags is not None,
+        CHECK=flags is not None, FINITE=finite,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 ''')

@@ -53,6 +53,7 @@ MAX_ROW = 32768                   # keys one program holds (16 warps x 64 regist
 KEYS_PER_THREAD = 16              # per step of the in-order output pass (one scan each)
 INTERP = 24                       # regula falsi steps before the bit search (_kth_key), rows >= INTERP_ROW
 INTERP_ROW = 4096                 # below: bits only (MoBA's 512-block rows, top-16: 1.19 ms against 2.02 with it)
+PREFETCH = False                  # each program asks L2 for a later program's row (topk_rows, bench_topk's A/B)
 GROUP = 4                         # neighbouring columns per run in the output pass's prefix counts (_prefix)
 KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bits = 0x007FFFFF
 
@@ -209,21 +210,40 @@ def _kth_key(b_k, b_t, n_valid, TOPK, ROW: tl.constexpr, TAIL: tl.constexpr, INT
 
 
 @triton.jit
+def _prefetch_l2(p, n, SIZE: tl.constexpr):
+    """Ask L2 for the 128-byte lines of p[0 : min(n, SIZE)] (4-byte entries; nothing when n <= 0): one
+    prefetch.global.L2 per line, the lines spread over the program's threads."""
+    o = tl.arange(0, max(SIZE // 32, 1)) * 32
+    o = tl.minimum(o, tl.maximum(n, 1) - 1)                      # past the end: the last line again
+    if n > 0:
+        tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [p + o], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOPK,
                      ROW: tl.constexpr, BLOCK: tl.constexpr, KEYS_IN: tl.constexpr, FINAL: tl.constexpr,
                      TAIL: tl.constexpr = 0, ASM: tl.constexpr = False, GROUP: tl.constexpr = 0,
-                     INTERP: tl.constexpr = 0):
+                     INTERP: tl.constexpr = 0, AHEAD: tl.constexpr = 0):
     """Grid (rows, n_seg). Row r = h * nq + i of src [rows, L] (scores, or with KEYS_IN keys whose
     columns are in col_in [rows, L]); segment c holds entries [c * SEG, min(L, (c + 1) * SEG)), SEG = ROW +
     TAIL: ROW keys in one register tensor and, when TAIL > 0 (a smaller power of two), the rest in a second
     (a row of 20480 scores holds 16384 + 4096 keys, not 32768: every count of the search costs less).
     FINAL: out[i, h, :TOPK] = kept columns + (c0 - bblk[i]), ascending, -1 padded.
     Otherwise out / out_col [rows, n_seg, TOPK] = the segment's kept keys / columns, in column
-    order, padded with key 0 (below every score)."""
+    order, padded with key 0 (below every score).
+    AHEAD > 0 (compiled only): first ask L2 for the segment of row r + AHEAD, which a program that starts
+    about when this one ends reads (AHEAD: the programs resident at once), so that its load comes from L2."""
     r, c = tl.program_id(0), tl.program_id(1)
     i_h, i_q = r // nq, r % nq
     n = tl.minimum(L - c * (ROW + TAIL), ROW + TAIL)
     seg = r.to(tl.int64) * L + c * (ROW + TAIL)
+    if AHEAD > 0:
+        if r + AHEAD < nq * HKV:
+            seg2 = (r + AHEAD).to(tl.int64) * L + c * (ROW + TAIL)
+            _prefetch_l2(src + seg2, n, ROW)
+            if TAIL > 0:
+                _prefetch_l2(src + seg2 + ROW, n - ROW, TAIL)
     o = tl.arange(0, ROW)
     b_k = _keys(src + seg, o, o < n, KEYS_IN)
     if TAIL > 0:
@@ -299,6 +319,24 @@ def _warps(row: int) -> int:
     return 16 if row >= 16384 else 8 if row >= 4096 else 4
 
 
+def launch_config(main: int, tail: int, keys_in: bool = False, occupancy: bool = True, num_warps: int | None = None
+                  ) -> tuple[int, int, int | None]:
+    """(num_warps, keys per thread a step of the output pass, maxnreg) of a program holding main + tail keys.
+
+    Warps by the row's power of two (16 from 16384 keys, 8 from 4096, else 4). A row of at most 32 keys
+    a thread (40 with 4-key output steps, and 4-key steps when a round's columns are read too: keys_in)
+    fits 64 registers a thread without spills (ptxas for sm_90; tests/sm90_compile.py checks), so that two 16-warp programs (four of 8 warps) share an SM and one
+    loads while the other counts; unbounded, ptxas takes 128 registers at 16 warps and one program
+    holds the SM. occupancy=False: the unbounded launch (bench_topk's A/B); num_warps: given warps."""
+    warps = num_warps or _warps(max(32, triton.next_power_of_2(main + tail)))
+    per_thread = (main + tail) // (32 * warps)
+    if occupancy and per_thread <= 32 and not keys_in:
+        return warps, 8, 64
+    if occupancy and per_thread <= 40:
+        return warps, 4, 64
+    return warps, KEYS_PER_THREAD, None
+
+
 def split(W: int) -> tuple[int, int]:
     """(ROW, TAIL): two powers of two (TAIL 0 or smaller than ROW) whose sum holds W keys, the smallest
     such: 20480 -> (16384, 4096), 24576 -> (16384, 8192), 28672 -> (32768, 0)."""
@@ -336,22 +374,30 @@ def _check_layout(s, out, bblk, topk, max_row):
         bad("bblk", f"contiguous int32 [nq] = [{nq}] on {s.device}", f"{tuple(bblk.shape)} {bblk.dtype} on {bblk.device}")
 
 
+def _resident(device, warps: int, maxnreg: int | None) -> int:
+    """Programs of the top-k kernel resident at once on device (its SMs x programs a register file holds;
+    unbounded, ptxas takes up to 128 registers a thread at 16 warps, about 170 at 8)."""
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    regs = maxnreg or min(255, 65536 // (32 * warps))
+    return n_sm * max(1, 65536 // (32 * warps * regs))
+
+
 def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, topk: int,
               max_row: int | None = None, num_warps: int | None = None, asm: bool | None = None,
               group: int = GROUP, interp: int | None = None, tail: bool = True,
-              keys_per_thread: int = KEYS_PER_THREAD) -> None:
+              keys_per_thread: int | None = None, occupancy: bool = True, prefetch: bool | None = None) -> None:
     """s fp32 [HKV, nq, W] (contiguous; -inf = not a candidate) -> out int32 [nq, HKV, topk]: per row the
     columns of its topk best scores + (c0 - bblk[i]), ascending, ties to the lower column, -1 padded.
     max_row (a power of two; tests lower it to reach the two-launch path at small W): keys per program.
-    num_warps: None picks by row length (16 warps from 16384 keys); benchmarks sweep it, asm (None: on
-    when compiled; PTX set.ge counts), group (the output pass's runs of columns, _prefix; 0: one vector) and
-    interp (the search's regula falsi steps, _kth_key; 0: bits only; None: INTERP for rows of INTERP_ROW
-    keys or more, else 0); tail: rows held in two register
-    tensors (split) rather than one of the next power of two; keys_per_thread: the output pass's step."""
-    warps = (lambda row: num_warps) if num_warps else _warps
+    The launch (warps, output step, register bound) comes from launch_config; benchmarks and tests
+    override it: num_warps, keys_per_thread (the output pass's step), occupancy (False: no register bound),
+    asm (None: on when compiled; PTX set.ge counts), group (the output pass's runs of columns, _prefix; 0:
+    one vector), interp (the search's regula falsi steps, _kth_key; 0: bits only; None: INTERP for rows of
+    INTERP_ROW keys or more, else 0), tail (rows held in two register tensors, split, rather than one of
+    the next power of two) and prefetch (None: PREFETCH; compiled only: each program asks L2 for the row
+    of a program one round of resident programs later)."""
     asm = (not interpreting()) if asm is None else asm               # PTX inline asm: compiled kernels only
-    block = lambda row: min(row, keys_per_thread * 32 * warps(row))    # noqa: E731
-    steps = lambda row: (INTERP if row >= INTERP_ROW else 0) if interp is None else interp   # noqa: E731
+    prefetch = (PREFETCH if prefetch is None else prefetch) and not interpreting()
     group = min(group, 32)                                               # BLOCK >= 32
     max_row = MAX_ROW if max_row is None else max_row
     if not (s.is_cuda or interpreting()):
@@ -365,28 +411,29 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
     rows = HKV * nq
     if rows == 0:
         return
+
+    def launch(src, col, dst, dst_col, L, n_seg, keys_in, final):
+        seg = min(L, max_row)
+        row = max(32, triton.next_power_of_2(seg))
+        main, rest = split(seg) if tail and final else (row, 0)    # a round's segments are max_row wide
+        warps, kpt, maxnreg = launch_config(main, rest, keys_in, occupancy, num_warps)
+        kpt = keys_per_thread or kpt
+        opts = dict(num_warps=warps) if maxnreg is None else dict(num_warps=warps, maxnreg=maxnreg)
+        topk_rows_kernel[(rows, n_seg)](src, col, dst, dst_col, bblk, c0, L, n_seg, nq, HKV, topk, ROW=main,
+                                        TAIL=rest, BLOCK=min(row, kpt * 32 * warps), KEYS_IN=keys_in, FINAL=final,
+                                        ASM=asm, GROUP=group,
+                                        INTERP=(INTERP if row >= INTERP_ROW else 0) if interp is None else interp,
+                                        AHEAD=_resident(s.device, warps, maxnreg) if prefetch else 0, **opts)
+
     from unifattn.kernels.checks import _on
     with _on(s.device):                      # Triton launches on the current device, not the tensor's
-        if W <= max_row:
-            row = max(32, triton.next_power_of_2(W))
-            main, rest = split(W) if tail else (row, 0)
-            topk_rows_kernel[(rows, 1)](s, s, out, out, bblk, c0, W, 1, nq, HKV, topk, ROW=main,
-                                        TAIL=rest, BLOCK=block(row), KEYS_IN=False, FINAL=True, ASM=asm, GROUP=group,
-                                        INTERP=steps(row), num_warps=warps(row))
-            return
-        # rounds of per-segment candidates until one program holds them: each round keeps topk of every
-        # max_row entries (at most half), in column order
+        # rows over max_row: rounds of per-segment candidates until one program holds them; each round
+        # keeps topk of every max_row entries (at most half), in column order
         src, col, L, keys_in = s, s, W, False
         while L > max_row:
             n_seg = triton.cdiv(L, max_row)
             keys = torch.empty((rows, n_seg, topk), dtype=torch.int32, device=s.device)
             cols = torch.empty_like(keys)
-            topk_rows_kernel[(rows, n_seg)](src, col, keys, cols, bblk, c0, L, n_seg, nq, HKV, topk,
-                                            ROW=max_row, BLOCK=block(max_row), KEYS_IN=keys_in, FINAL=False,
-                                            ASM=asm, GROUP=group, INTERP=steps(max_row), num_warps=warps(max_row))
+            launch(src, col, keys, cols, L, n_seg, keys_in, False)
             src, col, L, keys_in = keys, cols, n_seg * topk, True
-        row = max(32, triton.next_power_of_2(L))
-        main, rest = split(L) if tail else (row, 0)
-        topk_rows_kernel[(rows, 1)](src, col, out, out, bblk, c0, L, 1, nq, HKV, topk, ROW=main, TAIL=rest,
-                                    BLOCK=block(row), KEYS_IN=True, FINAL=True, ASM=asm, GROUP=group,
-                                    INTERP=steps(row), num_warps=warps(row))
+        launch(src, col, out, out, L, 1, keys_in, True)

@@ -37,6 +37,13 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, -7, dtype=dtype, device=device)
 
 
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """t filled with NaN (-7 for integers) inside `poisoned()`, for a reused output buffer; t itself."""
+    if _POISON:
+        t.fill_(float("nan") if t.dtype.is_floating_point else -7)
+    return t
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (checked to work, once)."""
     on = os.environ.get("TRITON_INTERPRET", "0") == "1"

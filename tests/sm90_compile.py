@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile checks need the real JIT"
@@ -46,12 +49,39 @@ def signature(fn, pointers: dict, constexprs: dict, scalars: dict | None = None)
     return fn, sig, consts
 
 
-def compile_one(label, fn, pointers, constexprs, scalars=None, options=None):
+PTXAS = [os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", p)
+         for p in ("ptxas-blackwell", "ptxas")]
+
+
+def ptxas_info(kernel) -> str:
+    """ptxas' verdict on a compiled kernel for sm_90a: 'R regs, S B spilled'."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    try:
+        for exe in PTXAS:
+            out = subprocess.run([exe, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                 text=True)
+            if out.returncode == 0:
+                regs = re.search(r"Used (\d+) registers", out.stderr)
+                spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+                return f"{regs.group(1) if regs else '?':>3} regs, {spill.group(1) if spill else '?':>4} B spilled"
+        return "ptxas failed: " + out.stderr.strip().splitlines()[-1][:80]
+    finally:
+        os.unlink(f.name)
+
+
+def compile_one(label, fn, pointers, constexprs, scalars=None, options=None, no_spills=False):
+    """Compile one variant; no_spills: also fail it when ptxas spills registers (a register bound that
+    is too tight for the kernel)."""
     fn, sig, consts = signature(fn, pointers, constexprs, scalars)
     t0 = time.perf_counter()
     try:
-        triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET, options=options or {})
-        print(f"ok    {label} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=TARGET, options=options or {})
+        info = ptxas_info(k) if no_spills else ""
+        if no_spills and not re.search(r" 0 B spilled", info):
+            print(f"FAIL  {label}: {info}", flush=True)
+            return False
+        print(f"ok    {label} ({time.perf_counter() - t0:.1f} s) {info}", flush=True)
         return True
     except Exception as exc:  # noqa: BLE001 - report every variant
         msg = str(exc).strip().splitlines()
@@ -60,18 +90,31 @@ def compile_one(label, fn, pointers, constexprs, scalars=None, options=None):
 
 
 def topk():
+    """The top-k kernel as topk_rows launches it (kernels.topk.launch_config: warps, output step and
+    register bound), none spilling: a row class whose register bound is too tight fails here."""
     from unifattn.kernels import topk as m
     ptr = {"src": "*fp32", "col_in": "*i32", "out": "*i32", "out_col": "*i32", "bblk": "*i32"}
-    return [compile_one(f"topk_rows_kernel W={row} keys_in={ki} final={fin} group={group}", m.topk_rows_kernel,
-                        {**ptr, "src": "*i32" if ki else "*fp32"},
-                        {"ROW": m.split(row)[0], "TAIL": m.split(row)[1],
-                         "BLOCK": min(row, m.KEYS_PER_THREAD * 32 * m._warps(row)), "KEYS_IN": ki,
-                         "FINAL": fin, "ASM": True, "GROUP": group, "INTERP": m.INTERP},
-                        options={"num_warps": m._warps(row)})
-            for row, ki, fin, group in ((m.MAX_ROW, False, True, 0), (m.MAX_ROW, False, True, m.GROUP),
-                                        (m.MAX_ROW, False, False, m.GROUP), (m.MAX_ROW, True, False, m.GROUP),
-                                        (8192, True, True, m.GROUP), (256, False, True, m.GROUP),
-                                        (20480, False, True, m.GROUP), (24576, True, True, m.GROUP))]
+    ok = []
+    for W, ki, fin, group in ((m.MAX_ROW, False, True, 0), (m.MAX_ROW, False, True, m.GROUP),
+                              (m.MAX_ROW, False, False, m.GROUP), (m.MAX_ROW, True, False, m.GROUP),
+                              (8192, True, True, m.GROUP), (256, False, True, m.GROUP), (2048, False, True, m.GROUP),
+                              (4096, False, True, m.GROUP), (6144, False, True, m.GROUP),
+                              (8192, False, True, m.GROUP), (12288, False, True, m.GROUP),
+                              (16384, False, True, m.GROUP), (16384, True, True, m.GROUP),
+                              (20480, False, True, m.GROUP), (20480, True, True, m.GROUP),
+                              (24576, True, True, m.GROUP)):
+        main, tail = m.split(W) if fin else (W, 0)
+        warps, kpt, maxnreg = m.launch_config(main, tail, ki)
+        row = triton.next_power_of_2(W)
+        opts = dict(num_warps=warps) if maxnreg is None else dict(num_warps=warps, maxnreg=maxnreg)
+        for ahead in ((0, 264) if W == m.MAX_ROW and fin and group else (0,)):
+            ok.append(compile_one(f"topk_rows_kernel W={W} keys_in={ki} final={fin} group={group} "
+                                  f"warps={warps} maxnreg={maxnreg} ahead={ahead}", m.topk_rows_kernel,
+                                  {**ptr, "src": "*i32" if ki else "*fp32"},
+                                  {"ROW": main, "TAIL": tail, "BLOCK": min(row, kpt * 32 * warps), "KEYS_IN": ki,
+                                   "FINAL": fin, "ASM": True, "GROUP": group, "INTERP": m.INTERP, "AHEAD": ahead},
+                                  options=opts, no_spills=True))
+    return ok
 
 
 def scan():
@@ -248,8 +291,10 @@ def select():
                      BS=cfg.block_s, PREC="tf32")
         for d, n in dims.items():
             const.update({f"NH_{d}": n} if d.startswith("H") else {f"D_{d}": n, f"BD_{d}": n})
-        for warps, check in ((cfg.num_warps, True), (cfg.num_warps, False), (8, True)):
-            ok.append(compile_one(f"{name} score warps={warps} check={check}", fn, ptr, dict(const, CHECK=check),
+        for warps, check, finite in ((cfg.num_warps, True, False), (cfg.num_warps, False, False),
+                                     (cfg.num_warps, False, True), (8, True, False)):
+            ok.append(compile_one(f"{name} score warps={warps} check={check} finite={finite}", fn, ptr,
+                                  dict(const, CHECK=check, FINITE=finite),
                                   options=dict(num_warps=warps, num_stages=cfg.num_stages)))
     return ok
 

@@ -89,10 +89,10 @@ def _flags_seen(monkeypatch):
     seen = []
     real = select_mod._run_tiles
 
-    def spy(sel, p, plan, on_tile, nan_flag=None, tiles=slice(None)):
+    def spy(sel, p, plan, on_tile, nan_flag=None, tiles=slice(None), pipe=None, finite=False):
         if plan is not None and len(plan[2][tiles]):
             seen.append((nan_flag is not None, len(plan[2][tiles])))
-        return real(sel, p, plan, on_tile, nan_flag, tiles)
+        return real(sel, p, plan, on_tile, nan_flag, tiles, pipe, finite)
     monkeypatch.setattr(select_mod, "_run_tiles", spy)
     return seen
 

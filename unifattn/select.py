@@ -299,18 +299,73 @@ def _plan(sel: Selector, p: _Prep, config):
     return mod, x, tiles, prec, cfg
 
 
-def _run_tiles(sel: Selector, p: _Prep, plan, on_tile, nan_flag=None, tiles=slice(None)):
+def _run_tiles(sel: Selector, p: _Prep, plan, on_tile, nan_flag=None, tiles=slice(None), pipe=None,
+               finite: bool = False):
     """Score the plan's query tiles (those in the slice `tiles`) with the generated kernel; on_tile(q0, q1, c0,
-    scores [HKV, nq, W]). nan_flag (int32 [1] or None): the kernel sets it when a candidate's score is NaN."""
+    scores [HKV, nq, W]). nan_flag (int32 [1] or None): the kernel sets it when a candidate's score is NaN.
+    pipe (a _Pipe or None): score into its buffers and run on_tile on its second stream. finite: the
+    inputs' bound keeps every score finite (scores_finite), so the kernel leaves out its clamp."""
     from unifattn.kernels.utils import empty
     if plan is None:
         return
     mod, x, all_tiles, prec, cfg = plan
     for q0, q1, c0, W in all_tiles[tiles]:
-        o = empty((p.HKV, q1 - q0, W), torch.float32, p.device)
+        shape = (p.HKV, q1 - q0, W)
+        o = empty(shape, torch.float32, p.device) if pipe is None else pipe.buffer(shape)
         mod.launch(x, o, p.dev_pos, p.dev_bblk, q0, c0, q1 - q0, W, p.HKV, p.G, p.dims, sel.block_size, sel.n_sink,
-                   sel.n_local, prec, cfg, nan_flag)
-        on_tile(q0, q1, c0, o)
+                   sel.n_local, prec, cfg, nan_flag, finite)
+        if pipe is None:
+            on_tile(q0, q1, c0, o)
+        else:
+            pipe.after(lambda q0=q0, q1=q1, c0=c0, o=o: on_tile(q0, q1, c0, o))
+
+
+_SIDE_STREAMS: dict = {}
+SIDE_PRIORITY = 0                 # the top-k stream's priority (benchmarks/bench_topk.py --select tries -1)
+
+
+class _Pipe:
+    """Tile i's top-k on a second CUDA stream while tile i + 1 is scored on the caller's.
+
+    The scoring kernel (tensor cores, two programs an SM) and the top-k kernel (latency-bound, one to four
+    programs an SM) then fill each other's idle SMs and ragged ends. Two fp32 score buffers, each the size
+    of the plan's largest tile: tile i scores into buffer i % 2 after waiting, on the GPU (an event; the
+    host does not wait), for the top-k of tile i - 2 that read it. join() (always called, also when the
+    call raises half way) puts the caller's stream behind the second one, so that whatever comes after
+    select() on the caller's stream, freeing these buffers and `out` included, waits for the top-k."""
+
+    def __init__(self, device, tiles, HKV: int):
+        key = (device, SIDE_PRIORITY)
+        if key not in _SIDE_STREAMS:
+            _SIDE_STREAMS[key] = torch.cuda.Stream(device, priority=SIDE_PRIORITY)
+        self.main, self.side = torch.cuda.current_stream(device), _SIDE_STREAMS[key]
+        self.side.wait_stream(self.main)                    # the top-k reads what the caller's stream wrote
+        n = max(HKV * (q1 - q0) * W for q0, q1, _, W in tiles)
+        self.bufs = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(min(2, len(tiles)))]
+        self.read = [None] * len(self.bufs)                 # the event after the last top-k that read each
+        self.i = 0
+
+    def buffer(self, shape) -> torch.Tensor:
+        from unifattn.kernels.utils import poison_
+        j = self.i % len(self.bufs)
+        if self.read[j] is not None:
+            self.main.wait_event(self.read[j])
+        return poison_(self.bufs[j][:math.prod(shape)].view(shape))
+
+    def after(self, fn) -> None:
+        """fn() (the top-k of the tile just scored) on the second stream, behind that scoring."""
+        scored = torch.cuda.Event()
+        scored.record(self.main)
+        self.side.wait_event(scored)
+        with torch.cuda.stream(self.side):
+            fn()
+        done = torch.cuda.Event()
+        done.record(self.side)
+        self.read[self.i % len(self.bufs)] = done
+        self.i += 1
+
+    def join(self) -> None:
+        self.main.wait_stream(self.side)
 
 
 def _ahead(plan, share: float = 0.1) -> int:
@@ -371,18 +426,27 @@ def select(sel: Selector, *, topk: int | None = None, cu_seqlens=None, config=No
     with torch.no_grad():
         plan = _plan(sel, p, config) if rows else None
         first = _ahead(plan) if check_inputs else 0
-        # the first (smallest) tiles go before the sync, flagged: the GPU works on them while the host reads
-        # the scan (the sync waits for the scan only) and queues the rest
-        nan_flag = new_flag() if first else None
-        _run_tiles(sel, p, plan, on_tile, nan_flag, tiles=slice(0, first))
-        if check_inputs:
-            amax = p.check()                    # the sync: NaN/inf inputs raise here, before their results leave
-            if rows and not scores_finite(sel, amax, p.dims, p.G):
-                nan_flag = new_flag() if nan_flag is None else nan_flag
-            else:
-                nan_flag = None                 # no score can be NaN: no flag, and no second sync
-        if rows:
-            _run_tiles(sel, p, plan, on_tile, nan_flag, tiles=slice(first, None))
+        pipe = None
+        if plan is not None and p.device.type == "cuda" and plan[4].streams > 1 and len(plan[2]) > 1:
+            pipe = _Pipe(p.device, plan[2], p.HKV)
+        try:
+            # the first (smallest) tiles go before the sync, flagged: the GPU works on them while the host
+            # reads the scan (the sync waits for the scan only) and queues the rest
+            nan_flag = new_flag() if first else None
+            _run_tiles(sel, p, plan, on_tile, nan_flag, tiles=slice(0, first), pipe=pipe)
+            finite = False
+            if check_inputs:
+                amax = p.check()                # the sync: NaN/inf inputs raise here, before their results leave
+                finite = bool(rows) and scores_finite(sel, amax, p.dims, p.G)
+                if rows and not finite:
+                    nan_flag = new_flag() if nan_flag is None else nan_flag
+                else:
+                    nan_flag = None             # no score can be NaN: no flag, no clamp, and no second sync
+            if rows:
+                _run_tiles(sel, p, plan, on_tile, nan_flag, tiles=slice(first, None), pipe=pipe, finite=finite)
+        finally:
+            if pipe is not None:
+                pipe.join()
     if nan_flag is not None and int(nan_flag.item()):   # the queue has drained: a 4-byte read
         validate.fail(f"selector '{sel.name}'", "finite scores for finite inputs", "NaN scores",
                       "make the score function finite everywhere (e.g. guard a log or a division: "
