@@ -273,10 +273,12 @@ class SparseAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: gradients to q, k, v (and through lse); none to indices."""
 
     @staticmethod
-    def forward(ctx, q, k, v, indices, bos, block_size, scale):
+    def forward(ctx, q, k, v, indices, bos, block_size, scale, scores_may_be_huge=None):
         o, lse = _sparse_fwd(q, k, v, indices, bos, block_size, scale)
         ctx.save_for_backward(q, k, v, o, lse, indices, bos)
         ctx.block_size, ctx.scale = block_size, scale
+        # [bool]: filled by sparse_attention after its input scan (the bound of _huge_bound); read in backward
+        ctx.huge = scores_may_be_huge
         ctx.set_materialize_grads(False)   # an unused lse brings dlse = None: no extra work
         return o, lse
 
@@ -285,9 +287,38 @@ class SparseAttentionFunction(torch.autograd.Function):
         q, k, v, o, lse, indices, bos = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do.contiguous()
         dlse = None if dlse is None else dlse.contiguous()
+        if ctx.huge is not None and ctx.huge[0]:
+            _check_lse_for_backward(lse, ctx.scale)
         dq, dk, dv = _sparse_bwd(q, k, v, o, lse, do, dlse, indices, bos,
                                  ctx.block_size, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
+
+
+# The backward recomputes each p = exp2(s - lse) (base 2) in fp32. The keys that carry weight have s close
+# to lse, whose fp32 spacing is 0.5 from |lse| = 2^22: p would be off by up to a factor 2^0.5 (and the
+# rounding of a larger lse overflows exp2: inf / NaN gradients). Such rows are refused, not computed wrong.
+HUGE_SCORE = 2.0 ** 22
+
+
+def _huge_bound(amax: dict, D: int, scale: float) -> bool:
+    """Whether some score might reach HUGE_SCORE (base 2): |q . k| * |scale| * log2(e) <= D * max|q| * max|k| *
+    |scale| * log2(e). Far below it for any sane input; only then does the backward look at lse."""
+    return D * amax["q"] * amax["k"] * abs(scale) * 1.4426950408889634 >= HUGE_SCORE
+
+
+def _check_lse_for_backward(lse: torch.Tensor, scale: float) -> None:
+    """Raise when a row's |lse| (base 2) reaches HUGE_SCORE (one reduction and a host sync; only for inputs
+    whose bound allows it)."""
+    from unifattn import validate
+    lse2 = lse.masked_fill(torch.isinf(lse), 0.).abs().amax() * 1.4426950408889634 if lse.numel() else lse.new_zeros(())
+    big = float(lse2)
+    if big >= HUGE_SCORE:
+        validate.fail("sparse_attention backward",
+                      f"softmax scores (base 2) below 2^22 = {HUGE_SCORE:.3g} in magnitude, where fp32 still "
+                      "resolves the recomputed probabilities",
+                      f"|lse| up to {big:.3g} (scale {scale:.3g})",
+                      "lower the softmax scale or normalize q and k (e.g. QK-norm); the forward is fine at this "
+                      "scale, only its gradients cannot be formed in fp32")
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, *,
@@ -337,7 +368,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     pending = lambda: None     # noqa: E731
     if check_inputs:           # queued now, read after the launch (one host sync, shared with check_indices')
         from unifattn import validate
-        pending = validate.finite_later({"q": q, "k": k, "v": v})
+        pending = validate.finite_later({"q": q, "k": k, "v": v}, amax=True)
     B, T, _, D = q.shape
     block_size = 1 if block_size is None else block_size
     scale = D ** -0.5 if scale is None else float(scale)
@@ -345,6 +376,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     if check_indices:
         check_sparse_indices(indices, block_size, bos)
     q, k, v, indices = (x.contiguous() for x in (q, k, v, indices))
-    o, lse = SparseAttentionFunction.apply(q, k, v, indices, bos, block_size, scale)
-    pending()                  # NaN/inf in q, k, v raise here, before o leaves the call
+    huge = [False]             # set below from the inputs' magnitudes; the backward reads it
+    o, lse = SparseAttentionFunction.apply(q, k, v, indices, bos, block_size, scale, huge)
+    amax = pending()           # NaN/inf in q, k, v raise here, before o leaves the call
+    if amax is not None:
+        huge[0] = _huge_bound(amax, D, scale)
     return (o, lse) if return_lse else o

@@ -6,7 +6,9 @@ Keys. A fp32 score becomes an order-preserving uint32 (-0.0 reads as +0.0; -inf,
 non-candidate, becomes 0x007FFFFF; lanes past the row become 0, below every score).
 
 One program per row segment of at most MAX_ROW keys, all held in registers (16 warps: 64 keys per
-thread at 32768; a row that is not a power of two in two tensors, ROW + TAIL: split()):
+thread at 32768; a row that is not a power of two in two tensors, ROW + TAIL: split()). Rows of at most
+20480 keys run under a 64-register bound (launch_config), so that two 16-warp programs (four of 8 warps)
+share an SM and one loads while the other counts; longer rows take 128 registers, one program an SM:
 
 1. n_valid = the keys above -inf's. At most k of them: keep them all, pad with -1.
 2. Otherwise the k-th largest key (_kth_key): a bracket of keys closed by regula falsi on the scores
@@ -33,6 +35,11 @@ wrong on the H200 although a lane-order guard held), reading each row only to it
 output pass straight from the registers without a second read (spills: 3.67), two bits per search pass
 with three counts in one reduction (1.87 against 1.59 at the time), 8 or 32 warps (1.26, 1.20);
 counting with plain compares instead of PTX set.ge: 1.25.
+
+H200, session 15 (bench_topk.py, one run): the 64-register bound takes the tile of rows [12288, 16384) from
+0.553 to 0.445 ms and [4096, 8192) from 0.219 to 0.180; longer rows are unchanged (one program an SM either
+way). Measured and dropped: asking L2 for the row of the program one round of resident programs later
+(prefetch.global.L2 per line, PREFETCH): 0.930 against 0.918 ms on the last tile.
 
 Rows longer than MAX_ROW (T = 131072) take rounds: each MAX_ROW segment keeps its own top-k
 (key, column) pairs in column order, until the concatenated candidates fit one program, which

@@ -184,8 +184,9 @@ def test_all_rows_empty():
 def test_huge_scale_rows_are_not_read_as_empty(scale):
     # |scale| = 1e30 puts many rows' every score (base 2) below -1e30: a running max started at
     # -1e30 instead of -inf gave them p = 0 and o = 0, lse = -inf although they have keys. The
-    # float64 softmax is one-hot here, so o is v of each row's best key. Forward only: the backward
-    # recomputes p from the fp32 lse, whose rounding (~1e24 at |lse| ~ 1e31) overflows exp2.
+    # float64 softmax is one-hot here, so o is v of each row's best key. The backward recomputes p
+    # from the fp32 lse, whose rounding (~1e24 at |lse| ~ 1e31) overflows exp2: it raises instead
+    # (test_huge_scores_backward_raises).
     B, T, HQ, HKV, D, topk = 1, 40, 4, 2, 32, 36       # 36 keys: two 32-key tiles
     torch.manual_seed(7)
     q, k, v = (torch.randn(B, T, h, D) for h in (HQ, HKV, HKV))
@@ -457,3 +458,45 @@ def test_index_scan_across_its_block_edge(row, bits):
     bos = torch.full((4,), -1997, dtype=torch.int32)
     assert _torch_index_bits(idx, 1, bos) == bits
     assert index_scan(idx.to(DEVICE), 1, bos.to(DEVICE)) == bits
+
+
+@pytest.mark.parametrize("scale", [1e30, -1e30, 1e6])
+def test_huge_scores_backward_raises(scale):
+    """The backward recomputes p = exp2(s - lse) in fp32: from |lse| = 2^22 (base 2) its spacing is 0.5 and
+    p is off by up to 2^0.5 (and at |scale| = 1e30 exp2 overflows: inf / NaN gradients). Such a backward
+    raises; the forward still runs (its p is taken against its own running max)."""
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 24, h, 32, device=DEVICE, requires_grad=True) for h in (4, 2, 2))
+    idx = make_indices(1, 24, 2, 8, seed=3).to(DEVICE)
+    with poisoned():
+        o = sparse_attention(q, k, v, idx, scale=scale)
+    assert torch.isfinite(o).all()
+    with pytest.raises(ValueError, match=r"sparse_attention backward: expected softmax scores \(base 2\) below "
+                                         r"2\^22 .* got \|lse\| up to .*Fix: lower the softmax scale"):
+        o.sum().backward()
+
+
+def test_large_bound_small_scores_backward_runs():
+    """An outlier in q (1e6 in a channel where every k is 0) lifts the inputs' bound past 2^22, so the
+    backward reads lse (one reduction and sync) and finds the scores themselves small: it runs and matches
+    the float64 reference."""
+    B, T, HQ, HKV, D, topk = 1, 24, 4, 2, 32, 8
+    torch.manual_seed(5)
+    q, k, v, do = (torch.randn(B, T, h, D, dtype=torch.float64) for h in (HQ, HKV, HKV, HQ))
+    q[0, 3, 1, 0] = 1e6
+    k[..., 0] = 0.0
+    idx = make_indices(B, T, HKV, topk, seed=5)
+    from unifattn.kernels.sparse_attention import HUGE_SCORE, _huge_bound
+    amax = {"q": float(q.abs().max()), "k": float(k.abs().max())}
+    assert _huge_bound(amax, D, D ** -0.5)                          # the check runs
+    ins = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref, _ = reference(*ins, idx)
+    (o_ref * do).sum().backward()
+    got = [x.float().to(DEVICE).requires_grad_() for x in (q, k, v)]
+    with poisoned():
+        o, lse = sparse_attention(*got, idx.to(DEVICE), return_lse=True)
+        (o * do.float().to(DEVICE)).sum().backward()
+    assert float(lse.abs().max()) * 1.4426950408889634 < HUGE_SCORE
+    assert_close(o, o_ref, torch.float32, "o")
+    for name, a, r in zip(("dq", "dk", "dv"), got, ins):
+        assert_close(a.grad, r.grad, torch.float32, name)

@@ -35,7 +35,8 @@ against its causal columns into an fp32 [HKV, tile, W] buffer (never T x T at
 once); kernels.topk keeps the best of each row in one Triton program (the k-th
 score found in registers by regula falsi and bits, the kept columns written in
 order; ties to the lower index; rows over 32768 scores in rounds of per-segment
-candidates).
+candidates). On a GPU each tile's top-k runs on a second stream while the next
+tile is scored (two score buffers; SelectConfig(streams=1) for one).
 With rows over 32768 scores and topk > 16384 it goes to torch.topk, whose rows
 with a tied k-th score are redone with exact (score, -index) int64 keys, then a
 sort: the same result.
