@@ -334,12 +334,15 @@ def launch_config(main: int, tail: int, keys_in: bool = False, occupancy: bool =
     a thread (40 with 4-key output steps, and 4-key steps when a round's columns are read too: keys_in)
     fits 64 registers a thread without spills (ptxas for sm_90; tests/sm90_compile.py checks), so that two 16-warp programs (four of 8 warps) share an SM and one
     loads while the other counts; unbounded, ptxas takes 128 registers at 16 warps and one program
-    holds the SM. occupancy=False: the unbounded launch (bench_topk's A/B); num_warps: given warps."""
+    holds the SM. Rows under 4096 keys (4 warps, MoBA's 512-block rows) keep the unbounded launch: several
+    programs share an SM already, and MoBA's select took 1.56 ms with the bound against 1.50 without.
+    occupancy=False: the unbounded launch (bench_topk's A/B); num_warps: given warps."""
     warps = num_warps or _warps(max(32, triton.next_power_of_2(main + tail)))
     per_thread = (main + tail) // (32 * warps)
-    if occupancy and per_thread <= 32 and not keys_in:
+    bound = occupancy and main + tail >= 4096      # shorter rows (4 warps) share SMs unbounded already
+    if bound and per_thread <= 32 and not keys_in:
         return warps, 8, 64
-    if occupancy and per_thread <= 40:
+    if bound and per_thread <= 40:
         return warps, 4, 64
     return warps, KEYS_PER_THREAD, None
 

@@ -6,6 +6,8 @@ import unifattn as ua
 from unifattn.kernels.utils import poisoned
 from unifattn.testing import assert_close
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"     # the CPU through TRITON_INTERPRET=1
+
 
 def dense_masked(q, k, v, idx, block_size):
     """float64 softmax attention restricted to the selected keys (and causal)."""
@@ -34,9 +36,9 @@ def dense_masked(q, k, v, idx, block_size):
 def test_select_then_sparse_attention_with_gradients(which):
     torch.manual_seed(0)
     B, T, HQ, HKV, D = 1, 96, 4, 2, 32
-    q, k, v = (torch.randn(B, T, h, D) for h in (HQ, HKV, HKV))
+    q, k, v = (torch.randn(B, T, h, D).to(DEVICE) for h in (HQ, HKV, HKV))
     if which == "lightning_indexer":
-        qi, ki, w = torch.randn(B, T, 2, 16), torch.randn(B, T, 16), torch.rand(B, T, 2)
+        qi, ki, w = (x.to(DEVICE) for x in (torch.randn(B, T, 2, 16), torch.randn(B, T, 16), torch.rand(B, T, 2)))
         idx = ua.ops.select(ua.rules.lightning_indexer, topk=24, qi=qi, ki=ki, w=w)
         idx = idx.expand(B, T, HKV, 24).contiguous()      # one index list shared by every KV head
         block = None
@@ -44,14 +46,14 @@ def test_select_then_sparse_attention_with_gradients(which):
         idx = ua.ops.select(ua.rules.moba, topk=2, q=q, kmean=k)
         block = 64
     assert idx.dtype == torch.int32
-    ref = [x.double().requires_grad_(True) for x in (q, k, v)]
-    o_ref = dense_masked(*ref, idx, block)
+    ref = [x.cpu().double().requires_grad_(True) for x in (q, k, v)]
+    o_ref = dense_masked(*ref, idx.cpu(), block)
     do = torch.randn_like(o_ref)
     (o_ref * do).sum().backward()
     ours = [x.clone().requires_grad_(True) for x in (q, k, v)]
     with poisoned():
         o = ua.ops.sparse_attention(*ours, idx, block_size=block)
-        (o * do.float()).sum().backward()
+        (o * do.float().to(DEVICE)).sum().backward()
     assert_close(o, o_ref, torch.float32, f"{which} output")
     for name, a, b in zip("qkv", ours, ref):
         assert_close(a.grad, b.grad, torch.float32, f"{which} d{name}")
