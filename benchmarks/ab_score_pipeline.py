@@ -16,6 +16,8 @@ generated kernel; deferred 3.00 (slower at every shape); the generated kernel wi
 2.87 / 2.91, without the clamp 2.92 / 2.98, without the head-dim masks 3.02 / 3.25 (noise). The scoring is
 bound by its epilogue's CUDA-core work: the template now builds its [BT, BS] masks after the head loop from
 per-row bounds, applies the forced-key mask only with `always`, and leaves the clamp out when FINITE.
+After that (call 4): generated 2.77 / 2.77 ms, FINITE 2.68 / 2.89 (noise in the second round), against
+plain 2.57: what is left of the gap is the query positions' loads and the programs' skip test (varlen).
 
 Both sum the heads in the same order as the generated kernel: their scores are compared with its, bitwise.
 

@@ -10,9 +10,9 @@ bf16, random top-2048 lists as in bench_sparse.py):
 
 H200, 2026-11-30 (session 15), one run: top-2048 fwd 16.97 ms, bwd 91.72, bwd without dk/dv 18.08 (top-1024:
 8.81, 46.27, 9.37): the dk, dv scatter (two transposed score dots, two [BS, D] dots, 2 x BS x D fp32 atomics a
-tile) is 80% of the backward. Tried and dropped in the same run: the atomics sent as pairs (red.v2.f32 through
-inline PTX where the two elements a thread holds are adjacent and both unmasked, element by element
-otherwise): 127.2 ms against 91.7 (top-1024: 64.3 against 46.3).
+tile) is 80% of the backward. Tried and dropped in the same run (as in session 7, in
+another form): the atomics sent as pairs (red.v2.f32 through inline PTX where the two elements a thread holds
+are adjacent and both unmasked, element by element otherwise): 127.2 ms against 91.7 (top-1024: 64.3 / 46.3).
 """
 from __future__ import annotations
 

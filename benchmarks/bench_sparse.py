@@ -20,46 +20,52 @@ shape, and the T=131072 forward (selection + sparse attention) with its peak mem
     python benchmarks/bench_sparse.py            # checks + table
     python benchmarks/bench_sparse.py --sweep    # also time launch configs
 
-Measured 2026-11-30 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), one run (session 14,
-device call 9), after every check passed (random index sets and both selectors end to end, T=2048:
+Measured 2026-11-30 on an H200 (torch 2.11, Triton 3.6, fla-core 0.6.0), one run (session 15,
+device call 12), after every check passed (random index sets and both selectors end to end, T=2048:
 o, dq, dk, dv within 2.0e-3 to 2.5e-3 relative L2 of the float32 dense reference):
 
     kernel                                 fwd ms  fwd+bwd ms   x fwd   x f+b  fwd TFLOP/s  gather TB/s
-    SDPA causal GQA (dense)                 28.93      122.01    1.00    1.00          608            -
-    ours token top-2048                     16.75      108.80    1.73    1.12          127         7.95
-    ours token top-1024                      8.73       55.05    3.32    2.22          124         7.75
-    ours block 16x64                         9.15       29.03    3.16    4.20          115         7.17
-    fla parallel_nsa block 16x64            10.47       36.14    2.76    3.38            -            -
-    select: lightning indexer top-2048       7.85           -    3.68       -            -            -
-    select: lightning, torch.topk path      25.98           -    1.11       -            -            -
-    select: lightning, check_inputs=False    7.77           -    3.73       -            -            -
-    select: moba top-16x64                   1.50           -   19.28       -            -            -
-    indexer + select + sparse top-2048      25.41      116.41    1.14    1.05            -            -
+    SDPA causal GQA (dense)                 29.17      129.49    1.00    1.00          603            -
+    ours token top-2048                     16.88      108.74    1.73    1.19          126         7.89
+    ours token top-1024                      8.65       55.03    3.37    2.35          125         7.82
+    ours block 16x64                         9.15       28.70    3.19    4.51          115         7.17
+    fla parallel_nsa block 16x64            10.46       36.14    2.79    3.58            -            -
+    select: lightning indexer top-2048       6.95           -    4.19       -            -            -
+    select: lightning, torch.topk path      25.16           -    1.16       -            -            -
+    select: lightning, check_inputs=False    6.96           -    4.19       -            -            -
+    select: moba top-16x64                   1.97           -   14.84       -            -            -
+    indexer + select + sparse top-2048      24.48      114.49    1.19    1.13            -            -
 
-    select = 0.271 x the SDPA forward (0.268 unchecked); target <= 0.25, not met
-    check_indices=True adds 9.19 / 4.98 ms per call (top-2048 / 1024) for unordered lists (a sort
-    for duplicates), 0.33 / 0.21 ms for lists in select()'s order; check_inputs=True adds 0.34 ms
-    T=131072: select 123.34 ms (torch.topk path 304.63, identical indices), sparse attention forward
-    69.97 ms, both 195.76 ms; peak 15.7 GiB
-Session 13's run (2026-11-29, before this session's top-k and sync changes) gave the same sparse-
-attention rows within 3% and select 10.90 ms (9.29 unchecked, MoBA 1.90), T=131072 select 165.33 ms.
+    select = 0.238 x the SDPA forward (0.239 unchecked); target <= 0.25: met
+    check_indices=True adds 9.53 / 5.11 ms per call (top-2048 / 1024) for unordered lists (a sort
+    for duplicates), 0.39 / 0.26 ms for lists in select()'s order; check_inputs=True adds 0.45 ms
+    T=131072: select 115.06 ms (torch.topk path 365.39, identical indices), sparse attention forward
+    70.38 ms, both 189.05 ms; peak 15.7 GiB
+MoBA's select: 1.97 ms in this table (1.93 in call 10), but 1.50 ms (1.17 unchecked) in a fresh process,
+after a token forward + backward, and after lightning selections (benchmarks/moba_context.py, call 14),
+as in session 14's table (1.50): something earlier in this script slows that call; not found.
+Session 14's run (2026-11-30, before session 15's top-k register bound, second stream and lighter
+scoring epilogue): the same sparse-attention rows within 3%, select 7.85 ms (7.77 unchecked).
 
-Where the selection goes (same run): one select() call is 7.9 ms of GPU time, the scoring kernel
-2.97 ms and the top-k kernel 4.87 ms over the eight query tiles, the input scan 0.05 ms. On the last
-tile (4096 x 32768 scores) the top-k kernel takes 0.93 ms against 1.65 ms for torch.topk alone
-(benchmarks/bench_topk.py: regula falsi before the bit search, the output pass's prefix counts over
-runs of 4 columns, rows that are not a power of two in two register tensors). The checked call
-costs 0.08 ms more than the unchecked one: its sync waits for the input scan only (an event behind
-it), after the first query tiles are queued, and the scan's largest |x| bound the scores far from
-overflow (dsl.bounds), so no NaN-score flag is needed. Session 7's select (histogram radix or
-torch.topk, tie repair, sort): 28.4 ms.
+Where the selection goes (call 10, the profiled breakdown): one select() call is 7.15 ms of GPU time,
+the scoring kernel 2.62 ms and the top-k kernel 4.48 ms over the eight query tiles, the input scan
+0.05 ms; the call takes 6.93 ms because each tile's top-k runs on a second stream beside the next tile's
+scoring (unifattn.select._Pipe). On the last tile (4096 x 32768 scores) the top-k kernel takes 0.93 ms
+against 1.68 ms for torch.topk alone (benchmarks/bench_topk.py: regula falsi before the bit search,
+the output pass's prefix counts over runs of 4 columns, rows that are not a power of two in two
+register tensors, rows up to 20480 keys under a 64-register bound so that two programs share an SM).
+The checked call costs no more than the unchecked one: its sync waits for the input scan only (an
+event behind it), after the first query tiles are queued, and the scan's largest |x| bound the scores
+far from overflow (dsl.bounds), so no NaN-score flag and no clamp are needed. Session 7's select
+(histogram radix or torch.topk, tie repair, sort): 28.4 ms.
 
 Tried on the H200 (session 7) and backed out:
 - indexer heads stacked into the scoring tile's rows (one dot of BT*16 rows, a reshape-sum):
   scoring 11.3 ms (sweep 11.3 to 13.9 ms over tile shapes), select 33.5 ms against 28.4-29.3;
 - dk, dv scattered with paired atomics (red.global.add.v2.f32 through inline PTX): the token
   backward pass took 163.5 ms against 91.4 ms with scalar fp32 atomics (top-2048), 82.1 vs 46.0
-  (top-1024).
+  (top-1024). Session 15 tried it again in another form (a pair sent as one red.v2 only where its two
+  elements are adjacent and unmasked; benchmarks/ab_sparse_bwd.py): 127.2 against 91.7 ms.
 
 Why it falls short of the 6x / 12x targets, and why they are out of reach at this shape: with
 G = 16 query heads per KV head each gathered K/V row (512 bytes) feeds only 16 rows of a dot,
@@ -67,10 +73,13 @@ G = 16 query heads per KV head each gathered K/V row (512 bytes) feeds only 16 r
 tensor cores. Top-2048 moves 2048 x 32768 x 4 KV heads x 512 B = 137 GB of K/V rows per pass,
 and the backward must gather them again (dS needs K and V). Even at 12 TB/s (half again the
 7.9 measured) that is >= 23 ms for forward + backward before any atomics, i.e. <= 5.5x SDPA's
-122-127 ms: 6x is out of reach with these index sets at G = 16; top-1024 likewise <= 11x against 12x.
+122-130 ms: 6x is out of reach with these index sets at G = 16; top-1024 likewise <= 11x against 12x.
+(HBM copy on this H200: 4.24 TB/s read + write; the forward's 7.9 TB/s of gathers already come mostly
+from L2.)
 (The targets' "~8x" counts FLOPs; the bytes bind first.) The
 token backward (~91 ms at top-2048) re-gathers K/V (~17 ms at the forward's rate) and scatters
-dk, dv as fp32 atomics, 2 x 512 bytes per triple: the rest is that scatter. Block granularity
+dk, dv as fp32 atomics, 2 x 512 bytes per triple: the rest is that scatter (measured, session 15:
+the backward kernel without dk, dv takes 18.1 ms, with them 91.7; benchmarks/ab_sparse_bwd.py). Block granularity
 avoids the atomics (key-centric dk, dv): 4.5x.
 """
 from __future__ import annotations

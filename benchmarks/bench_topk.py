@@ -17,6 +17,15 @@ that are not a power of two held as one register tensor or two (kernels.topk.spl
                                                           # --select: select() A/B (streams, registers)
 
 Each case is checked against torch's path (torch.topk, tie repair, sort) before it is timed.
+
+H200, 2026-11-30 (session 15). --select, two rounds each (device call 4, after the scoring changes):
+stop 14's launch (one stream, no register bound) 7.49 / 7.48 ms; one stream, 64 registers 7.06 / 7.05;
+two streams, no bound 7.40 / 7.43; two streams, 64 registers (the default) 6.95 / 6.95; the same with the
+second stream at priority -1 6.95 / 6.97, with tiles of 2^26 scores 7.03 / 7.10, with L2 prefetch
+7.06 / 7.07. Every variant gave the same indices. Tiles (call 2): the register bound takes rows
+[12288, 16384) from 0.553 to 0.445 ms and [4096, 8192) from 0.219 to 0.180; rows from 24576 keys are
+unchanged (0.918, 0.788); L2 prefetch 0.930 against 0.918. --moba (call 11): select 1.56 ms with the
+bound on MoBA's 512-block rows against 1.50 without (so rows under 4096 keys stay unbounded).
 """
 from __future__ import annotations
 
