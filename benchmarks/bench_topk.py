@@ -20,12 +20,13 @@ Each case is checked against torch's path (torch.topk, tie repair, sort) before 
 
 H200, 2026-11-30 (session 15). --select, two rounds each (device call 4, after the scoring changes):
 stop 14's launch (one stream, no register bound) 7.49 / 7.48 ms; one stream, 64 registers 7.06 / 7.05;
-two streams, no bound 7.40 / 7.43; two streams, 64 registers (the default) 6.95 / 6.95; the same with the
-second stream at priority -1 6.95 / 6.97, with tiles of 2^26 scores 7.03 / 7.10, with L2 prefetch
-7.06 / 7.07. Every variant gave the same indices. Tiles (call 2): the register bound takes rows
-[12288, 16384) from 0.553 to 0.445 ms and [4096, 8192) from 0.219 to 0.180; rows from 24576 keys are
-unchanged (0.918, 0.788); L2 prefetch 0.930 against 0.918. --moba (call 11): select 1.56 ms with the
-bound on MoBA's 512-block rows against 1.50 without (so rows under 4096 keys stay unbounded).
+two streams, no bound 7.40 / 7.43; two streams, 64 registers (the default) 6.95 / 6.95; the same with
+the second stream at priority -1 6.95 / 6.97, with tiles of 2^26 scores 7.03 / 7.10, with an L2
+prefetch of a later program's row (since removed) 7.06 / 7.07. Every variant gave the same indices.
+Tiles (call 2): the register bound takes rows [12288, 16384) from 0.553 to 0.445 ms and [4096, 8192)
+from 0.219 to 0.180; rows from 24576 keys are unchanged (0.918, 0.788); the L2 prefetch 0.930 against
+0.918. --moba (call 11): select 1.56 ms with the bound on MoBA's 512-block rows against 1.50 without
+(so rows under 4096 keys stay unbounded).
 """
 from __future__ import annotations
 
@@ -88,9 +89,7 @@ VARIANTS = {                       # name: topk_rows keywords
     "bits, lanes (stop 13)": dict(interp=0, group=0, tail=False, occupancy=False),
     "regula falsi, lanes": dict(interp=tk.INTERP, group=0, occupancy=False),
     "stop 14 (no register bound)": dict(occupancy=False),
-    "stop 14 + L2 prefetch": dict(occupancy=False, prefetch=True),
     "64 registers (default)": dict(),
-    "64 registers + L2 prefetch": dict(prefetch=True),
 }
 
 
@@ -108,8 +107,8 @@ def regs_report():
 
 def select_ab():
     """select() of the lightning indexer at T=32768, top-2048 (bench_select's inputs), with the top-k on a
-    second stream or not, the top-k kernel's register bound or not, L2 prefetch, smaller tiles, the second
-    stream's priority. Each variant's indices are compared with the first's; A B A B order, two rounds."""
+    second stream or not, the top-k kernel's register bound or not, smaller tiles, the second
+    stream's priority. Each variant's indices are compared with the first's; two rounds."""
     import sys
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     import functools
@@ -128,7 +127,6 @@ def select_ab():
         "two streams, 64 registers (default)": (dict(streams=2), {}, 0),
         "two streams, 64 registers, side priority -1": (dict(streams=2), {}, -1),
         "two streams, 64 registers, tiles / 2": (dict(streams=2, max_tile_elems=1 << 26), {}, 0),
-        "two streams, 64 registers, prefetch": (dict(streams=2), dict(prefetch=True), 0),
     }
     want, times = None, {n: [] for n in cases}
     for rnd in range(2):
@@ -190,8 +188,6 @@ def main():
         want = _finish(col, valid).permute(1, 0, 2)
         for name, kw in VARIANTS.items():
             out = torch.full((R, 1, K), -7, dtype=torch.int32, device="cuda")
-            if kind != "indexer" and "prefetch" in name:
-                continue
             run = lambda o=out, kw=kw: tk.topk_rows(s, o, bblk, 0, K, **kw)  # noqa: E731
             run()
             ok = torch.equal(out, want)

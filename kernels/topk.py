@@ -38,8 +38,8 @@ counting with plain compares instead of PTX set.ge: 1.25.
 
 H200, session 15 (bench_topk.py, one run): the 64-register bound takes the tile of rows [12288, 16384) from
 0.553 to 0.445 ms and [4096, 8192) from 0.219 to 0.180; longer rows are unchanged (one program an SM either
-way). Measured and dropped: asking L2 for the row of the program one round of resident programs later
-(prefetch.global.L2 per line, PREFETCH): 0.930 against 0.918 ms on the last tile.
+way). Measured and dropped: each program asking L2 for the row of the program one round of resident
+programs later (prefetch.global.L2 per 128-byte line): 0.930 against 0.918 ms on the last tile.
 
 Rows longer than MAX_ROW (T = 131072) take rounds: each MAX_ROW segment keeps its own top-k
 (key, column) pairs in column order, until the concatenated candidates fit one program, which
@@ -60,7 +60,6 @@ MAX_ROW = 32768                   # keys one program holds (16 warps x 64 regist
 KEYS_PER_THREAD = 16              # per step of the in-order output pass (one scan each)
 INTERP = 24                       # regula falsi steps before the bit search (_kth_key), rows >= INTERP_ROW
 INTERP_ROW = 4096                 # below: bits only (MoBA's 512-block rows, top-16: 1.19 ms against 2.02 with it)
-PREFETCH = False                  # each program asks L2 for a later program's row (topk_rows, bench_topk's A/B)
 GROUP = 4                         # neighbouring columns per run in the output pass's prefix counts (_prefix)
 KEY_NEG_INF = tl.constexpr(8388607)   # the key of -inf: bits 0xFF800000 -> ~bits = 0x007FFFFF
 
@@ -217,40 +216,21 @@ def _kth_key(b_k, b_t, n_valid, TOPK, ROW: tl.constexpr, TAIL: tl.constexpr, INT
 
 
 @triton.jit
-def _prefetch_l2(p, n, SIZE: tl.constexpr):
-    """Ask L2 for the 128-byte lines of p[0 : min(n, SIZE)] (4-byte entries; nothing when n <= 0): one
-    prefetch.global.L2 per line, the lines spread over the program's threads."""
-    o = tl.arange(0, max(SIZE // 32, 1)) * 32
-    o = tl.minimum(o, tl.maximum(n, 1) - 1)                      # past the end: the last line again
-    if n > 0:
-        tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l", [p + o], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
 def topk_rows_kernel(src, col_in, out, out_col, bblk, c0, L, n_seg, nq, HKV, TOPK,
                      ROW: tl.constexpr, BLOCK: tl.constexpr, KEYS_IN: tl.constexpr, FINAL: tl.constexpr,
                      TAIL: tl.constexpr = 0, ASM: tl.constexpr = False, GROUP: tl.constexpr = 0,
-                     INTERP: tl.constexpr = 0, AHEAD: tl.constexpr = 0):
+                     INTERP: tl.constexpr = 0):
     """Grid (rows, n_seg). Row r = h * nq + i of src [rows, L] (scores, or with KEYS_IN keys whose
     columns are in col_in [rows, L]); segment c holds entries [c * SEG, min(L, (c + 1) * SEG)), SEG = ROW +
     TAIL: ROW keys in one register tensor and, when TAIL > 0 (a smaller power of two), the rest in a second
     (a row of 20480 scores holds 16384 + 4096 keys, not 32768: every count of the search costs less).
     FINAL: out[i, h, :TOPK] = kept columns + (c0 - bblk[i]), ascending, -1 padded.
     Otherwise out / out_col [rows, n_seg, TOPK] = the segment's kept keys / columns, in column
-    order, padded with key 0 (below every score).
-    AHEAD > 0 (compiled only): first ask L2 for the segment of row r + AHEAD, which a program that starts
-    about when this one ends reads (AHEAD: the programs resident at once), so that its load comes from L2."""
+    order, padded with key 0 (below every score)."""
     r, c = tl.program_id(0), tl.program_id(1)
     i_h, i_q = r // nq, r % nq
     n = tl.minimum(L - c * (ROW + TAIL), ROW + TAIL)
     seg = r.to(tl.int64) * L + c * (ROW + TAIL)
-    if AHEAD > 0:
-        if r + AHEAD < nq * HKV:
-            seg2 = (r + AHEAD).to(tl.int64) * L + c * (ROW + TAIL)
-            _prefetch_l2(src + seg2, n, ROW)
-            if TAIL > 0:
-                _prefetch_l2(src + seg2 + ROW, n - ROW, TAIL)
     o = tl.arange(0, ROW)
     b_k = _keys(src + seg, o, o < n, KEYS_IN)
     if TAIL > 0:
@@ -332,9 +312,9 @@ def launch_config(main: int, tail: int, keys_in: bool = False, occupancy: bool =
 
     Warps by the row's power of two (16 from 16384 keys, 8 from 4096, else 4). A row of at most 32 keys
     a thread (40 with 4-key output steps, and 4-key steps when a round's columns are read too: keys_in)
-    fits 64 registers a thread without spills (ptxas for sm_90; tests/sm90_compile.py checks), so that two 16-warp programs (four of 8 warps) share an SM and one
-    loads while the other counts; unbounded, ptxas takes 128 registers at 16 warps and one program
-    holds the SM. Rows under 4096 keys (4 warps, MoBA's 512-block rows) keep the unbounded launch: several
+    fits 64 registers a thread without spills (ptxas for sm_90; tests/sm90_compile.py checks), so that
+    two 16-warp programs (four of 8 warps) share an SM and one loads while the other counts; unbounded,
+    ptxas takes 128 registers at 16 warps and one program holds the SM. Rows under 4096 keys (4 warps, MoBA's 512-block rows) keep the unbounded launch: several
     programs share an SM already, and MoBA's select took 1.56 ms with the bound against 1.50 without.
     occupancy=False: the unbounded launch (bench_topk's A/B); num_warps: given warps."""
     warps = num_warps or _warps(max(32, triton.next_power_of_2(main + tail)))
@@ -384,18 +364,10 @@ def _check_layout(s, out, bblk, topk, max_row):
         bad("bblk", f"contiguous int32 [nq] = [{nq}] on {s.device}", f"{tuple(bblk.shape)} {bblk.dtype} on {bblk.device}")
 
 
-def _resident(device, warps: int, maxnreg: int | None) -> int:
-    """Programs of the top-k kernel resident at once on device (its SMs x programs a register file holds;
-    unbounded, ptxas takes up to 128 registers a thread at 16 warps, about 170 at 8)."""
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    regs = maxnreg or min(255, 65536 // (32 * warps))
-    return n_sm * max(1, 65536 // (32 * warps * regs))
-
-
 def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, topk: int,
               max_row: int | None = None, num_warps: int | None = None, asm: bool | None = None,
               group: int = GROUP, interp: int | None = None, tail: bool = True,
-              keys_per_thread: int | None = None, occupancy: bool = True, prefetch: bool | None = None) -> None:
+              keys_per_thread: int | None = None, occupancy: bool = True) -> None:
     """s fp32 [HKV, nq, W] (contiguous; -inf = not a candidate) -> out int32 [nq, HKV, topk]: per row the
     columns of its topk best scores + (c0 - bblk[i]), ascending, ties to the lower column, -1 padded.
     max_row (a power of two; tests lower it to reach the two-launch path at small W): keys per program.
@@ -403,11 +375,9 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
     override it: num_warps, keys_per_thread (the output pass's step), occupancy (False: no register bound),
     asm (None: on when compiled; PTX set.ge counts), group (the output pass's runs of columns, _prefix; 0:
     one vector), interp (the search's regula falsi steps, _kth_key; 0: bits only; None: INTERP for rows of
-    INTERP_ROW keys or more, else 0), tail (rows held in two register tensors, split, rather than one of
-    the next power of two) and prefetch (None: PREFETCH; compiled only: each program asks L2 for the row
-    of a program one round of resident programs later)."""
+    INTERP_ROW keys or more, else 0) and tail (rows held in two register tensors, split, rather than one of
+    the next power of two)."""
     asm = (not interpreting()) if asm is None else asm               # PTX inline asm: compiled kernels only
-    prefetch = (PREFETCH if prefetch is None else prefetch) and not interpreting()
     group = min(group, 32)                                               # BLOCK >= 32
     max_row = MAX_ROW if max_row is None else max_row
     if not (s.is_cuda or interpreting()):
@@ -433,7 +403,7 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
                                         TAIL=rest, BLOCK=min(row, kpt * 32 * warps), KEYS_IN=keys_in, FINAL=final,
                                         ASM=asm, GROUP=group,
                                         INTERP=(INTERP if row >= INTERP_ROW else 0) if interp is None else interp,
-                                        AHEAD=_resident(s.device, warps, maxnreg) if prefetch else 0, **opts)
+                                        **opts)
 
     from unifattn.kernels.checks import _on
     with _on(s.device):                      # Triton launches on the current device, not the tensor's

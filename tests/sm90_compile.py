@@ -107,13 +107,12 @@ def topk():
         warps, kpt, maxnreg = m.launch_config(main, tail, ki)
         row = triton.next_power_of_2(W)
         opts = dict(num_warps=warps) if maxnreg is None else dict(num_warps=warps, maxnreg=maxnreg)
-        for ahead in ((0, 264) if W == m.MAX_ROW and fin and group else (0,)):
-            ok.append(compile_one(f"topk_rows_kernel W={W} keys_in={ki} final={fin} group={group} "
-                                  f"warps={warps} maxnreg={maxnreg} ahead={ahead}", m.topk_rows_kernel,
-                                  {**ptr, "src": "*i32" if ki else "*fp32"},
-                                  {"ROW": main, "TAIL": tail, "BLOCK": min(row, kpt * 32 * warps), "KEYS_IN": ki,
-                                   "FINAL": fin, "ASM": True, "GROUP": group, "INTERP": m.INTERP, "AHEAD": ahead},
-                                  options=opts, no_spills=True))
+        ok.append(compile_one(f"topk_rows_kernel W={W} keys_in={ki} final={fin} group={group} "
+                              f"warps={warps} maxnreg={maxnreg}", m.topk_rows_kernel,
+                              {**ptr, "src": "*i32" if ki else "*fp32"},
+                              {"ROW": main, "TAIL": tail, "BLOCK": min(row, kpt * 32 * warps), "KEYS_IN": ki,
+                               "FINAL": fin, "ASM": True, "GROUP": group, "INTERP": m.INTERP},
+                              options=opts, no_spills=True))
     return ok
 
 
