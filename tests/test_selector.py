@@ -718,12 +718,12 @@ def test_cpu_without_interpreter_is_an_error(monkeypatch):
 @pytest.mark.parametrize("impl", ["kernel", "torch"])
 def test_second_stream_agrees_with_one(impl):
     """SelectConfig(streams=2) (on CUDA: each tile's top-k on a second stream, two reused score buffers,
-    poisoned before each tile) returns what streams=1 does, over many ragged tiles."""
+    poisoned before each tile) returns what streams=1 does, over nine ragged tiles."""
     from unifattn.select import SelectConfig
-    x = li_inputs(2, 90, seed=21)
+    x = li_inputs(2, 40, seed=21)
     with poisoned():
-        one = select(lightning_indexer, topk=9, config=SelectConfig(query_tile=13, streams=1, topk_impl=impl), **x)
-        two = select(lightning_indexer, topk=9, config=SelectConfig(query_tile=13, streams=2, topk_impl=impl), **x)
+        one = select(lightning_indexer, topk=9, config=SelectConfig(query_tile=9, streams=1, topk_impl=impl), **x)
+        two = select(lightning_indexer, topk=9, config=SelectConfig(query_tile=9, streams=2, topk_impl=impl), **x)
     assert torch.equal(one, two)
     assert torch.equal(two.cpu(), select_reference(lightning_indexer, topk=9, **x).cpu())
     with pytest.raises(ValueError, match=r"SelectConfig.streams: expected 1 or 2; got 3"):

@@ -279,6 +279,31 @@ def test_random_shapes_equal_brute_force(seed):
         assert torch.equal(got, want), (HKV, nq, W, topk, max_row)
 
 
+# --------------------------------------------------------------------------- launch table
+@pytest.mark.parametrize("W, want", [
+    (512, (4, 16, None)),          # MoBA's 512-block rows: unbounded (1.56 ms bounded against 1.50)
+    (2048, (4, 16, None)),
+    (3000, (8, 16, None)),         # held as 2048 + 1024 keys: under 4096, unbounded
+    (4096, (8, 8, 64)),            # four 8-warp programs an SM
+    (8192, (8, 8, 64)),
+    (12288, (16, 8, 64)),          # 8192 + 4096 keys, two 16-warp programs an SM
+    (16384, (16, 8, 64)),
+    (20480, (16, 4, 64)),          # 40 keys a thread: 4-key output steps
+    (24576, (16, 16, None)),       # 48 keys a thread: one program an SM
+    (32768, (16, 16, None)),
+])
+def test_launch_config_bounds_registers_where_it_was_measured_to_pay(W, want):
+    """kernels.topk.launch_config: the 64-register bound from 4096 to 20480 keys a row (tests/sm90_compile.py
+    checks that these launches do not spill), none below or above, none when occupancy=False."""
+    from unifattn.kernels.topk import KEYS_PER_THREAD, launch_config, split
+    main, tail = split(W)
+    assert launch_config(main, tail) == want
+    warps, _, _ = want
+    assert launch_config(main, tail, occupancy=False) == (warps, KEYS_PER_THREAD, None)
+    if want[2] is not None:            # a round's final launch reads columns too: 4-key steps
+        assert launch_config(main, tail, keys_in=True)[1:] == (4, 64)
+
+
 # --------------------------------------------------------------------------- limits and fallback
 def test_topk_rows_refuses_rows_that_do_not_fit():
     from unifattn.kernels.topk import MAX_ROW, fits, topk_rows
