@@ -34,7 +34,7 @@ SDPA forward, 29.90 ms). The flag's own cost, one process: benchmarks/ab_nan_fla
 Session 15 (2026-11-30, bench_sparse.py's table, one run): select 6.95 ms = 0.238x the SDPA forward
 (29.17 ms), 6.96 unchecked; scoring 2.62 ms of GPU time (was 2.97: the template's masks built after the
 head loop, the forced-key mask only with `always`, no clamp when the inputs' bound proves the scores
-finite: benchmarks/ab_score_pipeline.py), top-k 4.48 (was 4.87: a 64-register bound for rows up to 20480
+finite: benchmarks/ab_score_pipeline.py), top-k 4.48 (was 4.87: a 64-register bound for rows of 4096 to 20480
 keys), each tile's top-k on a second stream beside the next tile's scoring (bench_topk.py --select:
 7.80 -> 7.37 ms for the register bound, -> 7.25 with the stream, -> 6.95 with the scoring changes).
 

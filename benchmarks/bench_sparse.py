@@ -53,7 +53,7 @@ the scoring kernel 2.62 ms and the top-k kernel 4.48 ms over the eight query til
 scoring (unifattn.select._Pipe). On the last tile (4096 x 32768 scores) the top-k kernel takes 0.93 ms
 against 1.68 ms for torch.topk alone (benchmarks/bench_topk.py: regula falsi before the bit search,
 the output pass's prefix counts over runs of 4 columns, rows that are not a power of two in two
-register tensors, rows up to 20480 keys under a 64-register bound so that two programs share an SM).
+register tensors, rows of 4096 to 20480 keys under a 64-register bound so that two programs share an SM).
 The checked call costs no more than the unchecked one: its sync waits for the input scan only (an
 event behind it), after the first query tiles are queued, and the scan's largest |x| bound the scores
 far from overflow (dsl.bounds), so no NaN-score flag and no clamp are needed. Session 7's select

@@ -6,7 +6,7 @@ Keys. A fp32 score becomes an order-preserving uint32 (-0.0 reads as +0.0; -inf,
 non-candidate, becomes 0x007FFFFF; lanes past the row become 0, below every score).
 
 One program per row segment of at most MAX_ROW keys, all held in registers (16 warps: 64 keys per
-thread at 32768; a row that is not a power of two in two tensors, ROW + TAIL: split()). Rows of at most
+thread at 32768; a row that is not a power of two in two tensors, ROW + TAIL: split()). Rows of 4096 to
 20480 keys run under a 64-register bound (launch_config), so that two 16-warp programs (four of 8 warps)
 share an SM and one loads while the other counts; longer rows take 128 registers, one program an SM:
 
