@@ -354,7 +354,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
             skipped, never read, but duplicates are then counted twice.
         check_inputs: scan q, k, v for NaN/inf (one read; its verdict is read after the
             kernel is queued, one host sync), which would otherwise come out as NaN rows
-            with no error.
+            with no error. The same read takes max|q| and max|k|: when they allow scores
+            of 2^22 or more (base 2), the backward reads lse and raises a ValueError for
+            rows that large, whose probabilities fp32 cannot recompute (unchecked, such a
+            backward gives inf / NaN gradients).
 
     Returns:
         o [B, T, HQ, DV] in q's dtype, and lse when return_lse. A query with no
