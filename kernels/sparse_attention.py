@@ -303,15 +303,14 @@ HUGE_SCORE = 2.0 ** 22
 def _huge_bound(amax: dict, D: int, scale: float) -> bool:
     """Whether some score might reach HUGE_SCORE (base 2): |q . k| * |scale| * log2(e) <= D * max|q| * max|k| *
     |scale| * log2(e). Far below it for any sane input; only then does the backward look at lse."""
-    return D * amax["q"] * amax["k"] * abs(scale) * 1.4426950408889634 >= HUGE_SCORE
+    return D * amax["q"] * amax["k"] * abs(scale) * _LOG2E >= HUGE_SCORE
 
 
 def _check_lse_for_backward(lse: torch.Tensor, scale: float) -> None:
     """Raise when a row's |lse| (base 2) reaches HUGE_SCORE (one reduction and a host sync; only for inputs
     whose bound allows it)."""
     from unifattn import validate
-    lse2 = lse.masked_fill(torch.isinf(lse), 0.).abs().amax() * 1.4426950408889634 if lse.numel() else lse.new_zeros(())
-    big = float(lse2)
+    big = float(lse.masked_fill(torch.isinf(lse), 0.).abs().amax()) * _LOG2E if lse.numel() else 0.0
     if big >= HUGE_SCORE:
         validate.fail("sparse_attention backward",
                       f"softmax scores (base 2) below 2^22 = {HUGE_SCORE:.3g} in magnitude, where fp32 still "

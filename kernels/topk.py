@@ -327,6 +327,23 @@ def launch_config(main: int, tail: int, keys_in: bool = False, occupancy: bool =
     return warps, KEYS_PER_THREAD, None
 
 
+def launch_params(seg: int, keys_in: bool, final: bool, *, tail: bool = True, occupancy: bool = True,
+                  num_warps: int | None = None, keys_per_thread: int | None = None, interp: int | None = None
+                  ) -> tuple[dict, dict]:
+    """(constexprs, launch options) of topk_rows_kernel for segments of seg keys: ROW / TAIL (split; a round's
+    segments are max_row wide, one tensor), BLOCK, KEYS_IN, FINAL, INTERP, and num_warps / maxnreg from
+    launch_config. topk_rows launches with them and tests/sm90_compile.py compiles them, so that the
+    spill check sees what runs."""
+    row = max(32, triton.next_power_of_2(seg))
+    main, rest = split(seg) if tail and final else (row, 0)
+    warps, kpt, maxnreg = launch_config(main, rest, keys_in, occupancy, num_warps)
+    kpt = keys_per_thread or kpt
+    const = dict(ROW=main, TAIL=rest, BLOCK=min(row, kpt * 32 * warps), KEYS_IN=keys_in, FINAL=final,
+                 INTERP=(INTERP if row >= INTERP_ROW else 0) if interp is None else interp)
+    opts = dict(num_warps=warps) if maxnreg is None else dict(num_warps=warps, maxnreg=maxnreg)
+    return const, opts
+
+
 def split(W: int) -> tuple[int, int]:
     """(ROW, TAIL): two powers of two (TAIL 0 or smaller than ROW) whose sum holds W keys, the smallest
     such: 20480 -> (16384, 4096), 24576 -> (16384, 8192), 28672 -> (32768, 0)."""
@@ -393,17 +410,10 @@ def topk_rows(s: torch.Tensor, out: torch.Tensor, bblk: torch.Tensor, c0: int, t
         return
 
     def launch(src, col, dst, dst_col, L, n_seg, keys_in, final):
-        seg = min(L, max_row)
-        row = max(32, triton.next_power_of_2(seg))
-        main, rest = split(seg) if tail and final else (row, 0)    # a round's segments are max_row wide
-        warps, kpt, maxnreg = launch_config(main, rest, keys_in, occupancy, num_warps)
-        kpt = keys_per_thread or kpt
-        opts = dict(num_warps=warps) if maxnreg is None else dict(num_warps=warps, maxnreg=maxnreg)
-        topk_rows_kernel[(rows, n_seg)](src, col, dst, dst_col, bblk, c0, L, n_seg, nq, HKV, topk, ROW=main,
-                                        TAIL=rest, BLOCK=min(row, kpt * 32 * warps), KEYS_IN=keys_in, FINAL=final,
-                                        ASM=asm, GROUP=group,
-                                        INTERP=(INTERP if row >= INTERP_ROW else 0) if interp is None else interp,
-                                        **opts)
+        const, opts = launch_params(min(L, max_row), keys_in, final, tail=tail, occupancy=occupancy,
+                                    num_warps=num_warps, keys_per_thread=keys_per_thread, interp=interp)
+        topk_rows_kernel[(rows, n_seg)](src, col, dst, dst_col, bblk, c0, L, n_seg, nq, HKV, topk, ASM=asm,
+                                        GROUP=group, **const, **opts)
 
     from unifattn.kernels.checks import _on
     with _on(s.device):                      # Triton launches on the current device, not the tensor's

@@ -30,11 +30,7 @@ def poisoned():
 
 def empty(shape, dtype, device) -> torch.Tensor:
     """torch.empty, or a NaN-filled tensor inside `poisoned()`."""
-    if not _POISON:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if dtype.is_floating_point:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.full(shape, -7, dtype=dtype, device=device)
+    return poison_(torch.empty(shape, dtype=dtype, device=device))
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

@@ -90,8 +90,8 @@ def compile_one(label, fn, pointers, constexprs, scalars=None, options=None, no_
 
 
 def topk():
-    """The top-k kernel as topk_rows launches it (kernels.topk.launch_config: warps, output step and
-    register bound), none spilling: a row class whose register bound is too tight fails here."""
+    """The top-k kernel as topk_rows launches it (kernels.topk.launch_params: warps, output step, register
+    bound), none spilling: a row class whose register bound is too tight fails here."""
     from unifattn.kernels import topk as m
     ptr = {"src": "*fp32", "col_in": "*i32", "out": "*i32", "out_col": "*i32", "bblk": "*i32"}
     ok = []
@@ -103,16 +103,10 @@ def topk():
                               (16384, False, True, m.GROUP), (16384, True, True, m.GROUP),
                               (20480, False, True, m.GROUP), (20480, True, True, m.GROUP),
                               (24576, True, True, m.GROUP)):
-        main, tail = m.split(W) if fin else (W, 0)
-        warps, kpt, maxnreg = m.launch_config(main, tail, ki)
-        row = triton.next_power_of_2(W)
-        opts = dict(num_warps=warps) if maxnreg is None else dict(num_warps=warps, maxnreg=maxnreg)
-        ok.append(compile_one(f"topk_rows_kernel W={W} keys_in={ki} final={fin} group={group} "
-                              f"warps={warps} maxnreg={maxnreg}", m.topk_rows_kernel,
-                              {**ptr, "src": "*i32" if ki else "*fp32"},
-                              {"ROW": main, "TAIL": tail, "BLOCK": min(row, kpt * 32 * warps), "KEYS_IN": ki,
-                               "FINAL": fin, "ASM": True, "GROUP": group, "INTERP": m.INTERP},
-                              options=opts, no_spills=True))
+        const, opts = m.launch_params(W, ki, fin)
+        ok.append(compile_one(f"topk_rows_kernel W={W} keys_in={ki} final={fin} group={group} {opts}",
+                              m.topk_rows_kernel, {**ptr, "src": "*i32" if ki else "*fp32"},
+                              dict(const, ASM=True, GROUP=group), options=opts, no_spills=True))
     return ok
 
 
